@@ -1,0 +1,219 @@
+"""Typed settings: ``params.yaml`` read once into frozen, validated dataclasses.
+
+Each stage calls :func:`load_params` once at start and passes the groups (or plain values) down.
+Validation is pydantic's (strict types, ``extra="forbid"``); any problem becomes a one-line
+:class:`ParamsError` that names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_type_hints
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from pipeline.errors import UserError
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+Pos = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ParamsError(UserError):
+    """A params file that cannot be used; the message is one line naming file and key."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PathsParams:
+    demo: str
+    manifest: str
+    quarantine: str
+    duplicates: str
+    ingest_report: str
+    processed: str
+    preprocess_report: str
+    model: str
+    checkpoints: str
+    train_metrics: str
+    train_history: str
+    evaluation: str
+    eval_metrics: str
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DemoParams:
+    seed: int
+    patients: Pos
+    images_per_eye: Pos
+    oct_height: Annotated[int, Field(ge=32)]
+    oct_width: Annotated[int, Field(ge=32)]
+    fundus_size: Annotated[int, Field(ge=32)]
+    dicom_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class IngestParams:
+    source: str
+    labels: str | None
+    modality: Literal["oct", "fundus"]
+    patient_pattern: str
+    oct_frames: Literal["all", "central"]
+    min_size: Pos
+    max_pixels: Pos
+    max_quarantine_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+    salt: str | None
+    workers: Pos
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            if re.compile(value).groups < 1:
+                raise ValueError("needs one capture group for the patient ID")
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return value
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PreprocessParams:
+    image_size: tuple[Annotated[int, Field(ge=28)], Annotated[int, Field(ge=28)]]
+    oct_aspect: Literal["pad", "crop"]
+    val_fraction: Fraction
+    test_fraction: Fraction
+    seed: int
+    workers: Pos
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelParams:
+    latent_dim: Pos
+    widths: Annotated[tuple[Pos, ...], Field(min_length=1, max_length=6)]
+    likelihood: Literal["bernoulli", "gaussian"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainParams:
+    epochs: Pos
+    batch_size: Pos
+    lr: Annotated[float, Field(gt=0.0)]
+    weight_decay: Annotated[float, Field(ge=0.0)]
+    lr_schedule: Literal["cosine", "constant"]
+    grad_clip: Annotated[float, Field(ge=0.0)]
+    beta: Annotated[float, Field(ge=0.0)]
+    kl_warmup_epochs: NonNeg
+    samples: Pos
+    seed: int
+    num_workers: Pos
+    cpus_per_worker: Annotated[float, Field(gt=0.0)]
+    use_gpu: bool
+    gpus_per_worker: Annotated[float, Field(gt=0.0)]
+    bf16: bool
+    channels_last: bool
+    max_failures: Annotated[int, Field(ge=-1)]
+    image_every: Pos
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EvaluateParams:
+    iwae_k: Pos
+    batch_size: Pos
+    map_method: Literal["tsne", "pca"]
+    knn_k: Pos
+    traversal_dims: Pos
+    traversal_steps: Annotated[int, Field(ge=3)]
+    seed: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrackingParams:
+    uri: str
+    experiment: Annotated[str, Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ClusterParams:
+    address: str | None
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Params:
+    paths: PathsParams
+    demo: DemoParams
+    ingest: IngestParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+    cluster: ClusterParams
+
+    def flat(self) -> dict[str, Any]:
+        """All params as ``{"group.key": value}`` (for MLflow and hashing)."""
+        return {
+            f"{group}.{key}": value
+            for group, values in asdict(self).items()
+            for key, value in values.items()
+        }
+
+
+def _tuples(node: Any) -> Any:
+    """YAML lists -> tuples, so strict validation accepts them for tuple fields."""
+    if isinstance(node, dict):
+        return {k: _tuples(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return tuple(_tuples(v) for v in node)
+    return node
+
+
+def _one_line(path: Path, group: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join([group, *(str(part) for part in err["loc"])])
+    if err["type"] == "missing":
+        detail = "missing key"
+    elif err["type"] == "unexpected_keyword_argument":
+        detail = "unknown key"
+    else:
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        detail = f"{err['msg'].removeprefix('Value error, ')} (got {got})"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{path}: {key}: {detail}{more}"
+
+
+def _group(path: Path, name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ParamsError(f"{path}: {name}: expected a mapping of keys, got {values!r}")
+    try:
+        return cls(**_tuples(values))
+    except ValidationError as exc:
+        raise ParamsError(_one_line(path, name, exc)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raise :class:`ParamsError` with a one-line message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of param groups at the top level")
+    groups = {f.name: f.type for f in fields(Params)}
+    unknown = sorted(set(raw) - set(groups))
+    if unknown:
+        raise ParamsError(f"{path}: {unknown[0]}: unknown param group")
+    missing = [g for g in groups if g not in raw]
+    if missing:
+        raise ParamsError(f"{path}: {missing[0]}: missing param group")
+    types = get_type_hints(Params)
+    return Params(**{g: _group(path, g, types[g], raw[g]) for g in groups})

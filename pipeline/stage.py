@@ -1,0 +1,51 @@
+"""The shared shell of every stage command: ``--params``, logging, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import UserError
+from pipeline.params import Params, load_params
+
+log = logging.getLogger("retina_vae")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain ``name: message`` lines on stderr; quiet third-party loggers."""
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("ray", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(
+    name: str,
+    argv: Sequence[str] | None,
+    body: Callable[[Params, argparse.Namespace], None],
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    description: str | None = None,
+) -> int:
+    """Parse ``--params`` (and stage flags), load params once, run ``body``; return exit code.
+
+    A :class:`UserError` (bad params, bad input, unusable environment) ends the stage with one
+    line ``retina-vae <name>: error: ...`` and exit code 1 instead of a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=f"retina-vae {name}", description=description)
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        body(load_params(args.params), args)
+    except UserError as exc:
+        print(f"retina-vae {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"retina-vae {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
