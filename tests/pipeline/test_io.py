@@ -1,0 +1,42 @@
+"""Atomic outputs: a failing writer leaves the previous output untouched and no temp files."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.io import atomic_path, write_json, write_table
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_directory_output_is_replaced_whole(tmp_path):
+    target = tmp_path / "arrays"
+    for content in ("old", "new"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "x.txt").write_text(content)
+    assert (target / "x.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".tsv"])
+def test_write_table_round_trips(tmp_path, suffix):
+    df = pd.DataFrame({"image_id": ["a", "b"], "label": ["CNV", None]})
+    path = tmp_path / f"t{suffix}"
+    write_table(path, df)
+    back = (
+        pd.read_parquet(path)
+        if suffix == ".parquet"
+        else pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    )
+    assert back["image_id"].tolist() == ["a", "b"]
+    assert back["label"].isna().tolist() == [False, True]

@@ -1,0 +1,73 @@
+"""params.yaml -> typed, frozen params; every bad value is a one-line error naming the key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, patch: dict, drop: tuple[str, str] | None = None) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for group, values in patch.items():
+        raw.setdefault(group, {}).update(values)
+    if drop:
+        del raw[drop[0]][drop[1]]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repository_params_load_into_frozen_typed_groups():
+    params = load_params(REPO / "params.yaml")
+    assert params.preprocess.image_size == (64, 64)
+    assert isinstance(params.model.widths, tuple)
+    assert params.cluster.address is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.epochs = 1  # type: ignore[misc]
+
+
+def test_flat_has_one_entry_per_key():
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    flat = params.flat()
+    assert len(flat) == sum(len(v) for v in raw.values())
+    assert flat["train.lr"] == raw["train"]["lr"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "drop", "expected"),
+    [
+        ({"train": {"epochz": 3}}, None, "train.epochz: unknown key"),
+        ({}, ("train", "epochs"), "train.epochs: missing key"),
+        ({"train": {"epochs": "ten"}}, None, "train.epochs: Input should be a valid integer"),
+        ({"train": {"epochs": -3}}, None, "train.epochs: Input should be greater than 0"),
+        ({"train": {"use_gpu": 1}}, None, "train.use_gpu: Input should be a valid boolean"),
+        ({"model": {"widths": [32, 0]}}, None, "model.widths.1: Input should be greater than 0"),
+        ({"model": {"likelihood": "poisson"}}, None, "model.likelihood: Input should be"),
+        ({"preprocess": {"image_size": [16, 64]}}, None, "preprocess.image_size.0: Input should"),
+        ({"ingest": {"patient_pattern": "("}}, None, "ingest.patient_pattern: not a regular"),
+        ({"ingest": {"patient_pattern": "abc"}}, None, "ingest.patient_pattern: needs one capture"),
+        ({"extra_group": {"a": 1}}, None, "extra_group: unknown param group"),
+    ],
+)
+def test_bad_params_give_one_line_error_naming_file_and_key(tmp_path, patch, drop, expected):
+    path = _write(tmp_path, patch, drop)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {expected}")
+    assert "\n" not in message
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"not valid YAML at line \d"):
+        load_params(bad)
