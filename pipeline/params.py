@@ -54,12 +54,14 @@ class DemoParams:
     oct_width: Annotated[int, Field(ge=32)]
     fundus_size: Annotated[int, Field(ge=32)]
     dicom_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+    workers: Pos
 
 
 @dataclass(frozen=True, config=_STRICT)
 class IngestParams:
     source: str
     labels: str | None
+    folder_labels: bool
     modality: Literal["oct", "fundus"]
     patient_pattern: str
     oct_frames: Literal["all", "central"]
@@ -117,6 +119,8 @@ class TrainParams:
     channels_last: bool
     max_failures: Annotated[int, Field(ge=-1)]
     image_every: Pos
+    checkpoints_to_keep: Pos
+    loader_workers: NonNeg
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -124,6 +128,7 @@ class EvaluateParams:
     iwae_k: Pos
     batch_size: Pos
     map_method: Literal["tsne", "pca"]
+    map_points: Pos
     knn_k: Pos
     traversal_dims: Pos
     traversal_steps: Annotated[int, Field(ge=3)]
@@ -139,6 +144,7 @@ class TrackingParams:
 @dataclass(frozen=True, config=_STRICT)
 class ClusterParams:
     address: str | None
+    ship_code: bool
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -1,0 +1,38 @@
+"""Pseudonymous identifiers: keyed hashes, so no source identifier reaches an output.
+
+``subject_id`` groups a patient's images for splitting without revealing who they are:
+HMAC-SHA256 of the source patient ID, keyed with a salt, truncated. The key comes from the
+environment variable ``RETINA_VAE_SALT``, else ``ingest.salt``, else a built-in constant (then
+the mapping is stable but guessable by anyone with this code: set a secret salt for real data).
+``image_id`` is the same keyed hash of the relative source path and frame, because file names
+(e.g. Kermany's ``CNV-<patient>-<n>.jpeg``) may embed patient numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+SALT_ENV = "RETINA_VAE_SALT"
+_BUILTIN_SALT = "retina-vae/builtin-salt/v1"
+
+
+def resolve_salt(params_salt: str | None) -> bytes:
+    """The pseudonymisation key: env ``RETINA_VAE_SALT`` > ``ingest.salt`` > built-in."""
+    return (os.environ.get(SALT_ENV) or params_salt or _BUILTIN_SALT).encode()
+
+
+def _keyed(salt: bytes, kind: str, value: str, length: int) -> str:
+    digest = hmac.new(salt, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+    return digest[:length]
+
+
+def subject_id(patient_id: str, salt: bytes) -> str:
+    """Pseudonymous subject id ``s-<16 hex>`` for a source patient ID (stable for a salt)."""
+    return "s-" + _keyed(salt, "subject", patient_id.strip(), 16)
+
+
+def image_id(source: str, frame: int, salt: bytes) -> str:
+    """Pseudonymous image id ``i-<16 hex>`` for a relative source path and frame index."""
+    return "i-" + _keyed(salt, "image", f"{source}#{frame}", 16)

@@ -1,0 +1,426 @@
+"""``retina-vae ingest``: find, decode, de-identify and check every image of a source.
+
+Sources (``ingest.source``):
+- ``demo``: the folder ``paths.demo`` written by ``retina-vae demo`` (with its labels.csv);
+- a folder: every file in the tree is tried (DICOM with or without a suffix; DICOMDIR, hidden
+  files and text sidecars are skipped). Labels come from ``ingest.labels`` (CSV/TSV with
+  ``path,label`` and optional ``patient_id,eye,split``; then only the listed files are read)
+  or, with ``ingest.folder_labels``, from each file's parent folder (class-per-folder layout
+  such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
+- a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
+  ``{split}_labels`` (N, 1); each row an image, the official split kept.
+
+Patient: CSV ``patient_id`` > DICOM PatientID > ``ingest.patient_pattern`` on the file name >
+none (the image is its own subject). It is stored only as a keyed hash (:mod:`pipeline.deid`).
+
+Each file is fully decoded (JPEGs at a reduced DCT scale, see :mod:`pipeline.readers`) to
+catch truncation; a bad file is quarantined with a one-line reason. ``content_hash`` is the
+SHA-256 of the decoded pixels at that check scale plus their shape: two images are duplicates
+when those pixels are identical (for JPEGs: identical at the reduced scale, i.e. identical
+low-frequency DCT content -- byte copies and lossless re-encodes always are).
+Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
+counts one per frame kept; a quarantined file counts one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import deid, readers
+from pipeline.errors import UserError
+from pipeline.io import write_json, write_table
+from pipeline.parallel import parallel_map
+from pipeline.params import Params
+from pipeline.stage import run_stage
+
+log = logging.getLogger("retina_vae.ingest")
+
+CHECK_SIZE = (128, 128)  # JPEG draft bound for validation/hashing: >= 128 px each side
+MANIFEST_COLUMNS = [
+    "image_id",
+    "source",
+    "frame",
+    "modality",
+    "label",
+    "subject_id",
+    "eye",
+    "width",
+    "height",
+    "content_hash",
+    "split",
+]
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+_NPZ_ROW = re.compile(r"^(train|val|test)_images\[(\d+)\]$")
+
+
+def source_root(params: Params) -> Path:
+    """The folder (or .npz file) that manifest ``source`` paths are relative to."""
+    return Path(params.paths.demo if params.ingest.source == "demo" else params.ingest.source)
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """SHA-256 of an image's shape and uint8 pixels (the duplicate key)."""
+    h = hashlib.sha256(str(pixels.shape).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()
+
+
+def _inspect(task: tuple) -> dict:
+    """Decode one file in a worker: frame sizes and hashes, or the quarantine reason."""
+    path, oct_central, min_size, max_pixels, salt = task
+    try:
+        d = readers.read_image(
+            path,
+            min_size=min_size,
+            max_pixels=max_pixels,
+            draft=CHECK_SIZE,
+            oct_central=oct_central,
+        )
+    except readers.BadImage as exc:
+        return {"reason": str(exc)}
+    return {
+        "frames": [(i, pixel_hash(px)) for i, px in d.frames],
+        "width": d.width,
+        "height": d.height,
+        # the raw header patient ID never leaves the worker: only its keyed hash does
+        "subject_id": deid.subject_id(d.patient_id, salt) if d.patient_id else None,
+        "eye": d.eye,
+    }
+
+
+def _read_csv(path: Path, root: Path) -> pd.DataFrame:
+    """The labels manifest: columns path[,label,patient_id,eye,split]; paths inside ``root``."""
+    if not path.is_file():
+        raise UserError(f"{path}: labels file not found (ingest.labels)")
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{path}: not a readable CSV/TSV ({type(exc).__name__})") from None
+    df.columns = [c.strip().lower() for c in df.columns]
+    if "path" not in df.columns:
+        raise UserError(f"{path}: needs a 'path' column (found {', '.join(df.columns)})")
+    top = root.resolve()
+    for n, rel in enumerate(df["path"], start=2):  # line 1 is the header
+        if not rel.strip():
+            raise UserError(f"{path}: line {n}: empty path")
+        full = (root / rel.strip()).resolve()
+        if full != top and top not in full.parents:
+            raise UserError(f"{path}: line {n}: path {rel!r} is outside the source folder {root}")
+    if "split" in df.columns:
+        for n, value in enumerate(df["split"], start=2):
+            if value.strip() and value.strip().lower() not in _SPLIT_ALIASES:
+                raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
+    df["path"] = [Path(p.strip()).as_posix() for p in df["path"]]
+    dup = df["path"].duplicated()
+    if dup.any():
+        log.warning("%s: %d paths listed twice; the first row of each is used", path, dup.sum())
+        df = df[~dup]
+    return df.reset_index(drop=True)
+
+
+def _cell(row: pd.Series, key: str) -> str | None:
+    value = str(row.get(key, "") or "").strip()
+    return value or None
+
+
+def _folder_entries(params: Params, root: Path) -> tuple[list[dict], dict]:
+    """One entry per file to inspect: rel path plus CSV/folder metadata; and listing counts."""
+    ing = params.ingest
+    labels_path = Path(ing.labels) if ing.labels else None
+    if labels_path is None and ing.source == "demo":
+        labels_path = root / "labels.csv"
+    all_files = sorted(p for p in root.rglob("*") if p.is_file())
+    candidates = [p for p in all_files if readers.is_candidate(p)]
+    counts = {"skipped_sidecars": len(all_files) - len(candidates)}
+    pattern = re.compile(ing.patient_pattern)
+    entries = []
+    if labels_path is not None:
+        table = _read_csv(labels_path, root)
+        listed = set(table["path"])
+        counts["unlisted"] = sum(p.relative_to(root).as_posix() not in listed for p in candidates)
+        for _, row in table.iterrows():
+            split = _cell(row, "split")
+            entries.append(
+                {
+                    "source": row["path"],
+                    "label": _cell(row, "label"),
+                    "patient": _cell(row, "patient_id"),
+                    "eye": readers.normalise_eye(_cell(row, "eye")),
+                    "split": _SPLIT_ALIASES[split.lower()] if split else None,
+                }
+            )
+        if counts["unlisted"]:
+            log.info(
+                "%d files in %s are not listed in %s and were not read",
+                counts["unlisted"],
+                root,
+                labels_path,
+            )
+        return entries, counts
+    for p in candidates:
+        rel = p.relative_to(root)
+        match = pattern.match(p.name)
+        folder = rel.parent.name if (ing.folder_labels and rel.parent != Path(".")) else None
+        entries.append(
+            {
+                "source": rel.as_posix(),
+                "label": folder,
+                "patient": match.group(1) if match else None,
+                "eye": None,
+                "split": None,
+            }
+        )
+    return entries, counts
+
+
+def _scan_folder(params: Params, root: Path, salt: bytes):
+    """Inspect every entry of a folder source -> (images, quarantine rows, counts)."""
+    if not root.is_dir():
+        raise UserError(f"{root}: source folder not found (ingest.source)")
+    entries, counts = _folder_entries(params, root)
+    ing = params.ingest
+    central = ing.modality == "oct" and ing.oct_frames == "central"
+    quarantine = []
+    tasks = [
+        (str(root / e["source"]), central, ing.min_size, ing.max_pixels, salt) for e in entries
+    ]
+    results = parallel_map(_inspect, tasks, ing.workers, desc="ingest")
+    images = []
+    for e, r in zip(entries, results, strict=True):
+        if "reason" in r:
+            missing = not (root / e["source"]).exists()
+            quarantine.append(
+                {
+                    "path": e["source"],
+                    "reason": "listed but file not found" if missing else r["reason"],
+                }
+            )
+            continue
+        if e["patient"]:
+            subject = deid.subject_id(e["patient"], salt)
+        else:
+            subject = r["subject_id"] or deid.subject_id("file:" + e["source"], salt)
+        for frame, digest in r["frames"]:
+            images.append(
+                {
+                    "image_id": deid.image_id(e["source"], frame, salt),
+                    "source": e["source"],
+                    "frame": frame,
+                    "label": e["label"],
+                    "subject_id": subject,
+                    "eye": e["eye"] or r["eye"],
+                    "width": r["width"],
+                    "height": r["height"],
+                    "content_hash": digest,
+                    "split": e["split"],
+                    "_own_subject": not (e["patient"] or r["subject_id"]),
+                }
+            )
+    counts["files"] = len(entries)
+    return images, quarantine, counts
+
+
+def _scan_npz(params: Params, path: Path, salt: bytes):
+    """Rows of a MedMNIST-style .npz -> (images, quarantine rows, counts)."""
+    if params.ingest.labels:
+        raise UserError(f"ingest.labels: not used with an .npz source ({path} holds its labels)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+    with data:
+        keys = [s for s in SPLITS if f"{s}_images" in data.files]
+        if not keys:
+            raise UserError(f"{path}: no train_images/val_images/test_images arrays")
+        images, quarantine = [], []
+        min_size = params.ingest.min_size
+        for split in keys:
+            arr = data[f"{split}_images"]
+            if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+                raise UserError(
+                    f"{path}: {split}_images must be uint8 (N, H, W[, C]), "
+                    f"got {arr.dtype} {arr.shape}"
+                )
+            labels = (
+                data[f"{split}_labels"].reshape(len(arr), -1)
+                if (f"{split}_labels" in data.files)
+                else None
+            )  # (N, 1) -> (N, 1)
+            h, w = arr.shape[1:3]
+            for i in range(len(arr)):
+                source = f"{split}_images[{i}]"
+                if min(h, w) < min_size:
+                    quarantine.append(
+                        {
+                            "path": source,
+                            "reason": f"too small: {w}x{h} is below ingest.min_size ({min_size})",
+                        }
+                    )
+                    continue
+                images.append(
+                    {
+                        "image_id": deid.image_id(source, 0, salt),
+                        "source": source,
+                        "frame": 0,
+                        "label": str(int(labels[i, 0])) if labels is not None else None,
+                        "subject_id": deid.subject_id(f"{path.name}:{source}", salt),
+                        "eye": None,
+                        "width": w,
+                        "height": h,
+                        "content_hash": pixel_hash(arr[i]),
+                        "split": split,
+                        "_own_subject": False,
+                    }
+                )
+    return images, quarantine, {"files": len(images) + len(quarantine)}
+
+
+def _deduplicate(images: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Keep the first image of each content hash; list the rest with the copy kept."""
+    first: dict[str, dict] = {}
+    kept, dups = [], []
+    for img in images:
+        k = first.get(img["content_hash"])
+        if k is None:
+            first[img["content_hash"]] = img
+            kept.append(img)
+        else:
+            dups.append(
+                {
+                    "path": img["source"],
+                    "frame": img["frame"],
+                    "label": img["label"],
+                    "duplicate_of": k["source"],
+                    "duplicate_of_frame": k["frame"],
+                    "duplicate_of_label": k["label"],
+                }
+            )
+    conflicts = [d for d in dups if d["label"] != d["duplicate_of_label"]]
+    for d in conflicts[:5]:
+        log.warning(
+            "duplicate images with different labels: %s (%s) = %s (%s)",
+            d["path"],
+            d["label"],
+            d["duplicate_of"],
+            d["duplicate_of_label"],
+        )
+    if len(conflicts) > 5:
+        log.warning(
+            "... %d more duplicates with conflicting labels (see duplicates csv)",
+            len(conflicts) - 5,
+        )
+    return kept, dups
+
+
+def ingest(params: Params) -> dict:
+    """Run the stage: write manifest, quarantine, duplicates and report; return the report."""
+    root = source_root(params)
+    salt = deid.resolve_salt(params.ingest.salt)
+    if root.suffix.lower() == ".npz" and root.is_file():
+        images, quarantine, counts = _scan_npz(params, root, salt)
+        kind = "npz"
+    else:
+        images, quarantine, counts = _scan_folder(params, root, salt)
+        kind = (
+            "demo"
+            if params.ingest.source == "demo"
+            else ("csv" if params.ingest.labels else "folder")
+        )
+    kept, dups = _deduplicate(images)
+    found = len(kept) + len(quarantine) + len(dups)
+    p = params.paths
+    write_table(p.quarantine, pd.DataFrame(quarantine, columns=["path", "reason"]))
+    write_table(
+        p.duplicates,
+        pd.DataFrame(
+            dups,
+            columns=[
+                "path",
+                "frame",
+                "label",
+                "duplicate_of",
+                "duplicate_of_frame",
+                "duplicate_of_label",
+            ],
+        ),
+    )
+    reasons = Counter(q["reason"].split(":")[0].split(" (")[0] for q in quarantine)
+    if not kept:
+        why = f" (most common: {reasons.most_common(1)[0][0]})" if reasons else ""
+        raise UserError(
+            f"{root}: no usable image: {len(quarantine)} of {found} quarantined"
+            f"{why}, {len(dups)} duplicates; see {p.quarantine}"
+        )
+    share = len(quarantine) / found
+    if share > params.ingest.max_quarantine_fraction:
+        raise UserError(
+            f"{root}: {len(quarantine)} of {found} images quarantined ({share:.0%}) exceeds "
+            f"ingest.max_quarantine_fraction ({params.ingest.max_quarantine_fraction}); "
+            f"see {p.quarantine}"
+        )
+    own = sum(img.pop("_own_subject") for img in kept)
+    if own:
+        log.warning(
+            "%d images have no patient ID (no CSV patient_id, DICOM PatientID or "
+            "ingest.patient_pattern match): each is its own subject",
+            own,
+        )
+    manifest = pd.DataFrame(kept, columns=MANIFEST_COLUMNS)
+    manifest["modality"] = params.ingest.modality
+    manifest["frame"] = manifest["frame"].astype("int64")
+    for col in ("width", "height"):
+        manifest[col] = manifest[col].astype("int64")
+    write_table(p.manifest, manifest)
+    labels = manifest["label"].value_counts(dropna=False)
+    report = {
+        "source_kind": kind,
+        "modality": params.ingest.modality,
+        "found": found,
+        "ingested": len(kept),
+        "quarantined": len(quarantine),
+        "duplicates": len(dups),
+        "files": counts.get("files", 0),
+        "skipped_sidecars": counts.get("skipped_sidecars", 0),
+        "unlisted": counts.get("unlisted", 0),
+        "subjects": int(manifest["subject_id"].nunique()),
+        "labels": {str(k) if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "duplicate_label_conflicts": sum(d["label"] != d["duplicate_of_label"] for d in dups),
+    }
+    write_json(p.ingest_report, report)
+    log.info(
+        "found %d = ingested %d + quarantined %d + duplicates %d (%d subjects, %d labels)",
+        found,
+        len(kept),
+        len(quarantine),
+        len(dups),
+        report["subjects"],
+        manifest["label"].nunique(),
+    )
+    return report
+
+
+def _body(params: Params, args: argparse.Namespace) -> None:
+    ingest(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("ingest", argv, _body, description=__doc__.splitlines()[0])

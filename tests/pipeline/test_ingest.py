@@ -1,0 +1,199 @@
+"""Ingest: every source layout, quarantine, duplicates, counts, de-identification."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline import ingest
+from pipeline.params import load_params
+from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, PHI, gradient, make_dicom, write_params
+
+
+def _run(tmp_path: Path, **groups) -> tuple[int, object]:
+    params = write_params(tmp_path, **groups)
+    return ingest.main(["--params", str(params)]), load_params(params).paths
+
+
+def _report(paths) -> dict:
+    return json.loads(Path(paths.ingest_report).read_text())
+
+
+def _kermany(root: Path) -> None:
+    """train/<CLASS>/<CLASS>-<patient>-<n>.jpeg, two images for patient 111."""
+    names = [
+        "CNV/CNV-111-1",
+        "CNV/CNV-111-2",
+        "DME/DME-222-1",
+        "NORMAL/NORMAL-333-1",
+        "DRUSEN/DRUSEN-444-1",
+    ]
+    for k, name in enumerate(names):
+        path = root / "train" / f"{name}.jpeg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(60, 70, seed=k)).save(path, quality=90)
+
+
+def test_kermany_folder(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    src = tmp_path / "OCT2017"
+    _kermany(src)
+    (src / "train" / "README.md").write_text("not an image")
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert list(m.columns) == ingest.MANIFEST_COLUMNS
+    assert sorted(m["label"]) == ["CNV", "CNV", "DME", "DRUSEN", "NORMAL"]
+    assert m["subject_id"].nunique() == 4  # patient 111's two images share one subject
+    cnv = m[m["label"] == "CNV"]
+    assert cnv["subject_id"].nunique() == 1 and not m["subject_id"].str.contains("111").any()
+    assert set(m["source"]) == {
+        f"train/{n}.jpeg"
+        for n in [
+            "CNV/CNV-111-1",
+            "CNV/CNV-111-2",
+            "DME/DME-222-1",
+            "NORMAL/NORMAL-333-1",
+            "DRUSEN/DRUSEN-444-1",
+        ]
+    }
+    assert (m["width"] == 70).all() and (m["height"] == 60).all() and (m["frame"] == 0).all()
+    r = _report(paths)
+    assert (r["found"], r["ingested"], r["skipped_sidecars"], r["subjects"]) == (5, 5, 1, 4)
+    assert "found 5 = ingested 5 + quarantined 0 + duplicates 0" in caplog.text
+    # rerun: same ids (stable pseudonyms)
+    first = m[["image_id", "subject_id"]]
+    assert _run(tmp_path, ingest={"source": str(src)})[0] == 0
+    assert pd.read_parquet(paths.manifest)[["image_id", "subject_id"]].equals(first)
+
+
+def test_csv_manifest_with_dicom_and_escape_refused(tmp_path, capsys):
+    src = tmp_path / "export"
+    (src / "a").mkdir(parents=True)
+    make_dicom(
+        src / "a" / "IM1",
+        np.stack([gradient(seed=i) for i in range(3)]),
+        sop_class=OCT_TOMOGRAPHY,
+        phi={"PatientID": "H-1"},
+        laterality="L",
+    )
+    Image.fromarray(gradient(seed=9)).save(src / "a" / "b.png")
+    Image.fromarray(gradient(seed=8)).save(src / "unlisted.png")
+    csv = tmp_path / "labels.tsv"
+    csv.write_text(
+        "path\tlabel\tpatient_id\teye\tsplit\n"
+        "a/IM1\tDME\t\t\ttest\n"
+        "a/b.png\tNORMAL\tH-2\tOD\t\n"
+        "a/missing.png\tCNV\tH-3\t\t\n"
+    )
+    rc, paths = _run(
+        tmp_path, ingest={"source": str(src), "labels": str(csv), "oct_frames": "central"}
+    )
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest).set_index("source")
+    assert m.loc["a/IM1", "frame"] == 1 and m.loc["a/IM1", "split"] == "test"  # central of 3
+    assert m.loc["a/IM1", "eye"] == "L" and m.loc["a/b.png", "eye"] == "R"
+    assert m.loc["a/IM1", "label"] == "DME" and len(m) == 2
+    q = pd.read_csv(paths.quarantine)
+    assert q.to_dict("records") == [
+        {"path": "a/missing.png", "reason": "listed but file not found"}
+    ]
+    assert _report(paths)["unlisted"] == 1
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\na/b.png,NORMAL\n../outside.png,CNV\n")
+    rc, _ = _run(tmp_path, ingest={"source": str(src), "labels": str(csv)})
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err.startswith("retina-vae ingest: error: ")
+    assert "line 3" in err and "outside the source folder" in err
+
+
+def test_npz_source(tmp_path):
+    npz = tmp_path / "mnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 255, (5, 28, 28, 3), dtype=np.uint8),
+        train_labels=np.array([[0], [1], [2], [3], [4]]),
+        test_images=rng.integers(0, 255, (2, 28, 28, 3), dtype=np.uint8),
+        test_labels=np.array([[1], [0]]),
+    )
+    rc, paths = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus", "min_size": 28})
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert list(m["source"][:2]) == ["train_images[0]", "train_images[1]"]
+    assert list(m["label"]) == ["0", "1", "2", "3", "4", "1", "0"]
+    assert list(m["split"]) == ["train"] * 5 + ["test"] * 2 and m["subject_id"].nunique() == 7
+    rc, _ = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus"})  # 28 < 32
+    assert rc == 1
+
+
+def test_broken_files_quarantined_and_counts_balance(tmp_path, capsys, caplog):
+    src = tmp_path / "mixed"
+    (src / "NORMAL").mkdir(parents=True)
+    (src / "CNV").mkdir()
+    for k in range(4):
+        Image.fromarray(gradient(seed=k)).save(src / "NORMAL" / f"n{k}.png")
+    Image.fromarray(gradient(seed=0)).save(src / "CNV" / "copy.png")  # same pixels, other label
+    Image.fromarray(gradient(seed=0)).save(src / "NORMAL" / "copy.bmp")  # same label
+    good = src / "NORMAL" / "n0.png"
+    (src / "NORMAL" / "trunc.png").write_bytes(good.read_bytes()[:300])
+    (src / "NORMAL" / "empty.jpg").write_bytes(b"")
+    (src / "NORMAL" / "doc.pdf").write_bytes(b"%PDF-1.4 not an image")
+    Image.fromarray(gradient(10, 10)).save(src / "NORMAL" / "tiny.png")
+    (src / "DICOMDIR").write_bytes(b"\0" * 200)
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    assert rc == 0
+    r = _report(paths)
+    assert (r["found"], r["ingested"], r["quarantined"], r["duplicates"]) == (10, 4, 4, 2)
+    assert r["found"] == r["ingested"] + r["quarantined"] + r["duplicates"]
+    q = dict(pd.read_csv(paths.quarantine).values)
+    assert q["NORMAL/empty.jpg"] == "empty file" and q["NORMAL/doc.pdf"].startswith("not an image")
+    assert q["NORMAL/tiny.png"].startswith("too small") and "undecodable" in q["NORMAL/trunc.png"]
+    d = pd.read_csv(paths.duplicates)
+    # files are read in path order: the CNV copy comes first and is the one kept
+    assert set(d["path"]) == {"NORMAL/n0.png", "NORMAL/copy.bmp"}
+    assert set(d["duplicate_of"]) == {"CNV/copy.png"}
+    assert "different labels: NORMAL/n0.png (NORMAL) = CNV/copy.png (CNV)" in caplog.text
+    rc, _ = _run(tmp_path, ingest={"source": str(src), "max_quarantine_fraction": 0.2})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "exceeds ingest.max_quarantine_fraction" in err[-1]
+
+
+def test_nothing_usable_is_a_one_line_error(tmp_path, capsys):
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"garbage")
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "no usable image" in err[-1] and Path(paths.quarantine).exists()
+    assert not Path(paths.manifest).exists()
+    rc, _ = _run(tmp_path, ingest={"source": str(tmp_path / "nope")})
+    assert rc == 1 and "source folder not found" in capsys.readouterr().err
+
+
+def test_no_phi_in_any_output_or_log(tmp_path, capsys, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("RETINA_VAE_SALT", "test-secret")
+    src = tmp_path / "clinic"
+    src.mkdir()
+    vol = np.stack([gradient(64, 64, seed=i) for i in range(3)])
+    make_dicom(src / "IM000001", vol, sop_class=OCT_TOMOGRAPHY, syntax="jpeg", phi=PHI)
+    make_dicom(src / "IM000002.dcm", gradient(64, 64, seed=7)[None], phi=PHI)
+    params = write_params(tmp_path, ingest={"source": str(src), "folder_labels": False})
+    from pipeline import preprocess
+
+    assert ingest.main(["--params", str(params)]) == 0
+    assert preprocess.main(["--params", str(params)]) == 0
+    m = pd.read_parquet(load_params(params).paths.manifest)
+    assert len(m) == 4 and m["subject_id"].nunique() == 1 and m["label"].isna().all()
+    texts = [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    texts.append((capsys.readouterr().err + caplog.text).encode())
+    assert len(texts) >= 10
+    values = [v for v in PHI.values()] + ["Quartermaine", "Zebedee", "7781234", "1947"]
+    for value in values:
+        assert not any(value.encode() in t for t in texts), value
