@@ -1,0 +1,89 @@
+"""The VAE objective exactly as the seed derives it, plus the IWAE bound for evaluation.
+
+Equation numbers refer to Odaibo, "Tutorial: Deriving the Standard VAE Loss Function":
+eq. 40 closed-form KL(q(z|x) || N(0, I)) per latent dim, eq. 42 the objective G with the
+reconstruction term averaged over L reparameterised samples, eq. 43 the loss -G.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vae_core.model import unwrap
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per latent dim: (B,J), (B,J) -> (B,J).
+
+    Eq. 40 gives -KL = 1/2 [1 + log sigma^2 - sigma^2 - mu^2]; this returns its negative.
+    """
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+
+
+@dataclass
+class ELBOTerms:
+    loss: Tensor  # () the objective to minimise: mean over the batch of kl_weight * kl - recon
+    neg_elbo: Tensor  # (B,) true negative ELBO, eq. 43 (KL weight 1)
+    recon: Tensor  # (B,) E_q log p(x|z), the L-sample mean of eq. 42
+    kl: Tensor  # (B,) KL summed over the J latent dims (eq. 42's first sum)
+    kl_per_dim: Tensor  # (B,J) eq. 40 per dim
+    mu: Tensor  # (B,J) posterior means (for active-unit statistics)
+    logvar: Tensor  # (B,J) posterior log-variances
+
+
+def _repeat(x: Tensor, n: int) -> Tensor:
+    """(B,C,H,W) -> (n*B,C,H,W), sample-major to match ConvVAE.forward's n-sample output."""
+    return x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
+
+
+def elbo_terms(
+    model: nn.Module, x: Tensor, n_samples: int = 1, kl_weight: float = 1.0
+) -> ELBOTerms:
+    """Per-image ELBO terms for x (B,C,H,W) in [0, 1] with L = n_samples samples per image.
+
+    ``model`` may be DDP-wrapped: the forward pass goes through the wrapper (so DDP syncs
+    gradients); only the likelihood is read from the bare model.
+    """
+    params, mu, logvar = model(x, n_samples=n_samples)  # params (L*B,C,H,W)
+    log_px = unwrap(model).likelihood.log_prob(_repeat(x, n_samples), params)  # (L*B,)
+    # (L*B,) -> (L,B) -> (B,): eq. 42's reconstruction term 1/L sum_l log p(x|z^(l))
+    recon = log_px.view(n_samples, x.shape[0]).mean(0)
+    kl_per_dim = kl_standard_normal(mu, logvar)  # (B,J), eq. 40
+    kl = kl_per_dim.sum(1)  # sum over j = 1..J, eq. 42
+    neg_elbo = kl - recon  # eq. 43: L = -G
+    loss = (kl_weight * kl - recon).mean()  # beta (and warm-up) weight the KL in training only
+    return ELBOTerms(loss, neg_elbo, recon, kl, kl_per_dim, mu, logvar)
+
+
+def _log_normal(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """Diagonal Normal log-density summed over the last dim: (...,J) -> (...)."""
+    return -0.5 * ((z - mean).square() * torch.exp(-logvar) + logvar + _LOG_2PI).sum(-1)
+
+
+@torch.no_grad()
+def iwae_bound(model: nn.Module, x: Tensor, k: int, chunk_size: int | None = None) -> Tensor:
+    """Importance-weighted bound (Burda et al. 2015) on log p(x): x (B,C,H,W) -> (B,) nats.
+
+    log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x); k = 1 is the single-sample ELBO and the
+    bound rises towards log p(x) with k. All images are done together; ``chunk_size`` splits
+    the k samples only, to bound memory (each chunk decodes chunk_size * B images).
+    """
+    core = unwrap(model)
+    mu, logvar = core.encode(x)  # (B,J) each
+    chunk_size = chunk_size or k
+    log_w = []
+    for start in range(0, k, chunk_size):
+        n = min(chunk_size, k - start)
+        z = core.reparameterize(mu, logvar, n)  # (n,B,J)
+        params = core.decode(z.flatten(0, 1))  # (n,B,J) -> (n*B,J) -> (n*B,C,H,W)
+        log_px = core.likelihood.log_prob(_repeat(x, n), params).view(n, -1)  # (n*B,) -> (n,B)
+        log_pz = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))  # (n,B)
+        log_qz = _log_normal(z, mu, logvar)  # (n,B)
+        log_w.append(log_px + log_pz - log_qz)
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # (k,B) -> (B,)

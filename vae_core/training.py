@@ -1,0 +1,276 @@
+"""The pure-PyTorch training loop: one epoch of training or evaluation, and a local fit.
+
+Ray-free on purpose: vae_core/distributed.py runs the same train_epoch / evaluate_epoch inside
+Ray Train workers (model wrapped in DDP). Metrics are per-image sums, all-reduced over ranks
+when torch.distributed is initialised, then divided by the global image count, so every rank
+returns the same global figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from vae_core.elbo import ELBOTerms, elbo_terms
+from vae_core.model import unwrap
+
+# A latent dim is "active" when Var_x(E_q[z_j]) = Var_x(mu_j) exceeds this (Burda et al. 2015).
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+    weight_decay: float
+    lr_schedule: str  # "cosine" | "constant", stepped once per optimizer step
+    grad_clip: float  # max global gradient norm; 0 disables clipping
+    beta: float  # KL weight of the training objective (the reported ELBO keeps weight 1)
+    kl_warmup_epochs: int  # linear KL warm-up from 0 to beta over this many epochs
+    samples: int  # L, reparameterised samples per image (seed eq. 42)
+    seed: int
+    bf16: bool = False  # bf16 autocast, CUDA only
+    channels_last: bool = False  # channels-last memory format, CUDA only
+
+
+def _on_cuda(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device | str) -> nn.Module:
+    """Move ``model`` to ``device``; channels-last weights when asked for and on CUDA."""
+    model = model.to(device)
+    if cfg.channels_last and _on_cuda(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on conv/linear weights only, not on biases, norms or the log-scale."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR schedule: cosine decay from lr to 0 over all steps, or constant."""
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+def kl_weight(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """KL weight at (0-based) ``epoch`` and ``step``: rises linearly to beta over the warm-up."""
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.beta
+    done = epoch * steps_per_epoch + step + 1  # steps finished after this one
+    return cfg.beta * min(1.0, done / (cfg.kl_warmup_epochs * max(1, steps_per_epoch)))
+
+
+def to_input(
+    batch: Tensor | list | tuple, device: torch.device | str, channels_last: bool
+) -> Tensor:
+    """Loader batch (uint8 (B,C,H,W), or a list/tuple whose first item is) -> float in [0, 1].
+
+    The uint8 batch crosses to the device first (4x fewer bytes) and is converted there.
+    """
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    x = batch.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _autocast(cfg: TrainConfig, device: torch.device | str) -> torch.autocast:
+    device = torch.device(device)
+    enabled = cfg.bf16 and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class _Sums:
+    """Per-image sums on the device (float64), kept without host syncs until the epoch ends.
+
+    Layout (length 5 + 3J): images, neg_elbo, recon, kl, loss, kl_per_dim (J), mu (J), mu^2 (J).
+    """
+
+    def __init__(self, latent_dim: int, device: torch.device | str) -> None:
+        self.latent_dim = latent_dim
+        self.total = torch.zeros(5 + 3 * latent_dim, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, t: ELBOTerms) -> None:
+        n = t.neg_elbo.new_tensor(float(t.neg_elbo.shape[0]))
+        scalars = torch.stack([n, t.neg_elbo.sum(), t.recon.sum(), t.kl.sum(), t.loss * n])
+        mu = t.mu.double()
+        per_dim = [t.kl_per_dim.double().sum(0), mu.sum(0), mu.square().sum(0)]
+        self.total += torch.cat([scalars.double(), *per_dim])
+
+    def finish(self, elapsed: float) -> dict[str, float]:
+        """All-reduce over ranks (if distributed) and turn sums into per-image means."""
+        wall = torch.tensor([elapsed], dtype=torch.float64, device=self.total.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.total)
+            dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank sets the epoch time
+        total, j = self.total.cpu(), self.latent_dim
+        n = total[0].item()
+        means = total[1:] / max(n, 1.0)  # an empty split gives zeros, not NaN
+        kl_dims, mu, mu_sq = means[4 : 4 + j], means[4 + j : 4 + 2 * j], means[4 + 2 * j :]
+        variance = mu_sq - mu.square()  # Var_x(mu_j) over all images seen
+        metrics = {
+            "neg_elbo": means[0].item(),
+            "recon": means[1].item(),
+            "kl": means[2].item(),
+            "loss": means[3].item(),
+            "images": n,
+            "images_per_s": n / wall.item() if wall.item() > 0 else 0.0,
+            "active_units": float((variance > ACTIVE_UNIT_THRESHOLD).sum().item()) if n else 0.0,
+        }
+        metrics.update({f"kl_dim_{i}": kl_dims[i].item() for i in range(j)})
+        return metrics
+
+
+def _grad_norm(model: nn.Module, max_norm: float) -> Tensor:
+    """Global gradient norm (after DDP's all-reduce, so equal on every rank); clips if > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _check_finite(pending: tuple[int, Tensor, Tensor] | None, epoch: int) -> None:
+    """Raise FloatingPointError if a step's loss or gradient norm was NaN or inf."""
+    if pending is None:
+        return
+    step, loss, norm = pending
+    if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch} step {step} (loss={loss.item()}, "
+            f"grad norm={norm.item()}): lower train.lr, keep train.grad_clip > 0, "
+            "or check the input images"
+        )
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    # DistributedSampler reshuffles per epoch only when told the epoch.
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """One pass over ``loader`` (0-based ``epoch``); returns global per-image metrics.
+
+    ``model`` may be DDP-wrapped: the loss goes through the wrapper's forward.
+    Extra keys beyond evaluate_epoch's: ``lr`` and ``kl_weight`` at the last step.
+    """
+    model.train()
+    _set_epoch(loader, epoch)
+    steps = len(loader)
+    channels_last = cfg.channels_last and _on_cuda(device)
+    sums = _Sums(unwrap(model).config.latent_dim, device)
+    weight, pending = kl_weight(cfg, epoch, 0, steps), None
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        x = to_input(batch, device, channels_last)
+        weight = kl_weight(cfg, epoch, step, steps)
+        with _autocast(cfg, device):
+            terms = elbo_terms(model, x, cfg.samples, weight)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        norm = _grad_norm(model, cfg.grad_clip)
+        # Check the previous step, not this one: the host then never waits for the GPU work it
+        # has just queued. Loss and grad norm together: the norm is identical on every DDP rank,
+        # so a NaN on one rank stops all of them at the same step.
+        _check_finite(pending, epoch)
+        pending = (step, terms.loss.detach(), norm.detach())
+        optimizer.step()
+        scheduler.step()
+        sums.add(terms)
+    _check_finite(pending, epoch)
+    if _on_cuda(device):
+        torch.cuda.synchronize(device)
+    metrics = sums.finish(time.perf_counter() - start)
+    metrics.update(lr=optimizer.param_groups[0]["lr"], kl_weight=weight)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_epoch(
+    model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device | str
+) -> dict[str, float]:
+    """ELBO terms over ``loader`` with L = cfg.samples sampled z per image (not z = mu).
+
+    ``loss`` here is the objective at the full KL weight beta (no warm-up).
+    """
+    model.eval()
+    channels_last = cfg.channels_last and _on_cuda(device)
+    sums = _Sums(unwrap(model).config.latent_dim, device)
+    start = time.perf_counter()
+    for batch in loader:
+        x = to_input(batch, device, channels_last)
+        with _autocast(cfg, device):
+            sums.add(elbo_terms(model, x, cfg.samples, cfg.beta))
+    if _on_cuda(device):
+        torch.cuda.synchronize(device)
+    return sums.finish(time.perf_counter() - start)
+
+
+EpochCallback = Callable[[int, dict[str, float], dict[str, float]], None]
+
+
+def fit_local(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    on_epoch: EpochCallback | None = None,
+) -> list[dict[str, float]]:
+    """Single-process training: the baseline for the Ray run and the benchmarks.
+
+    Seeds torch with cfg.seed, then per epoch trains, evaluates and calls
+    ``on_epoch(epoch, train_metrics, val_metrics)``. Returns one flat row per epoch:
+    {"epoch": e, "train_<key>": ..., "val_<key>": ...}.
+    """
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    history = []
+    for epoch in range(cfg.epochs):
+        train = train_epoch(model, train_loader, optimizer, scheduler, cfg, epoch, device)
+        val = evaluate_epoch(model, val_loader, cfg, device)
+        if on_epoch is not None:
+            on_epoch(epoch, train, val)
+        row = {"epoch": epoch}
+        row.update({f"train_{k}": v for k, v in train.items()})
+        row.update({f"val_{k}": v for k, v in val.items()})
+        history.append(row)
+    return history
