@@ -1,0 +1,276 @@
+"""MLflow adapter: where the tracking store is, one run per training, per-epoch logging.
+
+Every stage that logs goes through here: ``resolve_tracking_uri`` (env ``MLFLOW_TRACKING_URI``
+wins; a relative ``sqlite:///x.db`` lives at the repository root, also from inside a DVC
+experiment's temporary copy), ``start_run`` / ``finish_run`` on the driver, and
+:class:`EpochLogger`, the picklable callback that Ray's rank-0 worker calls after each epoch.
+Only one process logs each event, so a training has exactly one run whatever its worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.figures import image_grid
+from pipeline.params import TrackingParams
+
+log = logging.getLogger("retina_vae.tracking")
+
+RUN_TAG = "retina_vae.stage"
+SQLITE = "sqlite:///"
+
+
+def repo_root(cwd: str | Path | None = None) -> Path:
+    """The repository root: the current directory, or the real repository when the current
+    directory is a DVC experiment's temporary copy (``<repo>/.dvc/tmp/exps/...``)."""
+    path = Path(cwd or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def resolve_tracking_uri(tracking: TrackingParams, cwd: str | Path | None = None) -> str:
+    """The MLflow tracking URI: env ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` with a
+    relative sqlite file (or plain folder) made absolute at :func:`repo_root`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    uri = tracking.uri
+    if uri.startswith(SQLITE):
+        db = uri[len(SQLITE) :]
+        if db.startswith("/") or db == ":memory:":  # sqlite:////abs/path.db
+            return uri
+        return SQLITE + str(repo_root(cwd) / db)
+    if "://" not in uri and not uri.startswith("/"):  # a plain relative folder ("mlruns")
+        return str(repo_root(cwd) / uri)
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store go to ``mlartifacts/`` beside the database file (as
+    ``mlflow server`` does), not to ``./mlruns`` of whatever directory the stage ran in."""
+    if uri.startswith(SQLITE) and uri != SQLITE + ":memory:":
+        return (Path(uri[len(SQLITE) :]).parent / "mlartifacts").as_uri()
+    return None  # a tracking server or file store decides
+
+
+def client(uri: str) -> Any:
+    """An MlflowClient on ``uri`` (mlflow imported lazily: it is slow to import)."""
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (restored if deleted)."""
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is None:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+    if exp.lifecycle_stage == "deleted":
+        mlflow_client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def run_exists(uri: str, run_id: str | None) -> bool:
+    """Whether ``run_id`` names a live run in the store at ``uri``."""
+    if not run_id:
+        return False
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    *,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    run_id: str | None = None,
+    run_name: str | None = None,
+) -> tuple[str, bool]:
+    """Reopen ``run_id`` when it exists in the store, else create a run with ``params`` and
+    ``tags``; return ``(run_id, resumed)``. A reopened run is set back to RUNNING."""
+    from mlflow.entities import Param, RunStatus
+
+    mlflow_client = client(uri)
+    if run_exists(uri, run_id):
+        mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        mlflow_client.set_tag(run_id, "retina_vae.resumed", "true")
+        return run_id, True
+    run = mlflow_client.create_run(
+        experiment_id(uri, experiment), tags={**tags, RUN_TAG: "train"}, run_name=run_name
+    )
+    new_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow_client.log_batch(new_id, params=items[i : i + 100])
+    return new_id, False
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED, FAILED or KILLED."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
+    """A history row as MLflow metrics: every numeric key but ``epoch``."""
+    return {k: float(v) for k, v in row.items() if k != "epoch"}
+
+
+def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
+    """One console line per epoch."""
+    return (
+        f"epoch {epoch + 1:>3}/{epochs}  train -ELBO {row['train_neg_elbo']:9.2f}  "
+        f"val -ELBO {row['val_neg_elbo']:9.2f}  KL {row['train_kl']:7.2f}  "
+        f"AU {int(row['val_active_units']):>3}  {row['train_images_per_s']:8.0f} img/s"
+    )
+
+
+class EpochLogger:
+    """Rank 0's per-epoch callback: metrics with ``step=epoch``, a progress line and, every
+    ``image_every`` epochs (and at the last), reconstruction and prior-sample grids.
+
+    Picklable (plain fields only); the MlflowClient is made in the worker on first use.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        epochs: int,
+        image_every: int,
+        examples: np.ndarray,
+        seed: int = 0,
+    ) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.epochs, self.image_every, self.seed = epochs, image_every, seed
+        self.examples = np.ascontiguousarray(examples)  # (N,C,H,W) uint8 val images
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def __call__(self, epoch: int, row: dict[str, float], model: Any) -> None:
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            self._client = client(self.uri)
+        now = _now_ms()
+        metrics = [Metric(k, v, now, epoch) for k, v in epoch_metrics(row).items()]
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        log.info(progress_line(epoch, self.epochs, row))
+        if (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs:
+            self.log_grids(epoch, model)
+
+    def log_grids(self, epoch: int, model: Any) -> None:
+        """Originals over reconstructions, and samples from the prior, as MLflow images."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        x = torch.tensor(self.examples, device=device).float() / 255.0  # uint8 -> [0, 1]
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            recon = model.reconstruct(x).float().cpu().numpy()
+            samples = model.sample(len(self.examples), generator=generator).float().cpu().numpy()
+        model.train(was_training)
+        pairs = np.concatenate([self.examples / 255.0, recon])  # row 1 originals, row 2 recon
+        ncol = len(self.examples)
+        self._client.log_image(
+            self.run_id, image_grid(pairs, ncol=ncol), key="reconstructions", step=epoch
+        )
+        self._client.log_image(
+            self.run_id, image_grid(samples, ncol=ncol), key="prior_samples", step=epoch
+        )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def using_uri(uri: str) -> Iterator[None]:
+    """Point mlflow's fluent API (``mlflow.start_run``...) at ``uri`` for a block only.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which would then override
+    ``tracking.uri`` for every later stage run in the same process; both are restored here.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def log_model(uri: str, run_id: str, model: Any, example: np.ndarray, code_paths: list) -> None:
+    """Log the encoder (images -> latent means) with ``mlflow.pytorch.log_model``, with a
+    signature and an input example, into ``run_id``. ``code_paths``: vae_core's folder, so
+    the model loads wherever torch is installed."""
+    import cloudpickle
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    encoder = LatentMeans(model).eval()
+    x = example.astype(np.float32) / 255.0  # (N,C,H,W) uint8 -> float in [0, 1]
+    with torch.no_grad():
+        mu = encoder(torch.from_numpy(x)).numpy()
+    # The wrapper class travels by value, so loading needs vae_core (code_paths) and torch,
+    # not this module's imports (pydantic, yaml, ...).
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        with using_uri(uri), mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                encoder,
+                name="model",
+                signature=infer_signature(x, mu),
+                input_example=x,
+                code_paths=[str(p) for p in code_paths],
+                # Given, not inferred: inference re-loads the model in a subprocess (~10 s).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            )
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+class LatentMeans(torch.nn.Module):
+    """The served model: images (B,C,H,W) float in [0, 1] -> latent means mu (B,J)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu, _ = self.vae.encode(x)
+        return mu

@@ -1,0 +1,430 @@
+"""Stage ``retina-vae train``: the ConvVAE on Ray Train workers, tracked in one MLflow run.
+
+Reads the preprocess arrays (``paths.processed``), trains with ``vae_core.distributed.fit``
+(TorchTrainer, DDP, a checkpoint per epoch under ``paths.checkpoints``) and writes
+``paths.model`` (vae_core checkpoint; ``extra`` = mlflow_run_id, params_hash, data_hash),
+``paths.train_metrics`` and ``paths.train_history``.
+
+Resume: the Ray run is named after the hash of the params that shape training and of the
+data, so re-running after an interruption finds its checkpoints and the MLflow run id
+(``run.json`` beside them) and continues at the next epoch in the same MLflow run; changed
+params or data give a new name, hence a fresh training and a fresh run. A finished training's
+checkpoint folder is cleared when the stage is forced to run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pipeline import tracking
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, write_json, write_table
+from pipeline.params import Params
+from pipeline.stage import run_stage
+from vae_core import distributed
+from vae_core.checkpoint import save_checkpoint
+from vae_core.model import VAEConfig
+from vae_core.training import TrainConfig
+
+log = logging.getLogger("retina_vae.train")
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "val")
+N_EXAMPLES = 8  # val images shown in the reconstruction grids
+# Params that change how the run is executed, not what it learns: changing them resumes.
+OPERATIONAL = {
+    "train.max_failures",
+    "train.image_every",
+    "train.checkpoints_to_keep",
+    "train.loader_workers",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+}
+HISTORY_COLUMNS = [
+    "epoch",
+    "train_neg_elbo",
+    "val_neg_elbo",
+    "train_recon",
+    "val_recon",
+    "train_kl",
+    "val_kl",
+    "train_active_units",
+    "val_active_units",
+    "train_lr",
+    "train_kl_weight",
+    "train_images_per_s",
+]
+RUN_STATE = "run.json"  # beside Ray's checkpoints: the MLflow run this Ray run logs into
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ArrayDataset(Dataset):
+    """One split's ``{split}_images.npy``, memory-mapped: item i -> uint8 tensor (C,H,W)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._images: np.ndarray | None = None
+        self.length = int(np.load(path, mmap_mode="r").shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}  # each process maps the file itself
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._images[i]))  # copy out of the map
+
+
+class ProcessedData:
+    """Picklable data factory for the Ray workers: ``() -> (train_dataset, val_dataset)``."""
+
+    def __init__(self, processed: str | Path) -> None:
+        self.processed = str(Path(processed).resolve())
+
+    def __call__(self) -> tuple[ArrayDataset, ArrayDataset]:
+        train, val = (ArrayDataset(f"{self.processed}/{s}_images.npy") for s in SPLITS)
+        return train, val
+
+
+def check_processed(processed: Path) -> tuple[int, int, int]:
+    """(C, H, W) of the training arrays; a UserError naming the file if anything is off."""
+    shapes = {}
+    for split in SPLITS:
+        path = processed / f"{split}_images.npy"
+        if not path.is_file():
+            raise UserError(f"{path}: not found; run `retina-vae preprocess` first")
+        try:
+            images = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{path}: not a readable .npy array ({exc})") from None
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise UserError(f"{path}: expected uint8 (N,C,H,W), got {images.dtype} {images.shape}")
+        shapes[split] = images.shape
+    if shapes["train"][0] == 0:
+        raise UserError(f"{processed}/train_images.npy: the training split is empty")
+    if shapes["train"][1:] != shapes["val"][1:]:
+        raise UserError(f"{processed}: train and val images differ in shape")
+    return tuple(int(v) for v in shapes["train"][1:])  # type: ignore[return-value]
+
+
+def data_hash(processed: Path) -> str:
+    """sha256 over the train/val arrays and tables the model learns from."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for name in (f"{split}_images.npy", f"{split}.parquet"):
+            path = processed / name
+            if path.is_file():
+                digest.update(name.encode())
+                with path.open("rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the params that shape the learned model (model and train groups)."""
+    relevant = {
+        k: v
+        for k, v in params.flat().items()
+        if k.split(".")[0] in ("model", "train") and k not in OPERATIONAL
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def model_config(params: Params, shape: tuple[int, int, int]) -> VAEConfig:
+    c, h, w = shape
+    m = params.model
+    return VAEConfig(
+        in_channels=c,
+        height=h,
+        width=w,
+        widths=m.widths,
+        latent_dim=m.latent_dim,
+        likelihood=m.likelihood,
+    )
+
+
+def train_config(params: Params) -> TrainConfig:
+    t = params.train
+    return TrainConfig(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        lr_schedule=t.lr_schedule,
+        grad_clip=t.grad_clip,
+        beta=t.beta,
+        kl_warmup_epochs=t.kl_warmup_epochs,
+        samples=t.samples,
+        seed=t.seed,
+        bf16=t.bf16,
+        channels_last=t.channels_last,
+    )
+
+
+def scaling(params: Params) -> distributed.Scaling:
+    t = params.train
+    return distributed.Scaling(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        cpus_per_worker=t.cpus_per_worker,
+        gpus_per_worker=t.gpus_per_worker,
+        max_failures=t.max_failures,
+        checkpoints_to_keep=t.checkpoints_to_keep,
+    )
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+def _check_reachable(address: str) -> None:
+    """A quick TCP probe of ``host:port`` / ``ray://host:port`` (Ray itself retries for
+    minutes before giving up on an address where nothing listens)."""
+    if address == "auto":
+        return
+    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
+    if not parts.hostname or not parts.port:
+        raise UserError(
+            f"cluster.address: expected auto, host:port or ray://host:port, got {address!r}"
+        )
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+    except OSError as exc:
+        raise UserError(
+            f"cluster.address: Ray cluster at {address} is unreachable ({exc.strerror or exc}); "
+            "start it with `ray start --head` or set cluster.address: null for a local Ray"
+        ) from None
+
+
+def connect(params: Params, uri: str) -> bool:
+    """Start or join Ray; return True when this call started it (and must shut it down)."""
+    address = params.cluster.address
+    if address is not None:
+        _check_reachable(address)
+    if distributed.ray_is_initialized():
+        return False  # a session opened by the caller (tests, notebooks) is reused
+    if address is None:
+        distributed.init_ray(None, num_cpus=os.cpu_count())
+        return True
+    env: dict[str, Any] = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
+    if params.cluster.ship_code:
+        env["py_modules"] = [str(REPO / "pipeline"), str(REPO / "vae_core")]
+    try:
+        distributed.init_ray(address, runtime_env=env)
+    except ConnectionError as exc:
+        raise UserError(f"cluster.address: cannot connect to Ray at {address} ({exc})") from None
+    return True
+
+
+def check_resources(params: Params) -> None:
+    """Fail early (one line) when the cluster cannot hold the requested workers."""
+    t = params.train
+    have = distributed.cluster_resources()
+    if t.use_gpu:
+        need = t.num_workers * t.gpus_per_worker
+        if have.get("GPU", 0.0) < need:
+            raise UserError(
+                f"train.use_gpu is true but the Ray cluster has {have.get('GPU', 0.0):g} GPU(s) "
+                f"for {t.num_workers} worker(s) x {t.gpus_per_worker:g}; set train.use_gpu: false "
+                "or add GPU nodes"
+            )
+    need_cpu = t.num_workers * t.cpus_per_worker
+    if have.get("CPU", 0.0) < need_cpu and params.cluster.address is None:
+        raise UserError(
+            f"train.num_workers x train.cpus_per_worker = {need_cpu:g} CPUs but this machine "
+            f"offers {have.get('CPU', 0.0):g}; lower them"
+        )
+
+
+def check_shared_storage(storage: Path, processed: Path) -> None:
+    """On a multi-node cluster every node must see the same data and checkpoint folder."""
+    if len(distributed.cluster_nodes()) < 2:
+        return
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = storage / f".shared-check-{os.getpid()}"
+    marker.write_text("retina-vae")
+    try:
+        files = {
+            str(marker): "paths.checkpoints",
+            **{str(processed / f"{s}_images.npy"): "paths.processed" for s in SPLITS},
+        }
+        local = {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
+        for node, seen in distributed.stat_on_every_node(list(files)).items():
+            for path, key in files.items():
+                if seen.get(path) != local[path]:
+                    raise UserError(
+                        f"{key}: {Path(path).parent} is not visible from Ray node {node}; on a "
+                        "multi-node cluster data and checkpoints must be on storage every node "
+                        "mounts at the same path (NFS, a shared disk) - see README, Scaling out"
+                    )
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(params: Params, result: distributed.FitResult, extra: dict[str, str]) -> None:
+    """paths.model, paths.train_metrics, paths.train_history; all atomic."""
+    last = result.history[-1]
+    with atomic_path(params.paths.model) as tmp:
+        save_checkpoint(tmp, result.model, extra=extra, epoch=int(last["epoch"]))
+    history = pd.DataFrame(result.history)
+    write_table(params.paths.train_history, history[[c for c in HISTORY_COLUMNS if c in history]])
+    summary = {k: v for k, v in last.items() if "kl_dim_" not in k}
+    write_json(
+        params.paths.train_metrics,
+        {
+            "epochs": int(last["epoch"]) + 1,
+            "workers": params.train.num_workers,
+            "nodes": result.nodes,
+            "train": {k[6:]: v for k, v in summary.items() if k.startswith("train_")},
+            "val": {k[4:]: v for k, v in summary.items() if k.startswith("val_")},
+        },
+    )
+
+
+def _examples(processed: Path) -> np.ndarray:
+    val = np.load(processed / "val_images.npy", mmap_mode="r")
+    source = val if len(val) else np.load(processed / "train_images.npy", mmap_mode="r")
+    return np.array(source[:N_EXAMPLES])  # (n,C,H,W) uint8
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RUN_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(params: Params, args: argparse.Namespace | None = None) -> None:
+    """The stage body (see module docstring)."""
+    processed = Path(params.paths.processed).resolve()
+    shape = check_processed(processed)
+    extra = {"params_hash": params_hash(params), "data_hash": data_hash(processed)}
+    uri = tracking.resolve_tracking_uri(params.tracking)
+    storage = Path(params.paths.checkpoints).resolve()
+    name = f"train-{extra['params_hash'][:10]}-{extra['data_hash'][:10]}"
+    run_dir = storage / name
+
+    started = connect(params, uri)
+    try:
+        check_resources(params)
+        check_shared_storage(storage, processed)
+        state = _read_state(run_dir)
+        if state.get("finished"):
+            log.info("a finished training with these params and data exists: starting afresh")
+            shutil.rmtree(run_dir)
+            state = {}
+        run_id, resumed = tracking.start_run(
+            uri,
+            params.tracking.experiment,
+            params=params.flat(),
+            tags={"data_hash": extra["data_hash"], "params_hash": extra["params_hash"]},
+            run_id=state.get("mlflow_run_id"),
+        )
+        extra["mlflow_run_id"] = run_id
+        log.info(
+            "%s MLflow run %s at %s; checkpoints in %s",
+            "resuming" if resumed else "new",
+            run_id,
+            uri,
+            run_dir,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
+        result = _fit(params, shape, extra, uri, storage, name, processed)
+        write_outputs(params, result, extra)
+        tracking.log_model(
+            uri,
+            run_id,
+            result.model,
+            _examples(processed)[:2],
+            code_paths=[REPO / "vae_core"],
+        )
+        tracking.client(uri).log_artifact(run_id, params.paths.model, artifact_path="checkpoint")
+        tracking.finish_run(uri, run_id)
+        write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
+        last = result.history[-1]
+        log.info(
+            "done: %d epochs, val -ELBO %.2f; wrote %s",
+            int(last["epoch"]) + 1,
+            last["val_neg_elbo"],
+            params.paths.model,
+        )
+    finally:
+        if started:
+            distributed.shutdown_ray()
+
+
+def _fit(
+    params: Params,
+    shape: tuple[int, int, int],
+    extra: dict[str, str],
+    uri: str,
+    storage: Path,
+    name: str,
+    processed: Path,
+) -> distributed.FitResult:
+    """distributed.fit with the MLflow run marked FAILED / KILLED when it does not finish."""
+    t = params.train
+    spec = distributed.RunSpec(
+        model=model_config(params, shape),
+        train=train_config(params),
+        data=ProcessedData(processed),
+        on_epoch=tracking.EpochLogger(
+            uri, extra["mlflow_run_id"], t.epochs, t.image_every, _examples(processed), t.seed
+        ),
+        extra=dict(extra),
+        loader_workers=t.loader_workers,
+    )
+    run_id = extra["mlflow_run_id"]
+    try:
+        return distributed.fit(
+            spec, scaling(params), str(storage), name, {"MLFLOW_TRACKING_URI": uri}
+        )
+    except KeyboardInterrupt:
+        tracking.finish_run(uri, run_id, "KILLED")
+        raise
+    except Exception as exc:
+        if not distributed.is_training_failure(exc):
+            tracking.finish_run(uri, run_id, "FAILED")
+            raise
+        tracking.finish_run(uri, run_id, "FAILED")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"training failed after {t.max_failures} restart(s) ({first[:200]}); "
+            "re-run the stage to resume from the last checkpoint"
+        ) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(
+        "train",
+        argv,
+        run,
+        description="Train the conv-VAE with Ray Train (DDP) on the preprocess outputs, "
+        "tracked in MLflow; resumes an interrupted training.",
+    )

@@ -1,0 +1,301 @@
+"""The train stage end to end: real Ray workers, a real MLflow sqlite store, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import pipeline.train as train
+from pipeline.params import load_params
+from pipeline.tracking import resolve_tracking_uri, using_uri
+from tests.conftest import REPO, write_params
+from vae_core.checkpoint import load_checkpoint, read_checkpoint
+
+# The kill helpers below run inside Ray workers: ship them by value, not by module name.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _runs(params_path: Path) -> list:
+    params = load_params(params_path)
+    client = MlflowClient(resolve_tracking_uri(params.tracking))
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _steps(params_path: Path, run_id: str, key: str) -> list[int]:
+    client = MlflowClient(resolve_tracking_uri(load_params(params_path).tracking))
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# ----------------------------------------------------------------------------- kill helpers
+
+
+class HoldingDataset:
+    """Wraps a dataset; on rank 1, once ``after`` items were read and ``armed`` exists, it
+    writes its pid to ``pid_file`` and waits there for the test to kill the process."""
+
+    def __init__(self, inner, armed: str, pid_file: str, after: int) -> None:
+        self.inner, self.armed, self.pid_file, self.after = inner, armed, pid_file, after
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        import ray.train
+
+        self.calls += 1
+        rank = ray.train.get_context().get_world_rank()
+        if rank == 1 and self.calls > self.after and os.path.exists(self.armed):
+            Path(self.pid_file).write_text(str(os.getpid()))
+            deadline = time.monotonic() + 120
+            while os.path.exists(self.armed) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self.inner[i]
+
+
+class KillableData(train.ProcessedData):
+    """ProcessedData whose train split holds rank 1 for the kill; logs every worker start."""
+
+    armed = pid_file = starts = ""
+    after = 0
+
+    def __call__(self):
+        with open(self.starts, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        train_ds, val_ds = super().__call__()
+        return HoldingDataset(train_ds, self.armed, self.pid_file, self.after), val_ds
+
+
+def _arm(monkeypatch, tmp_path: Path, after: int) -> tuple[Path, Path, Path]:
+    armed, pid_file, starts = tmp_path / "armed", tmp_path / "pid", tmp_path / "starts"
+    armed.write_text("1")
+    cls = type(
+        "Killable",
+        (KillableData,),
+        {"armed": str(armed), "pid_file": str(pid_file), "starts": str(starts), "after": after},
+    )
+    monkeypatch.setattr(train, "ProcessedData", cls)
+    return armed, pid_file, starts
+
+
+def _registered(checkpoints: Path, epoch: int) -> bool:
+    """Whether Ray's controller has committed the checkpoint of ``epoch`` (a report only
+    counts once the controller has taken it in; a worker killed before that loses it)."""
+    for snapshot in checkpoints.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if f"epoch_{epoch:06d}" in snapshot.read_text():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _killer(armed: Path, pid_file: Path, checkpoints: Path, epoch: int) -> threading.Thread:
+    """SIGKILL rank 1 once it waits and the checkpoint of ``epoch`` is committed."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if pid_file.exists() and _registered(checkpoints, epoch):
+                pid = int(pid_file.read_text())
+                armed.unlink()
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params_file):
+    path = params_file(train={"epochs": 2, "num_workers": 2, "image_every": 1})
+    params = load_params(path)
+    assert train.main(["--params", str(path)]) == 0
+
+    model = load_checkpoint(params.paths.model)
+    extra = read_checkpoint(params.paths.model)["extra"]
+    assert set(extra) == {"mlflow_run_id", "params_hash", "data_hash"}
+    assert extra["params_hash"] == train.params_hash(params)
+    assert extra["data_hash"] == train.data_hash(Path(params.paths.processed))
+    assert model.config.height == 32 and model.config.latent_dim == 4
+
+    history = pd.read_csv(params.paths.train_history)
+    assert history["epoch"].tolist() == [0, 1]
+    assert np.isfinite(history[["train_neg_elbo", "val_neg_elbo"]].to_numpy()).all()
+    metrics = json.loads(Path(params.paths.train_metrics).read_text())
+    assert metrics["epochs"] == 2 and metrics["workers"] == 2
+    assert metrics["val"]["neg_elbo"] == pytest.approx(history["val_neg_elbo"].iloc[-1])
+    assert metrics["train"]["images"] == 64  # the global count: both ranks all-reduced
+
+    runs = _runs(path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == extra["mlflow_run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["data_hash"] == extra["data_hash"]
+    for key in ("train_neg_elbo", "val_neg_elbo", "val_active_units", "train_kl_dim_0"):
+        assert _steps(path, run.info.run_id, key) == [0, 1], key
+    client = MlflowClient(resolve_tracking_uri(params.tracking))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "checkpoint" in artifacts and "images" in artifacts
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in logged] == [run.info.run_id]
+
+    import mlflow.pyfunc
+
+    with using_uri(resolve_tracking_uri(params.tracking)):
+        served = mlflow.pyfunc.load_model(f"models:/{logged[0].model_id}")
+    x = np.load(Path(params.paths.processed) / "val_images.npy")[:3].astype(np.float32) / 255
+    assert served.predict(x).shape == (3, 4)  # images -> latent means
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restored_from_the_last_checkpoint(
+    ray_session, processed, params_file, tmp_path, monkeypatch
+):
+    path = params_file(train={"epochs": 3, "num_workers": 2, "max_failures": 2, "image_every": 5})
+    # 64 images / 2 ranks = 32 items per rank and epoch: hold rank 1 inside epoch 1.
+    armed, pid_file, starts = _arm(monkeypatch, tmp_path, after=32 + 4)
+    killer = _killer(armed, pid_file, tmp_path / "checkpoints", epoch=0)
+    assert train.main(["--params", str(path)]) == 0
+    killer.join(timeout=5)
+
+    assert not armed.exists(), "the worker was never killed"
+    assert len(starts.read_text().split()) == 4  # 2 workers, started twice
+    history = pd.read_csv(load_params(path).paths.train_history)
+    assert history["epoch"].tolist() == [0, 1, 2]
+    (run,) = _runs(path)
+    assert run.info.status == "FINISHED"
+    # Restored at epoch 1, not from scratch: epoch 0 was trained and logged exactly once.
+    assert _steps(path, run.info.run_id, "train_neg_elbo") == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_rerun_after_interruption_resumes_in_the_same_mlflow_run(
+    ray_session, processed, params_file, tmp_path, monkeypatch, capsys
+):
+    path = params_file(train={"epochs": 3, "num_workers": 2, "max_failures": 0, "image_every": 5})
+    armed, pid_file, _ = _arm(monkeypatch, tmp_path, after=2 * 32 + 4)  # dies in epoch 2
+    killer = _killer(armed, pid_file, tmp_path / "checkpoints", epoch=1)
+    assert train.main(["--params", str(path)]) == 1
+    killer.join(timeout=5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("retina-vae train: error: training failed")
+    (failed,) = _runs(path)
+    assert failed.info.status == "FAILED"
+    assert not Path(load_params(path).paths.model).exists()
+
+    monkeypatch.undo()  # the plain data factory again
+    assert train.main(["--params", str(path)]) == 0
+    (run,) = _runs(path)
+    assert run.info.run_id == failed.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("retina_vae.resumed") == "true"
+    assert _steps(path, run.info.run_id, "train_neg_elbo") == [0, 1, 2]  # each epoch once
+    history = pd.read_csv(load_params(path).paths.train_history)
+    assert history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_missing_preprocess_outputs_is_one_line(tmp_path, capsys):
+    path = write_params(tmp_path)
+    assert train.main(["--params", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "train_images.npy: not found; run `retina-vae preprocess` first" in err[0]
+
+
+def test_unreachable_cluster_is_one_line(processed, params_file, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = params_file(cluster={"address": f"127.0.0.1:{port}"})
+    assert train.main(["--params", str(path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("retina-vae train: error: cluster.address:") and "unreachable" in line
+
+
+@pytest.mark.slow
+def test_use_gpu_without_gpu_is_one_line(ray_session, processed, params_file, capsys):
+    path = params_file(train={"use_gpu": True})
+    assert train.main(["--params", str(path)]) == 1
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
+    assert len(err) == 1 and "train.use_gpu is true but the Ray cluster has 0 GPU" in err[0]
+    assert _runs(path) == []  # nothing was started
+
+
+TWO_NODES = r"""
+import os, socket, subprocess, sys, time
+repo, params, tmp = sys.argv[1:4]
+ray = os.path.join(os.path.dirname(sys.executable), "ray")
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+address = f"127.0.0.1:{port}"
+common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                         f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", *common])
+nodes = [head]
+try:
+    time.sleep(8)
+    nodes.append(subprocess.Popen([ray, "start", f"--address={address}",
+                                   "--node-ip-address=127.0.0.1", *common]))
+    import yaml
+    raw = yaml.safe_load(open(params)); raw["cluster"]["address"] = address
+    yaml.safe_dump(raw, open(params, "w"))
+    for _ in range(60):  # wait until both nodes joined
+        out = subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                             text=True).stdout
+        if out.count("node_") >= 2:
+            break
+        time.sleep(1)
+    rc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--params", params],
+                        cwd=repo).returncode
+finally:
+    for p in reversed(nodes):  # only the processes this script started, by handle
+        p.send_signal(2)
+    for p in reversed(nodes):
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_two_node_cluster_uses_both_nodes(processed, params_file, tmp_path):
+    path = params_file(train={"epochs": 2, "num_workers": 2, "cpus_per_worker": 1})
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # Ray 2.60 clusters use token auth; every process here shares ~/.ray/auth_token.
+    env["RAY_AUTH_MODE"] = "token"
+    temp = Path("/tmp") / f"rt{os.getpid()}"  # short: Ray's socket paths have a length limit
+    done = subprocess.run(
+        [sys.executable, str(script), str(REPO), str(path), str(temp)],
+        env=env,
+        timeout=540,
+    )
+    assert done.returncode == 0
+    metrics = json.loads(Path(load_params(path).paths.train_metrics).read_text())
+    assert metrics["workers"] == 2 and metrics["nodes"] == 2
+    assert len(_runs(path)) == 1

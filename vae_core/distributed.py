@@ -1,0 +1,424 @@
+"""Ray Train (TorchTrainer, DDP) around the pure-torch loop of :mod:`vae_core.training`.
+
+The only module of the project that imports Ray. It knows nothing of files, params or MLflow:
+the caller hands in a picklable ``data`` factory (returns ``(train_dataset, val_dataset)`` of
+uint8 (C,H,W) tensors) and a picklable ``on_epoch(epoch, row, model)`` callback that rank 0
+calls after each epoch's checkpoint.
+
+Per worker: seed, build the model, wrap it in DDP, shard the data with a DistributedSampler
+(``train_epoch`` calls ``set_epoch``), train / evaluate (metrics all-reduced inside), and every
+epoch rank 0 writes one vae_core checkpoint (model, optimizer, scheduler, epoch, every rank's
+RNG state, history, ``extra`` such as the MLflow run id) while every rank calls
+``ray.train.report`` once. A restarted worker group (FailureConfig) or a re-run with the same
+``RunConfig(name)`` and storage path picks the latest checkpoint up via
+``ray.train.get_checkpoint`` and continues at the next epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from vae_core.checkpoint import read_checkpoint, save_checkpoint
+from vae_core.model import ConvVAE, VAEConfig, unwrap
+from vae_core.training import (
+    TrainConfig,
+    evaluate_epoch,
+    make_optimizer,
+    make_scheduler,
+    prepare_model,
+    train_epoch,
+)
+
+log = logging.getLogger("retina_vae.distributed")
+
+CHECKPOINT_FILE = "checkpoint.pt"  # the vae_core checkpoint inside each Ray checkpoint folder
+
+# Ray Train V2 settings read from the driver's environment (and passed on to the controller and
+# workers). A 0.5 s health-check poll (default 2 s) notices a finished or dead worker sooner; the
+# rest keep a normal run's console to our own lines.
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Prometheus metrics nobody reads on a laptop
+    "RAY_DEDUP_LOGS": "1",
+}
+# Only for the embedded local Ray: there is no spot node to be preempted, and its watcher actor
+# prints a C++ warning at every start.
+LOCAL_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+DataFactory = Callable[[], tuple[Dataset, Dataset]]
+EpochHook = Callable[[int, dict[str, float], nn.Module], None]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many Ray Train workers and what each one holds."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+
+    def resources(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs; pickled once to every worker."""
+
+    model: VAEConfig
+    train: TrainConfig
+    data: DataFactory
+    on_epoch: EpochHook | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into every checkpoint
+    loader_workers: int = 0
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]  # one flat row per epoch, as fit_local returns
+    state: dict[str, Any]  # the latest checkpoint, as read_checkpoint returns it
+    model: ConvVAE  # its weights, in eval mode on the CPU
+    nodes: int  # distinct Ray nodes the last worker group ran on
+
+
+# ----------------------------------------------------------------------------- Ray session
+
+
+def set_quiet_env(local: bool) -> None:
+    """Default Ray Train env settings (a user's own value always wins)."""
+    for key, value in {**RAY_ENV_DEFAULTS, **(LOCAL_ENV_DEFAULTS if local else {})}.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(
+    address: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Start an embedded local Ray (``address=None``) or connect to a running cluster.
+
+    Quiet: no dashboard, Ray's own loggers at ERROR in every process (Train workers keep INFO
+    for the application's lines). Connection failures propagate as Ray raises them.
+    """
+    set_quiet_env(local=address is None)
+    kwargs: dict[str, Any] = {
+        "logging_config": ray.LoggingConfig(log_level="ERROR"),
+        "runtime_env": runtime_env,
+    }
+    if address is None:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    else:
+        kwargs["address"] = address
+    # ray.LoggingConfig also reconfigures this process's root logger (level ERROR, one more
+    # handler); the driver keeps its own logging, with only Ray's loggers turned down.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    ray.init(**kwargs)
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()
+
+
+def ray_is_initialized() -> bool:
+    return ray.is_initialized()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the connected cluster, e.g. {"CPU": 2.0, "GPU": 0.0, ...}."""
+    return dict(ray.cluster_resources())
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The alive nodes of the connected cluster (``ray.nodes()`` entries)."""
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _stat(paths: list[str]) -> dict[str, tuple[int, int] | None]:
+    out: dict[str, tuple[int, int] | None] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out[path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[path] = None
+    return out
+
+
+def stat_on_every_node(paths: list[str]) -> dict[str, dict[str, tuple[int, int] | None]]:
+    """``{node address: {path: (size, mtime_ns) or None}}`` as seen from each alive node.
+
+    A zero-CPU task pinned to each node: tells a shared mount (same file everywhere) from a
+    node-local path (missing, or another file of the same name).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_stat)
+    refs = {
+        node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(paths)
+        for node in cluster_nodes()
+    }
+    return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s strided share of ``range(n)``, in order, without padding.
+
+    For evaluation: the sums are all-reduced, so every image counts exactly once (the
+    DistributedSampler would repeat images to even out the shards).
+    """
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = range(rank, n, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loaders(
+    train_ds: Dataset,
+    val_ds: Dataset,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Per-rank loaders: shuffled DistributedSampler for training, strided shards for val.
+
+    The same call with ``rank=0, world=1`` gives the single-process baseline the same order.
+    """
+    common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, **common)
+    val_sampler = ShardSampler(len(val_ds), rank, world)  # type: ignore[arg-type]
+    val = DataLoader(val_ds, batch_size=batch_size, sampler=val_sampler, **common)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- worker loop
+
+
+def build_model(spec: RunSpec) -> nn.Module:
+    """Seeded model init: the same weights on every rank and in ``fit_local``'s baseline."""
+    torch.manual_seed(spec.train.seed)
+    return ConvVAE(spec.model)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG states, restored per rank so a resumed run draws the same noise."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank (index = rank); ``[value]`` outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[int, list[dict[str, float]]]:
+    """Load the latest reported checkpoint, if any; return (first epoch to run, history)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state = read_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state.get("rng") or []
+    if len(rng) == world:
+        torch.set_rng_state(rng[rank]["cpu"])
+        if "cuda" in rng[rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+    else:  # a different world size: fresh but deterministic noise
+        torch.manual_seed(state["epoch"] * 1000 + rank)
+    if rank == 0:
+        log.info("resuming after epoch %d from %s", state["epoch"] + 1, checkpoint.path)
+    return state["epoch"] + 1, list(state.get("history", []))
+
+
+def _report(
+    spec: RunSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    history: list[dict[str, float]],
+    rank: int,
+    device: torch.device,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank calls ray.train.report exactly once."""
+    rng = _gather(_rng_state(device))  # collective: every rank takes part
+    nodes = _gather(ray.get_runtime_context().get_node_id())
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                Path(folder) / CHECKPOINT_FILE,
+                model,
+                extra=spec.extra,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch,
+                rng=rng,
+                history=history,
+                worker_nodes=nodes,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(
+            history[-1], checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:06d}"
+        )
+
+
+def _quiet_worker_logs() -> None:
+    # Ray Train 2.60 logs every report at INFO through a logger named after its file path, so
+    # RunConfig's LoggingConfig (which filters "ray.train.*") misses it: one line per rank and
+    # epoch, each holding the whole metrics dict.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker function run by TorchTrainer (``config={"spec": RunSpec}``)."""
+    spec: RunSpec = config["spec"]
+    cfg = spec.train
+    _quiet_worker_logs()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    model = build_model(spec)
+    torch.manual_seed(cfg.seed)  # as fit_local does after the model is built
+    model = prepare_model(model, cfg, device)  # device (and channels-last on GPU)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+    train_ds, val_ds = spec.data()
+    train_loader, val_loader = make_loaders(
+        train_ds,
+        val_ds,
+        cfg.batch_size,
+        cfg.seed,
+        rank,
+        world,
+        spec.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    start, history = _restore(model, optimizer, scheduler, rank, world, device)
+
+    for epoch in range(start, cfg.epochs):
+        train = train_epoch(model, train_loader, optimizer, scheduler, cfg, epoch, device)
+        # Evaluate the bare module: DDP's forward is not needed without gradients, and the
+        # val shards may differ in length between ranks.
+        val = evaluate_epoch(unwrap(model), val_loader, cfg, device)
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
+        row.update({f"val_{k}": v for k, v in val.items()})
+        history.append(row)
+        # Log before the report: ray.train.report is a barrier, so the other ranks wait there
+        # rather than inside the next epoch's timed all-reduce.
+        if rank == 0 and spec.on_epoch is not None:
+            spec.on_epoch(epoch, row, unwrap(model))
+        _report(spec, model, optimizer, scheduler, epoch, history, rank, device)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def fit(
+    spec: RunSpec,
+    scaling: Scaling,
+    storage_path: str,
+    name: str,
+    worker_env: dict[str, str] | None = None,
+) -> FitResult:
+    """Run ``train_loop`` on ``scaling.num_workers`` Ray Train workers; Ray must be initialised.
+
+    ``storage_path`` (absolute, or an object-store URI) and ``name`` locate the run: a second
+    call with the same pair resumes from its latest checkpoint. Raises
+    ``ray.train.TrainingFailedError`` when the workers fail more than ``max_failures`` times.
+    """
+    set_quiet_env(local=False)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources(),
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+    # Local storage is read in place; an object store is downloaded once.
+    with result.checkpoint.as_directory() as folder:
+        state = read_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    model = ConvVAE(VAEConfig(**state["config"]))
+    model.load_state_dict(state["model"])
+    return FitResult(
+        history=list(state.get("history", [])),
+        state=state,
+        model=model.eval(),
+        nodes=len(set(state.get("worker_nodes", []))),
+    )
+
+
+def is_training_failure(exc: BaseException) -> bool:
+    """True for Ray Train's "workers failed / controller failed" errors."""
+    return isinstance(exc, ray.train.TrainingFailedError)
