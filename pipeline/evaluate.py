@@ -1,0 +1,432 @@
+"""``retina-vae evaluate``: test likelihood, latent embeddings, disease-spectrum metrics and maps.
+
+Reads the trained checkpoint (``paths.model``) and the processed arrays (``paths.processed``),
+writes ``paths.evaluation/`` and ``paths.eval_metrics``, and logs all of it into the MLflow run
+that trained the model (its id is in the checkpoint), so one run page holds the whole story:
+
+    evaluation/embeddings.parquet     mu_j, sigma_j of q(z|x) for every image of every split
+    evaluation/latent_map.html        interactive map: hover a point for thumbnail, label, id
+    evaluation/maps/                  {pca,tsne}_{split}.png: 2-D maps of mu coloured by label
+    evaluation/traversals/            kl_rank{r}_dim{j}.png: decodes along the highest-KL dims
+    evaluation/grids/                 reconstructions beside originals, prior samples
+    evaluation/plots/                 training curves, KL and mu variance per latent dim
+    evaluation/tables/                cluster-by-label composition, KL per dim
+    evaluation/notes.txt              metrics skipped and why (no labels, one class, ...)
+
+Metrics (MLflow metrics and the flat JSON ``paths.eval_metrics``), all on the test split:
+  test_neg_elbo          negative ELBO, nats per image (seed eq. 43, KL weight 1, one z sample)
+  test_recon, test_kl    its parts: E_q log p(x|z) and KL(q(z|x) || p(z)) (eq. 40 summed over J)
+  test_neg_elbo_bpd      test_neg_elbo / (C*H*W*ln 2), bits per dimension
+  test_iwae              IWAE lower bound on log p(x) with evaluate.iwae_k samples (>= -neg ELBO)
+  test_iwae_bpd          -test_iwae in bits per dimension
+  test_kl_dim_<j>        mean KL of latent dim j; test_active_units: dims with Var_x(mu_j) > 0.01
+  test_probe_accuracy, test_probe_auc   logistic regression on mu, fit on train (macro AUC)
+  test_knn_accuracy      k-NN vote (evaluate.knn_k) from train mu
+  test_majority_accuracy always answering the commonest train label: the floor to beat
+  test_silhouette, test_kmeans_ari, test_kmeans_nmi   label clusters in mu; k-means k = #labels
+  eval_images_<split>    images embedded per split
+Likelihood units: with ``model.likelihood: gaussian`` the figures are nats of a true density of
+the images scaled to [0, 1]. With ``bernoulli`` (continuous BCE on grey levels) p(x|z) is not a
+normalised density over [0, 1]-valued images: the figures rank models with the same likelihood
+but are not comparable with published nats or bits/dim.
+
+MLflow: if the checkpoint names no run, or its run is not in the tracking store (another
+``mlflow.db``, a deleted run), a new run is created in ``tracking.experiment`` with tags
+``retina_vae.checkpoint`` and ``retina_vae.trained_run_id`` pointing back at the model, and a
+warning says so: the evaluation is never lost, and the tags tell where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import maps, tracking
+from pipeline.errors import UserError
+from pipeline.io import atomic_path, write_json
+from pipeline.latent import LabelReport, label_metrics
+from pipeline.params import EvaluateParams, Params
+from pipeline.stage import run_stage
+from vae_core.checkpoint import load_checkpoint, read_checkpoint
+from vae_core.elbo import elbo_terms, iwae_bound
+from vae_core.model import ConvVAE
+from vae_core.training import ACTIVE_UNIT_THRESHOLD
+
+log = logging.getLogger("retina_vae.evaluate")
+
+SPLITS = ("train", "val", "test")
+IWAE_DECODE_FACTOR = 4  # IWAE decodes at most this many x evaluate.batch_size images at once
+ARTIFACT_DIR = "evaluation"  # the folder of the MLflow run that holds everything below
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[ConvVAE, dict]:
+    """The checkpoint's model (eval mode, on ``device``) and its ``extra`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model checkpoint not found (run `retina-vae train` first)")
+    try:
+        extra = read_checkpoint(path)["extra"]
+        model = load_checkpoint(path).to(device)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    return model, extra
+
+
+def load_split(processed: Path, split: str, model: ConvVAE) -> tuple[np.ndarray, pd.DataFrame]:
+    """One split's images (N,C,H,W) uint8 (memory-mapped) and its metadata rows."""
+    npy, table = processed / f"{split}_images.npy", processed / f"{split}.parquet"
+    for path in (npy, table):
+        if not path.is_file():
+            raise UserError(f"{path}: not found (run `retina-vae preprocess` first)")
+    images = np.load(npy, mmap_mode="r")
+    meta = pd.read_parquet(table)
+    cfg = model.config
+    want = (cfg.in_channels, cfg.height, cfg.width)
+    if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != want:
+        raise UserError(
+            f"{npy}: images are {images.dtype} {tuple(images.shape)} but the model expects uint8 "
+            f"(N, {want[0]}, {want[1]}, {want[2]}); re-run train after preprocess"
+        )
+    if len(meta) != len(images):
+        raise UserError(f"{table}: {len(meta)} rows but {npy.name} holds {len(images)} images")
+    return images, meta
+
+
+def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """(N,C,H,W) uint8 -> float batches (B,C,H,W) in [0, 1] on ``device``."""
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size]))  # mmap -> RAM copy
+        yield chunk.to(device).float().div_(255.0)
+
+
+# ----------------------------------------------------------------------------- model passes
+
+
+@torch.no_grad()
+def encode_images(
+    model: ConvVAE, images: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """mu (N,J) and logvar (N,J) of q(z|x) for every image, float32 numpy."""
+    mus, logvars = [], []
+    for x in batches(images, batch_size, device):
+        mu, logvar = model.encode(x)
+        mus.append(mu.cpu())
+        logvars.append(logvar.cpu())
+    j = model.config.latent_dim
+    if not mus:
+        return np.zeros((0, j), np.float32), np.zeros((0, j), np.float32)
+    return torch.cat(mus).numpy(), torch.cat(logvars).numpy()
+
+
+@torch.no_grad()
+def likelihood(
+    model: ConvVAE, images: np.ndarray, ev: EvaluateParams, device: torch.device
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Test-set ELBO terms, IWAE bound, KL per dim and active units; also mu, logvar (N,J).
+
+    Per-image figures are averaged over the images. The ELBO uses one z sample per image
+    (eq. 42 with L = 1); its expectation does not depend on L, and averaging over the test
+    images keeps the estimate's noise small.
+    """
+    sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "iwae": 0.0}
+    kl_dims, mus, logvars = [], [], []
+    for x in batches(images, ev.batch_size, device):
+        terms = elbo_terms(model, x, n_samples=1)
+        # IWAE decodes chunk * B images at once; the chunk keeps that under the memory budget
+        chunk = max(1, IWAE_DECODE_FACTOR * ev.batch_size // len(x))
+        iwae = iwae_bound(model, x, ev.iwae_k, chunk_size=chunk)  # (B,)
+        for key, value in (
+            ("neg_elbo", terms.neg_elbo),
+            ("recon", terms.recon),
+            ("kl", terms.kl),
+            ("iwae", iwae),
+        ):
+            sums[key] += value.double().sum().item()
+        kl_dims.append(terms.kl_per_dim.double().sum(0).cpu())
+        mus.append(terms.mu.cpu())
+        logvars.append(terms.logvar.cpu())
+    n = len(images)
+    mu = torch.cat(mus).numpy()
+    cfg = model.config
+    dims_ln2 = cfg.in_channels * cfg.height * cfg.width * math.log(2.0)  # nats -> bits/dim
+    metrics = {f"test_{k}": v / n for k, v in sums.items()}
+    metrics["test_neg_elbo_bpd"] = metrics["test_neg_elbo"] / dims_ln2
+    metrics["test_iwae_bpd"] = -metrics["test_iwae"] / dims_ln2
+    kl_per_dim = (torch.stack(kl_dims).sum(0) / n).numpy()  # (J,)
+    metrics.update({f"test_kl_dim_{j}": float(v) for j, v in enumerate(kl_per_dim)})
+    # Burda et al.: unit j is active when Var_x(E_q[z_j]) = Var_x(mu_j) exceeds 0.01
+    metrics["test_active_units"] = float((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
+    metrics["test_images"] = float(n)
+    return metrics, mu, torch.cat(logvars).numpy()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def embeddings_table(
+    meta: pd.DataFrame, split: str, mu: np.ndarray, logvar: np.ndarray
+) -> pd.DataFrame:
+    """One row per image: image_id, split, label, subject_id, mu_0..mu_{J-1}, sigma_0.."""
+    table = pd.DataFrame(
+        {
+            "image_id": meta["image_id"].to_numpy(),
+            "split": split,
+            "label": meta["label"].to_numpy(),
+            "subject_id": meta["subject_id"].to_numpy(),
+        }
+    )
+    sigma = np.exp(0.5 * logvar)  # (N,J): the posterior standard deviation
+    latent = {f"mu_{j}": mu[:, j] for j in range(mu.shape[1])}
+    latent.update({f"sigma_{j}": sigma[:, j] for j in range(mu.shape[1])})
+    return pd.concat([table, pd.DataFrame(latent)], axis=1)
+
+
+def map_sample(table: pd.DataFrame, limit: int, seed: int) -> np.ndarray:
+    """Row indices of ``table`` kept for maps: at most ``limit`` per split, seeded, in order."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, rows in table.groupby("split", sort=False):
+        idx = rows.index.to_numpy()
+        keep.append(np.sort(rng.choice(idx, limit, replace=False)) if len(idx) > limit else idx)
+    return np.concatenate(keep)
+
+
+def write_maps(
+    out: Path, table: pd.DataFrame, images: dict[str, np.ndarray], ev: EvaluateParams
+) -> None:
+    """PCA (and t-SNE) PNG maps per split, and the interactive HTML map of all kept images."""
+    (out / "maps").mkdir()
+    mu = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
+    keep = map_sample(table, ev.map_points, ev.seed)
+    kept = table.loc[keep].reset_index(drop=True)
+    names = maps.label_names(kept["label"])
+    train = mu[(table["split"] == "train").to_numpy()]
+    projections = {"pca": maps.pca_2d(mu[keep], fit_on=train if len(train) >= 2 else mu)}
+    if ev.map_method == "tsne" and len(keep) >= 5:
+        projections["tsne"] = maps.tsne_2d(mu[keep], ev.seed)
+    for method, (xy, axes) in projections.items():
+        for split in SPLITS:
+            rows = (kept["split"] == split).to_numpy()
+            if rows.any():
+                title = f"{METHOD_NAMES[method]} of latent means, {split} split"
+                maps.plot_map(
+                    xy[rows], names[rows], axes, title, out / "maps" / f"{method}_{split}.png"
+                )
+    method = "tsne" if "tsne" in projections else "pca"
+    xy, axes = projections[method]
+    points = kept[["split", "image_id"]].assign(x=xy[:, 0], y=xy[:, 1], label=names)
+    thumbs = np.stack([images[s][i] for s, i in zip(kept["split"], kept["row"], strict=True)])
+    title = f"Latent means ({METHOD_NAMES[method]}): hover a point for its image"
+    maps.html_map(points, thumbs, axes, title, out / "latent_map.html")
+
+
+def traversal_rows(test: pd.DataFrame, limit: int = 8) -> tuple[np.ndarray, list[str]]:
+    """Test rows to traverse from: the first image of each label (or the first few), and names."""
+    labelled = test[test["label"].notna()]
+    if labelled.empty:
+        rows = test.index[: min(4, len(test))].to_numpy()
+        return rows, [f"image {i}" for i in range(len(rows))]
+    first = labelled.groupby(labelled["label"].astype(str), sort=True).head(1).iloc[:limit]
+    first = first.sort_values("label", key=lambda s: s.astype(str))
+    return first.index.to_numpy(), first["label"].astype(str).tolist()
+
+
+def write_grids(
+    out: Path,
+    model: ConvVAE,
+    test_images: np.ndarray,
+    test_meta: pd.DataFrame,
+    mu: np.ndarray,
+    kl_per_dim: np.ndarray,
+    ev: EvaluateParams,
+    device: torch.device,
+) -> None:
+    """Traversals along the highest-KL dims, reconstructions beside originals, prior samples."""
+    (out / "traversals").mkdir()
+    (out / "grids").mkdir()
+    rows, names = traversal_rows(test_meta.reset_index(drop=True))
+    base = torch.from_numpy(mu[rows]).to(device)  # (R,J)
+    values = np.linspace(-maps.TRAVERSAL_SPAN, maps.TRAVERSAL_SPAN, ev.traversal_steps)
+    cols = [f"{v:+.1f}" for v in values]
+    for rank, dim in enumerate(maps.top_kl_dims(kl_per_dim, ev.traversal_dims), start=1):
+        grid = maps.traversal_grid(model, base, dim, ev.traversal_steps)
+        title = f"z_{dim} swept (KL rank {rank}: {kl_per_dim[dim]:.2f} nats)"
+        maps.save_labelled_grid(
+            grid, names, cols, title, out / "traversals" / f"kl_rank{rank}_dim{dim:02d}.png"
+        )
+
+    n = min(32, len(test_images))
+    originals = np.asarray(test_images[:n])
+    recons = model.reconstruct(next(batches(originals, n, device))).cpu().numpy()
+    scale = max(1, 64 // model.config.width)  # tiles drawn at least ~64 px wide
+    grid = maps.reconstruction_grid(originals, recons, ncol=8)
+    maps.save_png(grid, out / "grids" / "reconstructions_test.png", scale)
+    generator = torch.Generator().manual_seed(ev.seed)
+    samples = model.sample(64, generator=generator).cpu().numpy()
+    maps.save_png(maps.image_grid(samples, ncol=8), out / "grids" / "prior_samples.png", scale)
+
+
+def write_tables(
+    out: Path, report: LabelReport, kl_per_dim: np.ndarray, mu_test: np.ndarray
+) -> None:
+    """tables/cluster_composition.csv (when labels allow) and tables/kl_per_dim.csv."""
+    (out / "tables").mkdir()
+    if report.composition is not None:
+        report.composition.to_csv(out / "tables" / "cluster_composition.csv", index=False)
+    variance = mu_test.var(0)
+    pd.DataFrame(
+        {
+            "dim": np.arange(len(kl_per_dim)),
+            "kl": kl_per_dim,
+            "mu_variance": variance,
+            "active": variance > ACTIVE_UNIT_THRESHOLD,
+        }
+    ).to_csv(out / "tables" / "kl_per_dim.csv", index=False)
+
+
+def write_plots(
+    out: Path, history_path: Path, kl_per_dim: np.ndarray, mu_test: np.ndarray, notes: list[str]
+) -> None:
+    """plots/kl_per_dim.png and, when the train history exists, plots/training_history.png."""
+    (out / "plots").mkdir()
+    maps.kl_figure(
+        kl_per_dim, mu_test.var(0), ACTIVE_UNIT_THRESHOLD, out / "plots" / "kl_per_dim.png"
+    )
+    if history_path.is_file():
+        maps.history_figure(pd.read_csv(history_path), out / "plots" / "training_history.png")
+    else:
+        notes.append(f"{history_path}: not found, training curves not drawn")
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def tracking_run(uri: str, run_id: str | None, model_path: str, experiment: str) -> str:
+    """The training run's id if the store has it; otherwise a new run tagged with the model."""
+    if tracking.run_exists(uri, run_id):
+        return run_id
+    if run_id:
+        log.warning(
+            "training run %s is not in the tracking store %s: logging to a new run", run_id, uri
+        )
+    else:
+        log.warning("%s names no MLflow run: logging to a new run", model_path)
+    tags = {
+        tracking.RUN_TAG: "evaluate",
+        "retina_vae.checkpoint": model_path,
+        "retina_vae.trained_run_id": run_id or "unknown",
+    }
+    exp_id = tracking.experiment_id(uri, experiment)
+    return tracking.client(uri).create_run(exp_id, tags=tags, run_name="evaluate").info.run_id
+
+
+def log_to_mlflow(
+    params: Params, extra: dict, out: Path, metrics: dict[str, float], report: LabelReport
+) -> str:
+    """Log metrics, the whole evaluation folder and the composition table; returns the run id."""
+    uri = tracking.resolve_tracking_uri(params.tracking)
+    run_id = tracking_run(
+        uri, extra.get("mlflow_run_id"), params.paths.model, params.tracking.experiment
+    )
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out), artifact_path=ARTIFACT_DIR)
+        if report.composition is not None:
+            table = f"{ARTIFACT_DIR}/tables/cluster_composition.json"
+            mlflow.log_table(report.composition, artifact_file=table)
+        mlflow.set_tag("retina_vae.evaluated", "true")
+    return run_id
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate(params: Params) -> tuple[dict[str, float], str]:
+    """Run the whole evaluation; returns the metrics and the MLflow run id they went to."""
+    ev, paths = params.evaluate, params.paths
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(ev.seed)  # the ELBO and IWAE samples: reruns give the same figures
+    model, extra = load_model(paths.model, device)
+    data = {s: load_split(Path(paths.processed), s, model) for s in SPLITS}
+    test_images, test_meta = data["test"]
+    if len(test_images) == 0:
+        raise UserError(
+            f"{paths.processed}: the test split is empty (raise preprocess.test_fraction)"
+        )
+
+    log.info("test likelihood on %d images (IWAE k=%d)", len(test_images), ev.iwae_k)
+    metrics, mu_test, logvar_test = likelihood(model, test_images, ev, device)
+    kl_per_dim = np.array([metrics[f"test_kl_dim_{j}"] for j in range(model.config.latent_dim)])
+    parts = []
+    for split in SPLITS:
+        images, meta = data[split]
+        mu, logvar = (
+            (mu_test, logvar_test)
+            if split == "test"
+            else encode_images(model, images, ev.batch_size, device)
+        )
+        parts.append(embeddings_table(meta, split, mu, logvar).assign(row=np.arange(len(meta))))
+        metrics[f"eval_images_{split}"] = float(len(meta))
+    table = pd.concat(parts, ignore_index=True)
+    mu_all = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
+
+    is_train, is_test = table["split"] == "train", table["split"] == "test"
+    report = label_metrics(
+        mu_all[is_train],
+        table.loc[is_train, "label"],
+        mu_all[is_test],
+        table.loc[is_test, "label"],
+        ev.knn_k,
+        ev.seed,
+    )
+    metrics.update({f"test_{k}": v for k, v in report.metrics.items()})
+    for note in report.notes:
+        log.info("note: %s", note)
+
+    with atomic_path(paths.evaluation) as out:
+        out.mkdir()
+        table.drop(columns="row").to_parquet(out / "embeddings.parquet", index=False)
+        images = {s: data[s][0] for s in SPLITS}
+        write_maps(out, table, images, ev)
+        write_grids(out, model, test_images, test_meta, mu_test, kl_per_dim, ev, device)
+        write_tables(out, report, kl_per_dim, mu_test)
+        write_plots(out, Path(paths.train_history), kl_per_dim, mu_test, report.notes)
+        write_json(out / "evaluate_params.json", asdict(ev))
+        (out / "notes.txt").write_text("".join(f"{n}\n" for n in report.notes) or "none\n")
+        run_id = log_to_mlflow(params, extra, out, metrics, report)
+    write_json(paths.eval_metrics, metrics)
+    return metrics, run_id
+
+
+def _body(params: Params, args: argparse.Namespace) -> None:
+    metrics, run_id = evaluate(params)
+    summary = ", ".join(
+        f"{k} {metrics[k]:.4g}"
+        for k in (
+            "test_neg_elbo",
+            "test_iwae",
+            "test_active_units",
+            "test_probe_accuracy",
+            "test_probe_auc",
+        )
+        if k in metrics
+    )
+    log.info("%s; logged to MLflow run %s", summary, run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("evaluate", argv, _body, description=__doc__.splitlines()[0])

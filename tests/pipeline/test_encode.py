@@ -1,0 +1,115 @@
+"""``retina-vae encode``: latent means of image files and folders, bad files listed."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.encode import main
+from pipeline.preprocess import prepare_file
+from vae_core.checkpoint import save_checkpoint
+from vae_core.model import ConvVAE, VAEConfig
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE, J = 32, 3
+
+
+def _model(root: Path, channels: int = 1) -> ConvVAE:
+    torch.manual_seed(0)
+    model = ConvVAE(
+        VAEConfig(in_channels=channels, height=SIZE, width=SIZE, widths=(4, 8), latent_dim=J)
+    )
+    save_checkpoint(root / "vae.pt", model)
+    return model.eval()
+
+
+def _params(root: Path, modality: str = "oct") -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["modality"] = modality
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _photo(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    _photo(images / "a.png", 0)
+    _photo(images / "sub" / "b.jpg", 1)
+    (images / "notes.txt").write_text("not an image")  # a sidecar: skipped, not an error
+    # a two-frame TIFF: one row per frame
+    frames = [Image.fromarray(np.full((40, 40), v, np.uint8)) for v in (30, 200)]
+    frames[0].save(images / "volume.tif", save_all=True, append_images=frames[1:])
+    return images
+
+
+def test_encode_folder_matches_the_model_on_preprocessed_pixels(tmp_path, folder):
+    model = _model(tmp_path)
+    out = tmp_path / "latents.csv"
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(folder)]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["path", "frame"] + [f"mu_{j}" for j in range(J)]
+    names = [Path(p).name for p in table["path"]]
+    assert names == ["a.png", "b.jpg", "volume.tif", "volume.tif"]
+    assert table["frame"].tolist() == [0, 0, 0, 1]
+    # the same preprocessing by hand, then the encoder: identical latent means
+    pixels = prepare_file(folder / "sub" / "b.jpg", "oct", (SIZE, SIZE), "pad", "all")[0]
+    with torch.no_grad():
+        mu, _ = model.encode(torch.tensor(pixels[None]).float() / 255.0)
+    row = table[[n == "b.jpg" for n in names]]
+    np.testing.assert_allclose(row[[f"mu_{j}" for j in range(J)]].to_numpy()[0], mu[0], atol=1e-5)
+    # the two TIFF frames differ, so do their latents
+    vol = table[[n == "volume.tif" for n in names]].filter(like="mu_").to_numpy()
+    assert not np.allclose(vol[0], vol[1])
+
+
+def test_bad_files_are_listed_and_the_rest_written(tmp_path, folder, capsys, caplog):
+    _model(tmp_path)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    _photo(folder / "tiny.png", 2, size=(10, 10))
+    out = tmp_path / "latents.parquet"
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(folder), str(tmp_path / "missing.png")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    listed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(listed) == 3 and all("\n" not in line for line in listed)
+    for name in ("broken.jpg: undecodable", "tiny.png: too small", "missing.png: file not found"):
+        assert any(name in line for line in listed), name
+    assert "retina-vae encode: error: 3 file(s) could not be encoded" in err
+    assert len(pd.read_parquet(out)) == 4  # a.png, b.jpg, two TIFF frames
+
+
+def test_npz_rows_are_encoded(tmp_path):
+    _model(tmp_path, channels=3)
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, test_images=rng.integers(0, 256, (5, 28, 28, 3), dtype=np.uint8),
+             test_labels=np.zeros((5, 1), np.uint8))  # fmt: skip
+    out = tmp_path / "latents.csv"
+    argv = ["--params", str(_params(tmp_path, "fundus")), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(npz)]) == 0
+    table = pd.read_csv(out)
+    assert table["path"].tolist() == [f"{npz}:test_images"] * 5
+    assert table["frame"].tolist() == list(range(5))
+
+
+def test_modality_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, folder, capsys):
+    _model(tmp_path, channels=1)
+    argv = ["--params", str(_params(tmp_path, "fundus")), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(tmp_path / "l.csv"), str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("retina-vae encode: error: ingest.modality: fundus")
+    assert not (tmp_path / "l.csv").exists()

@@ -1,0 +1,218 @@
+"""The evaluate stage on a tiny checkpoint and tiny processed arrays, into a real MLflow store."""
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.evaluate import main
+from vae_core.checkpoint import save_checkpoint
+from vae_core.model import ConvVAE, VAEConfig
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE, J = 16, 4
+SPLIT_SIZES = {"train": 24, "val": 6, "test": 16}
+pytestmark = pytest.mark.slow
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Two kinds of (1, 16, 16) uint8 picture: bright top half ("A") or bright left half ("B")."""
+    rng = np.random.default_rng(seed)
+    labels = ["A" if i % 2 == 0 else "B" for i in range(n)]
+    x = rng.integers(0, 60, (n, 1, SIZE, SIZE)).astype(np.uint8)  # (N, C, H, W)
+    for img, label in zip(x, labels, strict=True):
+        if label == "A":
+            img[:, : SIZE // 2, :] += 180
+        else:
+            img[:, :, : SIZE // 2] += 180
+    return x, labels
+
+
+def _write_processed(root: Path, labelled: bool) -> None:
+    processed = root / "processed"
+    processed.mkdir()
+    for seed, (split, n) in enumerate(SPLIT_SIZES.items()):
+        x, labels = _images(n, seed)
+        np.save(processed / f"{split}_images.npy", x)
+        pd.DataFrame(
+            {
+                "image_id": [f"{split}-{i:03d}" for i in range(n)],
+                "label": labels if labelled else [None] * n,
+                "subject_id": [f"s{i // 2}" for i in range(n)],
+                "eye": "OD",
+                "modality": "oct",
+                "split": split,
+                "source": [f"{split}/{i}.png" for i in range(n)],
+                "frame": 0,
+            }
+        ).to_parquet(processed / f"{split}.parquet", index=False)
+
+
+def _setup(
+    root: Path, *, labelled: bool, run_id: str | None, monkeypatch, map_method: str = "pca"
+) -> Path:
+    """Tiny checkpoint + arrays + a params file pointing every path into ``root``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _write_processed(root, labelled)
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(in_channels=1, height=SIZE, width=SIZE, widths=(4, 8), latent_dim=J))
+    extra = {"mlflow_run_id": run_id} if run_id else {}
+    save_checkpoint(root / "vae.pt", model, extra=extra)
+    pd.DataFrame(
+        {"epoch": [0, 1], "train_neg_elbo": [180.0, 170.0], "val_neg_elbo": [181.0, 172.0]}
+    ).to_csv(root / "history.csv", index=False)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"].update(
+        processed=str(root / "processed"),
+        model=str(root / "vae.pt"),
+        train_history=str(root / "history.csv"),
+        evaluation=str(root / "evaluation"),
+        eval_metrics=str(root / "eval.json"),
+    )
+    params["evaluate"].update(
+        iwae_k=20,
+        batch_size=8,
+        map_method=map_method,
+        knn_k=3,
+        traversal_dims=2,
+        traversal_steps=5,
+    )
+    params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One evaluate run into the training run created here; returns (root, run_id)."""
+    root = tmp_path_factory.mktemp("eval")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_experiment("retina-vae")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("train_neg_elbo", 170.0)
+    with pytest.MonkeyPatch.context() as mp:
+        params = _setup(
+            root, labelled=True, run_id=run.info.run_id, monkeypatch=mp, map_method="tsne"
+        )
+        assert main(["--params", str(params)]) == 0
+    return root, run.info.run_id
+
+
+LIKELIHOOD = ["test_neg_elbo", "test_recon", "test_kl", "test_neg_elbo_bpd", "test_iwae",
+              "test_iwae_bpd", "test_active_units"]  # fmt: skip
+LABELS = ["test_probe_accuracy", "test_probe_auc", "test_knn_accuracy", "test_silhouette",
+          "test_kmeans_ari", "test_kmeans_nmi", "test_majority_accuracy"]  # fmt: skip
+KL_DIMS = [f"test_kl_dim_{j}" for j in range(J)]
+
+
+def test_metrics_json_has_every_metric(evaluated):
+    root, _ = evaluated
+    metrics = json.loads((root / "eval.json").read_text())
+    for key in LIKELIHOOD + LABELS + KL_DIMS:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["eval_images_train"] == SPLIT_SIZES["train"]
+    assert metrics["test_images"] == SPLIT_SIZES["test"]
+    assert 0 <= metrics["test_active_units"] <= J
+    assert 0.0 <= metrics["test_probe_accuracy"] <= 1.0
+    assert sum(metrics[k] for k in KL_DIMS) == pytest.approx(metrics["test_kl"], rel=1e-5)
+
+
+def test_iwae_bound_is_above_the_elbo(evaluated):
+    metrics = json.loads((evaluated[0] / "eval.json").read_text())
+    assert metrics["test_iwae"] >= -metrics["test_neg_elbo"]
+    assert metrics["test_neg_elbo"] == pytest.approx(metrics["test_kl"] - metrics["test_recon"])
+
+
+def test_bits_per_dim_match_nats(evaluated):
+    metrics = json.loads((evaluated[0] / "eval.json").read_text())
+    dims = 1 * SIZE * SIZE
+    assert metrics["test_neg_elbo_bpd"] == pytest.approx(
+        metrics["test_neg_elbo"] / (dims * math.log(2))
+    )
+    assert metrics["test_iwae_bpd"] == pytest.approx(-metrics["test_iwae"] / (dims * math.log(2)))
+    assert metrics["test_iwae_bpd"] <= metrics["test_neg_elbo_bpd"]
+
+
+def test_embeddings_cover_every_image(evaluated):
+    table = pd.read_parquet(evaluated[0] / "evaluation" / "embeddings.parquet")
+    assert len(table) == sum(SPLIT_SIZES.values())
+    assert table["split"].value_counts().to_dict() == SPLIT_SIZES
+    assert table["image_id"].is_unique
+    for col in ["image_id", "split", "label", "subject_id"] + [f"mu_{j}" for j in range(J)]:
+        assert col in table, col
+    sigma = table[[f"sigma_{j}" for j in range(J)]].to_numpy()
+    assert (sigma > 0).all()
+
+
+def test_training_run_holds_metrics_and_artifacts(evaluated):
+    root, run_id = evaluated
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_neg_elbo"] == 170.0  # the training run, not a new one
+    for key in LIKELIHOOD + LABELS + KL_DIMS:
+        assert key in run.data.metrics, key
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    def listing(path: str) -> set[str]:
+        return {a.path for a in client.list_artifacts(run_id, path)}
+
+    top = listing("evaluation")
+    assert {"evaluation/embeddings.parquet", "evaluation/latent_map.html"} <= top
+    assert {f"evaluation/maps/{m}_{s}.png" for m in ("pca", "tsne") for s in SPLIT_SIZES} <= (
+        listing("evaluation/maps")
+    )
+    traversals = listing("evaluation/traversals")
+    assert len(traversals) == 2 and all(p.endswith(".png") for p in traversals)
+    assert {
+        "evaluation/grids/reconstructions_test.png",
+        "evaluation/grids/prior_samples.png",
+    } <= listing("evaluation/grids")
+    assert "evaluation/plots/training_history.png" in listing("evaluation/plots")
+    tables = listing("evaluation/tables")
+    assert {f"evaluation/tables/cluster_composition.{ext}" for ext in ("csv", "json")} <= tables
+    html = Path(client.download_artifacts(run_id, "evaluation/latent_map.html", str(root)))
+    assert html.read_text().count("test-0") >= SPLIT_SIZES["test"]  # every test id is hoverable
+
+
+def test_unlabelled_data_and_unknown_run(tmp_path, monkeypatch, caplog):
+    params = _setup(tmp_path, labelled=False, run_id="0" * 32, monkeypatch=monkeypatch)
+    assert main(["--params", str(params)]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert not set(LABELS) & set(metrics)  # skipped, not NaN
+    assert all(math.isfinite(v) for v in metrics.values())
+    notes = (tmp_path / "evaluation" / "notes.txt").read_text()
+    assert "no labelled test images" in notes
+    assert "not in the tracking store" in caplog.text
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("retina-vae").experiment_id])
+    assert run.data.tags["retina_vae.trained_run_id"] == "0" * 32
+    assert run.data.tags["retina_vae.checkpoint"] == str(tmp_path / "vae.pt")
+    assert "test_iwae" in run.data.metrics
+
+
+def test_processed_arrays_of_the_wrong_size_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    params = _setup(tmp_path, labelled=True, run_id=None, monkeypatch=monkeypatch)
+    np.save(tmp_path / "processed" / "val_images.npy", np.zeros((6, 1, 8, 8), np.uint8))
+    assert main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retina-vae evaluate: error: ")
+    assert "val_images.npy" in err and "(N, 1, 16, 16)" in err and "\n" not in err
+    assert not (tmp_path / "evaluation").exists()
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    params = _setup(tmp_path, labelled=True, run_id=None, monkeypatch=monkeypatch)
+    (tmp_path / "vae.pt").unlink()
+    assert main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "vae.pt: model checkpoint not found" in err and "\n" not in err
