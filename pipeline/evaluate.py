@@ -341,8 +341,7 @@ def log_to_mlflow(
     run_id = tracking_run(
         uri, extra.get("mlflow_run_id"), params.paths.model, params.tracking.experiment
     )
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with tracking.using_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out), artifact_path=ARTIFACT_DIR)
         if report.composition is not None:

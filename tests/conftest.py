@@ -76,6 +76,14 @@ def write_params(root: Path, **groups: dict) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _restore_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test does to MLFLOW_TRACKING_URI is undone after it (mlflow's
+    ``set_tracking_uri`` exports it), so one test's store never leaks into the next."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One embedded Ray (2 CPUs) for every test that needs it; stopped at the end."""

@@ -5,6 +5,8 @@ does nothing, a changed param re-runs only the stages that read it, and `dvc exp
 an experiment whose training is its own MLflow run in the repository's one mlflow.db.
 """
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -12,15 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "demo": {"patients": 6, "images_per_eye": 2, "oct_height": 64, "oct_width": 64},
+    "demo": {"patients": 10, "images_per_eye": 2, "oct_height": 64, "oct_width": 64},
     "ingest": {"workers": 1},
-    "preprocess": {"image_size": [32, 32], "workers": 1},
+    "preprocess": {"image_size": [32, 32], "workers": 1, "val_fraction": 0.2, "test_fraction": 0.2},
     "model": {"latent_dim": 4, "widths": [8, 16]},
     "train": {"epochs": 2, "batch_size": 8, "num_workers": 1, "image_every": 1},
     "evaluate": {"iwae_k": 4, "batch_size": 16, "map_method": "pca", "traversal_dims": 2},
@@ -56,9 +58,9 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
-def _runs(root: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["retina-vae"], output_format="list")
+def _runs(root: Path) -> list:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("retina-vae").experiment_id])
 
 
 def test_repro_builds_every_output(repo):
@@ -98,9 +100,9 @@ def test_changed_param_reruns_only_its_stages(repo):
 
 def test_experiment_is_its_own_mlflow_run(repo):
     before = {r.info.run_id for r in _runs(repo)}
-    _run(["dvc", "exp", "run", "-S", "model.latent_dim=3"], repo)
-    shown = _run(["dvc", "exp", "show", "--json"], repo)
-    assert "model.latent_dim" in shown
+    _run(["dvc", "exp", "run", "--temp", "-S", "model.latent_dim=3"], repo)
+    rows = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], repo))))
+    assert sorted(row["model.latent_dim"] for row in rows if row["typ"] != "baseline") == ["3"]
     new = [r for r in _runs(repo) if r.info.run_id not in before]
     assert len(new) == 1
     assert new[0].data.params["model.latent_dim"] == "3"

@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import tracking
 from pipeline.evaluate import main
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
@@ -94,10 +95,10 @@ def _setup(
 def evaluated(tmp_path_factory):
     """One evaluate run into the training run created here; returns (root, run_id)."""
     root = tmp_path_factory.mktemp("eval")
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    mlflow.set_experiment("retina-vae")
-    with mlflow.start_run() as run:
-        mlflow.log_metric("train_neg_elbo", 170.0)
+    with tracking.using_uri(f"sqlite:///{root / 'mlflow.db'}"):
+        mlflow.set_experiment("retina-vae")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("train_neg_elbo", 170.0)
     with pytest.MonkeyPatch.context() as mp:
         params = _setup(
             root, labelled=True, run_id=run.info.run_id, monkeypatch=mp, map_method="tsne"
