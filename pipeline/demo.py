@@ -154,7 +154,8 @@ def write_dicom(
         ds.NumberOfFrames = n
     ds.PixelData = frames.tobytes()
     if syntax == "rle":
-        ds.compress(RLELossless)
+        # keep the deterministic UID: compress() would draw a random new SOPInstanceUID
+        ds.compress(RLELossless, generate_instance_uid=False)
     elif syntax == "jpeg":
         ds.PixelData = encapsulate([_jpeg_bytes(f) for f in frames])
         ds["PixelData"].VR = "OB"

@@ -9,7 +9,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from pipeline import demo
+from pipeline import demo, synth
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import write_params
 
@@ -41,19 +41,21 @@ def test_demo_writes_labelled_mixed_collection(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_byte_identical_whatever_the_workers(tmp_path):
+@pytest.mark.parametrize("modality", ["fundus", "oct"])
+def test_demo_byte_identical_whatever_the_workers(tmp_path, modality):
     a = tmp_path / "a"
     b = tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    pa = write_params(a, demo={"workers": 1, "dicom_fraction": 0.7}, ingest={"modality": "fundus"})
-    pb = write_params(b, demo={"workers": 2, "dicom_fraction": 0.7}, ingest={"modality": "fundus"})
+    pa = write_params(a, demo={"workers": 1, "dicom_fraction": 0.7}, ingest={"modality": modality})
+    pb = write_params(b, demo={"workers": 2, "dicom_fraction": 0.7}, ingest={"modality": modality})
     assert demo.main(["--params", str(pa)]) == 0
     assert demo.main(["--params", str(pb)]) == 0
     da = _digests(Path(load_params(pa).paths.demo))
     assert da == _digests(Path(load_params(pb).paths.demo)) and len(da) > 5
     labels = pd.read_csv(Path(load_params(pa).paths.demo) / "labels.csv")
-    assert set(labels["label"]) <= {"normal", "diabetic_retinopathy", "glaucoma"}
+    classes = {"fundus": synth.FUNDUS_CLASSES, "oct": synth.OCT_CLASSES}[modality]
+    assert set(labels["label"]) <= set(classes)
 
 
 def test_demo_unused_when_source_is_a_folder(tmp_path):
