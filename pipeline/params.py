@@ -24,6 +24,9 @@ NonNeg = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
+REDACTED = "<redacted>"
+
+
 class ParamsError(UserError):
     """A params file that cannot be used; the message is one line naming file and key."""
 
@@ -160,12 +163,19 @@ class Params:
     cluster: ClusterParams
 
     def flat(self) -> dict[str, Any]:
-        """All params as ``{"group.key": value}`` (for MLflow and hashing)."""
-        return {
+        """All params as ``{"group.key": value}`` (for MLflow and hashing).
+
+        Secrets are redacted: the pseudonymisation key (``ingest.salt``) would let anyone who
+        can read the MLflow run re-link subject ids to guessed patient IDs.
+        """
+        flat = {
             f"{group}.{key}": value
             for group, values in asdict(self).items()
             for key, value in values.items()
         }
+        if flat["ingest.salt"] is not None:
+            flat["ingest.salt"] = REDACTED
+        return flat
 
 
 def _tuples(node: Any) -> Any:

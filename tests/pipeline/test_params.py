@@ -71,3 +71,9 @@ def test_missing_file_and_invalid_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match=r"not valid YAML at line \d"):
         load_params(bad)
+
+
+def test_flat_redacts_the_pseudonymisation_salt(tmp_path):
+    params = load_params(_write(tmp_path, {"ingest": {"salt": "s3cret-key"}}))
+    assert params.ingest.salt == "s3cret-key"  # the stage still uses it
+    assert "s3cret-key" not in map(str, params.flat().values())
