@@ -52,6 +52,7 @@ import torch
 
 from pipeline import maps, tracking
 from pipeline.errors import UserError
+from pipeline.ingest import SPLITS
 from pipeline.io import atomic_path, write_json
 from pipeline.latent import LabelReport, label_metrics
 from pipeline.params import EvaluateParams, Params
@@ -63,7 +64,6 @@ from vae_core.training import ACTIVE_UNIT_THRESHOLD
 
 log = logging.getLogger("retina_vae.evaluate")
 
-SPLITS = ("train", "val", "test")
 IWAE_DECODE_FACTOR = 4  # IWAE decodes at most this many x evaluate.batch_size images at once
 ARTIFACT_DIR = "evaluation"  # the folder of the MLflow run that holds everything below
 METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}

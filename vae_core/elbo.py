@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vae_core.model import unwrap
-
-_LOG_2PI = math.log(2.0 * math.pi)
+from vae_core.model import _LOG_2PI, unwrap
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
