@@ -53,7 +53,7 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def npz_frames(
-    path: Path, modality: str, size: tuple[int, int]
+    path: Path, modality: str, size: tuple[int, int], illumination: str = "none"
 ) -> Iterator[tuple[str, int, np.ndarray]]:
     """Every row of each ``*_images`` array of a MedMNIST-style .npz -> (name, row, (C,H,W))."""
     try:
@@ -69,8 +69,9 @@ def npz_frames(
             if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
                 raise UserError(f"{key} must be uint8 (N, H, W[, C]), got {arr.dtype} {arr.shape}")
             for i in range(len(arr)):
-                # (H, W, 1) -> (H, W) as preprocess does; aspect mode is unused for fundus
-                yield f"{path}:{key}", i, prepare_pixels(arr[i].squeeze(), modality, size, "pad")
+                # (H, W, 1) -> (H, W) and no field-of-view crop, as preprocess does for .npz rows
+                px = prepare_pixels(arr[i].squeeze(), modality, size, "pad", False, illumination)
+                yield f"{path}:{key}", i, px
 
 
 def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str, int, np.ndarray]]:
@@ -79,7 +80,7 @@ def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str,
         raise UserError("file not found")
     modality = params.ingest.modality
     if path.suffix.lower() == ".npz":
-        return list(npz_frames(path, modality, size))
+        return list(npz_frames(path, modality, size, params.preprocess.illumination))
     arrays = prepare_file(
         path,
         modality,
@@ -88,6 +89,7 @@ def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str,
         params.ingest.oct_frames,
         min_size=params.ingest.min_size,
         max_pixels=params.ingest.max_pixels,
+        illumination=params.preprocess.illumination,
     )
     return [(str(path), i, arr) for i, arr in enumerate(arrays)]
 

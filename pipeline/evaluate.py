@@ -5,12 +5,13 @@ writes ``paths.evaluation/`` and ``paths.eval_metrics``, and logs all of it into
 that trained the model (its id is in the checkpoint), so one run page holds the whole story:
 
     evaluation/embeddings.parquet     mu_j, sigma_j of q(z|x) for every image of every split
-    evaluation/latent_map.html        interactive map: hover a point for thumbnail, label, id
+    evaluation/latent_map.html        interactive map (Plotly, self-contained): hover a point for
+                                      thumbnail, label, id; colour by label, split, eye, source...
     evaluation/maps/                  {pca,tsne}_{split}.png: 2-D maps of mu coloured by label
     evaluation/traversals/            kl_rank{r}_dim{j}.png: decodes along the highest-KL dims
     evaluation/grids/                 reconstructions beside originals, prior samples
     evaluation/plots/                 training curves, KL and mu variance per latent dim
-    evaluation/tables/                cluster-by-label composition, KL per dim
+    evaluation/tables/                cluster-by-label composition, KL per dim, confounds
     evaluation/notes.txt              metrics skipped and why (no labels, one class, ...)
 
 Metrics (MLflow metrics and the flat JSON ``paths.eval_metrics``), all on the test split:
@@ -21,11 +22,20 @@ Metrics (MLflow metrics and the flat JSON ``paths.eval_metrics``), all on the te
   test_iwae_bpd          -test_iwae in bits per dimension
   test_kl_dim_<j>        mean KL of latent dim j; test_active_units: dims with Var_x(mu_j) > 0.01
   test_probe_accuracy, test_probe_auc   logistic regression on mu, fit on train (macro AUC)
+  test_pca_probe_accuracy, test_pca_probe_auc   the same probe on the first J principal
+                         components of the pixels (J = latent size): the baseline to beat
+  test_probe_accuracy_vs_pca, test_probe_auc_vs_pca   latent minus PCA (> 0: the latent wins)
   test_knn_accuracy      k-NN vote (evaluate.knn_k) from train mu
   test_majority_accuracy always answering the commonest train label: the floor to beat
   test_silhouette, test_kmeans_ari, test_kmeans_nmi   label clusters in mu; k-means k = #labels
+  test_confound_<attr>, test_confound_<attr>_majority   the same linear probe predicting a
+                         metadata attribute (eye, source_folder, size_class, manufacturer...)
+                         against the majority rate; a warning when the latent reads an
+                         acquisition attribute better than the label (tables/confounds.csv)
   eval_images_<split>    images embedded per split
-Likelihood units: with ``model.likelihood: gaussian`` the figures are nats of a true density of
+Likelihood units: with ``model.likelihood: logistic`` (discretised logistic) p(x|z) is a true
+probability of the 8-bit images, so test_iwae_bpd (NLL / (D ln 2), D = C*H*W) is the bits/dim
+figure the literature reports. With ``gaussian`` the figures are nats of a true density of
 the images scaled to [0, 1]. With ``bernoulli`` (continuous BCE on grey levels) p(x|z) is not a
 normalised density over [0, 1]-valued images: the figures rank models with the same likelihood
 but are not comparable with published nats or bits/dim.
@@ -33,12 +43,15 @@ but are not comparable with published nats or bits/dim.
 MLflow: if the checkpoint names no run, or its run is not in the tracking store (another
 ``mlflow.db``, a deleted run), a new run is created in ``tracking.experiment`` with tags
 ``retina_vae.checkpoint`` and ``retina_vae.trained_run_id`` pointing back at the model, and a
-warning says so: the evaluation is never lost, and the tags tell where it came from.
+warning says so: the evaluation is never lost, and the tags tell where it came from. The outputs
+are written before anything is logged: when logging fails (store unreachable, read-only...) the
+stage still succeeds with one warning, and ``retina-vae evaluate --log-only`` logs them later.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -48,13 +61,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
-from pipeline import maps, tracking
+from pipeline import latent, maps, shards, tracking
 from pipeline.errors import UserError
 from pipeline.ingest import SPLITS
 from pipeline.io import atomic_path, write_json
-from pipeline.latent import LabelReport, label_metrics
+from pipeline.latent import LabelReport, label_metrics, pixel_pca
 from pipeline.params import EvaluateParams, Params
 from pipeline.stage import run_stage
 from vae_core.checkpoint import load_checkpoint, read_checkpoint
@@ -67,6 +81,7 @@ log = logging.getLogger("retina_vae.evaluate")
 IWAE_DECODE_FACTOR = 4  # IWAE decodes at most this many x evaluate.batch_size images at once
 ARTIFACT_DIR = "evaluation"  # the folder of the MLflow run that holds everything below
 METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
+CONFOUND_TABLE = "confounds.csv"  # tables/: probe on mu for each metadata attribute
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -87,11 +102,11 @@ def load_model(path: str | Path, device: torch.device) -> tuple[ConvVAE, dict]:
 
 def load_split(processed: Path, split: str, model: ConvVAE) -> tuple[np.ndarray, pd.DataFrame]:
     """One split's images (N,C,H,W) uint8 (memory-mapped) and its metadata rows."""
-    npy, table = processed / f"{split}_images.npy", processed / f"{split}.parquet"
-    for path in (npy, table):
-        if not path.is_file():
+    npy, table = shards.images_path(processed, split), processed / f"{split}.parquet"
+    for path in (npy, table):  # one .npy, or the Ray Data engine's shard folder
+        if not path.exists():
             raise UserError(f"{path}: not found (run `retina-vae preprocess` first)")
-    images = np.load(npy, mmap_mode="r")
+    images = shards.open_path(npy)
     meta = pd.read_parquet(table)
     cfg = model.config
     want = (cfg.in_channels, cfg.height, cfg.width)
@@ -205,9 +220,15 @@ def map_sample(table: pd.DataFrame, limit: int, seed: int) -> np.ndarray:
 
 
 def write_maps(
-    out: Path, table: pd.DataFrame, images: dict[str, np.ndarray], ev: EvaluateParams
+    out: Path,
+    table: pd.DataFrame,
+    images: dict[str, np.ndarray],
+    ev: EvaluateParams,
+    attributes: pd.DataFrame | None = None,
 ) -> None:
-    """PCA (and t-SNE) PNG maps per split, and the interactive HTML map of all kept images."""
+    """PCA (and t-SNE) PNG maps per split, and the interactive HTML map of all kept images,
+    which can be coloured by label, split and every column of ``attributes`` (rows as
+    ``table``'s: eye, source folder, ... from :func:`metadata_table`)."""
     (out / "maps").mkdir()
     mu = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
     keep = map_sample(table, ev.map_points, ev.seed)
@@ -228,9 +249,50 @@ def write_maps(
     method = "tsne" if "tsne" in projections else "pca"
     xy, axes = projections[method]
     points = kept[["split", "image_id"]].assign(x=xy[:, 0], y=xy[:, 1], label=names)
+    extra = [] if attributes is None else [c for c in attributes if c not in points]
+    if extra:  # ids are pseudonymous image ids; attributes never hold a patient identifier
+        points = points.join(attributes.loc[keep, extra].reset_index(drop=True))
     thumbs = np.stack([images[s][i] for s, i in zip(kept["split"], kept["row"], strict=True)])
     title = f"Latent means ({METHOD_NAMES[method]}): hover a point for its image"
-    maps.html_map(points, thumbs, axes, title, out / "latent_map.html")
+    size = maps.html_map(
+        points, thumbs, axes, title, out / "latent_map.html", ("label", "split", *extra)
+    )
+    log.info("interactive map: %d images, %.1f MB", len(points), size / 1e6)
+
+
+def metadata_table(
+    data: dict[str, tuple[np.ndarray, pd.DataFrame]], manifest: Path
+) -> pd.DataFrame:
+    """Metadata attributes (:func:`pipeline.latent.metadata_attributes`) of every image, rows
+    in the embeddings table's order (splits in SPLITS order).
+
+    The processed tables give eye and source folder; the original image size (and a device
+    column such as ``manufacturer``, when ingest records one) come from the ingest manifest
+    ``manifest``, joined on the pseudonymous ``image_id``, when the tables lack them.
+    """
+    meta = pd.concat([data[s][1] for s in SPLITS], ignore_index=True)
+    wanted = ["width", "height", *latent.DEVICE_COLUMNS]
+    missing = [c for c in wanted if c not in meta]
+    if missing and manifest.is_file():
+        have = [c for c in missing if c in pq.read_schema(manifest).names]
+        if have:
+            extra = pd.read_parquet(manifest, columns=["image_id", *have])
+            extra = extra.drop_duplicates("image_id").set_index("image_id")
+            meta = meta.join(extra, on="image_id")
+    return latent.metadata_attributes(meta)
+
+
+def confounds(
+    mu: np.ndarray, table: pd.DataFrame, attributes: pd.DataFrame, seed: int
+) -> latent.ConfoundReport:
+    """The confound report on the test split (probes fit on train); warnings are logged."""
+    is_train = (table["split"] == "train").to_numpy()
+    is_test = (table["split"] == "test").to_numpy()
+    meta = attributes.assign(label=table["label"].to_numpy())
+    report = latent.confound_report(mu[is_train], meta[is_train], mu[is_test], meta[is_test], seed)
+    for warning in report.warnings:
+        log.warning("confound: %s", warning)
+    return report
 
 
 def traversal_rows(test: pd.DataFrame, limit: int = 8) -> tuple[np.ndarray, list[str]]:
@@ -333,10 +395,9 @@ def tracking_run(uri: str, run_id: str | None, model_path: str, experiment: str)
     return tracking.client(uri).create_run(exp_id, tags=tags, run_name="evaluate").info.run_id
 
 
-def log_to_mlflow(
-    params: Params, extra: dict, out: Path, metrics: dict[str, float], report: LabelReport
-) -> str:
-    """Log metrics, the whole evaluation folder and the composition table; returns the run id."""
+def log_to_mlflow(params: Params, extra: dict, out: Path, metrics: dict[str, float]) -> str:
+    """Log metrics, the whole evaluation folder ``out`` and its composition table (as an MLflow
+    table); returns the run id."""
     uri = tracking.resolve_tracking_uri(params.tracking)
     run_id = tracking_run(
         uri, extra.get("mlflow_run_id"), params.paths.model, params.tracking.experiment
@@ -344,18 +405,50 @@ def log_to_mlflow(
     with tracking.using_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out), artifact_path=ARTIFACT_DIR)
-        if report.composition is not None:
+        confound_table = out / "tables" / CONFOUND_TABLE
+        if confound_table.is_file():  # the run's Evaluation / Tables view
+            name = f"{ARTIFACT_DIR}/tables/{Path(CONFOUND_TABLE).stem}.json"
+            mlflow.log_table(pd.read_csv(confound_table), artifact_file=name)
+        composition = out / "tables" / "cluster_composition.csv"
+        if composition.is_file():
             table = f"{ARTIFACT_DIR}/tables/cluster_composition.json"
-            mlflow.log_table(report.composition, artifact_file=table)
+            mlflow.log_table(pd.read_csv(composition), artifact_file=table)
         mlflow.set_tag("retina_vae.evaluated", "true")
     return run_id
+
+
+def publish(params: Params, extra: dict, metrics: dict[str, float], retry: str) -> str | None:
+    """Log the written evaluation to MLflow; returns the run id, or None after one warning line
+    with the ``retry`` command when logging fails (the outputs on disk are kept)."""
+    try:
+        return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics)
+    except Exception as exc:  # any tracking failure: the finished evaluation must survive it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning(
+            "MLflow logging failed (%s); the evaluation is in %s and %s: log it with `%s`",
+            first,
+            params.paths.evaluation,
+            params.paths.eval_metrics,
+            retry,
+        )
+        return None
+
+
+def saved_evaluation(params: Params) -> tuple[dict[str, float], dict]:
+    """The metrics and checkpoint ``extra`` of an evaluation already written to disk."""
+    path = Path(params.paths.eval_metrics)
+    if not path.is_file() or not Path(params.paths.evaluation).is_dir():
+        raise UserError(f"{path}: no evaluation to log (run `retina-vae evaluate` first)")
+    _, extra = load_model(params.paths.model, torch.device("cpu"))
+    return json.loads(path.read_text()), extra
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def evaluate(params: Params) -> tuple[dict[str, float], str]:
-    """Run the whole evaluation; returns the metrics and the MLflow run id they went to."""
+def evaluate(params: Params) -> tuple[dict[str, float], dict]:
+    """Run the whole evaluation and write its outputs; returns the metrics and the checkpoint's
+    ``extra`` (the MLflow run it belongs to)."""
     ev, paths = params.evaluate, params.paths
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(ev.seed)  # the ELBO and IWAE samples: reruns give the same figures
@@ -391,28 +484,35 @@ def evaluate(params: Params) -> tuple[dict[str, float], str]:
         table.loc[is_test, "label"],
         ev.knn_k,
         ev.seed,
+        baseline=pixel_pca(data["train"][0], test_images, model.config.latent_dim, ev.seed),
     )
     metrics.update({f"test_{k}": v for k, v in report.metrics.items()})
-    for note in report.notes:
-        log.info("note: %s", note)
+    attributes = metadata_table(data, Path(paths.manifest))
+    confound = confounds(mu_all, table, attributes, ev.seed)
+    metrics.update({f"test_{k}": v for k, v in confound.metrics.items()})
+    report.notes.extend(confound.notes)
 
     with atomic_path(paths.evaluation) as out:
         out.mkdir()
         table.drop(columns="row").to_parquet(out / "embeddings.parquet", index=False)
         images = {s: data[s][0] for s in SPLITS}
-        write_maps(out, table, images, ev)
+        write_maps(out, table, images, ev, attributes)
         write_grids(out, model, test_images, test_meta, mu_test, kl_per_dim, ev, device)
         write_tables(out, report, kl_per_dim, mu_test)
+        confound.table.to_csv(out / "tables" / CONFOUND_TABLE, index=False)
         write_plots(out, Path(paths.train_history), kl_per_dim, mu_test, report.notes)
         write_json(out / "evaluate_params.json", asdict(ev))
         (out / "notes.txt").write_text("".join(f"{n}\n" for n in report.notes) or "none\n")
-        run_id = log_to_mlflow(params, extra, out, metrics, report)
     write_json(paths.eval_metrics, metrics)
-    return metrics, run_id
+    for note in report.notes:  # after write_plots: it adds the missing-history note
+        log.info("note: %s", note)
+    return metrics, extra
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:
-    metrics, run_id = evaluate(params)
+    metrics, extra = saved_evaluation(params) if args.log_only else evaluate(params)
+    retry = f"retina-vae evaluate --log-only --params {args.params}"
+    run_id = publish(params, extra, metrics, retry)
     summary = ", ".join(
         f"{k} {metrics[k]:.4g}"
         for k in (
@@ -421,11 +521,21 @@ def _body(params: Params, args: argparse.Namespace) -> None:
             "test_active_units",
             "test_probe_accuracy",
             "test_probe_auc",
+            "test_pca_probe_accuracy",
+            "test_pca_probe_auc",
         )
         if k in metrics
     )
-    log.info("%s; logged to MLflow run %s", summary, run_id)
+    log.info("%s; %s", summary, f"logged to MLflow run {run_id}" if run_id else "not logged")
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-only",
+        action="store_true",
+        help="log the evaluation already on disk to MLflow (after a failed log), compute nothing",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", argv, _body, description=__doc__.splitlines()[0])
+    return run_stage("evaluate", argv, _body, _add_args, description=__doc__.splitlines()[0])

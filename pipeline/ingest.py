@@ -8,7 +8,8 @@ Sources (``ingest.source``):
   or, with ``ingest.folder_labels``, from each file's parent folder (class-per-folder layout
   such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
-  ``{split}_labels`` (N, 1); each row an image, the official split kept.
+  ``{split}_labels`` (N,) or (N, 1), one label per image (a multi-label (N, k) array is
+  refused); each row an image, the official split kept.
 
 Patient: CSV ``patient_id`` > DICOM PatientID > ``ingest.patient_pattern`` on the file name >
 none (the image is its own subject). It is stored only as a keyed hash (:mod:`pipeline.deid`).
@@ -20,6 +21,10 @@ when those pixels are identical (for JPEGs: identical at the reduced scale, i.e.
 low-frequency DCT content -- byte copies and lossless re-encodes always are).
 Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
 counts one per frame kept; a quarantined file counts one).
+
+From that same decode ingest also makes the training pixels for the current ``preprocess``
+params where preprocess's decode would give identical pixels, and leaves them in
+:mod:`pipeline.pixel_cache` (a keyed accelerator, not a stage output): one decode per image.
 """
 
 from __future__ import annotations
@@ -28,16 +33,18 @@ import argparse
 import hashlib
 import logging
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from pipeline import deid, readers
+from pipeline import deid, pixel_cache, ray_data, readers
 from pipeline.errors import UserError
 from pipeline.io import write_json, write_table
-from pipeline.parallel import parallel_map
+from pipeline.parallel import parallel_imap
 from pipeline.params import Params
 from pipeline.stage import run_stage
 
@@ -82,9 +89,38 @@ def pixel_hash(pixels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _inspect(task: tuple) -> dict:
-    """Decode one file in a worker: frame sizes and hashes, or the quarantine reason."""
-    path, oct_central, min_size, max_pixels, salt = task
+def _prepared(path: str, d: readers.Decoded, spec: dict) -> np.ndarray | None:
+    """The training pixels of every decoded frame, (F, C, H, W) uint8, made from ingest's own
+    decode when preprocess's decode would give the same pixels (:mod:`pipeline.pixel_cache`);
+    else None (preprocess then decodes the file itself)."""
+    from pipeline.preprocess import _draft, prepare_pixels  # lazy: preprocess imports ingest
+
+    size, light = tuple(spec["image_size"]), spec["illumination"]
+    if d.info.get("format") in ("JPEG", "MPO"):  # the only formats Pillow decodes reduced
+        with Image.open(path) as im:  # header only: the DCT scale preprocess's draft picks
+            im.draft(im.mode, _draft(size))
+            if im.size != d.info.get("decoded_size"):
+                return None
+    try:
+        return np.stack(
+            [
+                prepare_pixels(px, spec["modality"], size, spec["oct_aspect"], True, light)
+                for _, px in d.frames
+            ]
+        )
+    except Exception:  # noqa: BLE001 -- preprocess re-does the file and reports what fails
+        return None
+
+
+def _inspect(task: tuple, data: bytes | None = None) -> dict:
+    """Decode one file in a worker: frame sizes and hashes, or the quarantine reason; with a
+    prepare spec, also the training pixels made from the same decode. ``data``: the file's
+    bytes when already read (the Ray Data engine)."""
+    path, oct_central, min_size, max_pixels, salt, spec = task
+    try:
+        stat = pixel_cache.file_stat(path)  # before decoding: a later change shows as a miss
+    except OSError:
+        stat = None
     try:
         d = readers.read_image(
             path,
@@ -92,11 +128,14 @@ def _inspect(task: tuple) -> dict:
             max_pixels=max_pixels,
             draft=CHECK_SIZE,
             oct_central=oct_central,
+            data=data,
         )
     except readers.BadImage as exc:
         return {"reason": str(exc)}
     return {
         "frames": [(i, pixel_hash(px)) for i, px in d.frames],
+        "prepared": _prepared(path, d, spec) if (spec and stat) else None,
+        "stat": stat,
         "width": d.width,
         "height": d.height,
         # the raw header patient ID never leaves the worker: only its keyed hash does
@@ -191,20 +230,33 @@ def _folder_entries(params: Params, root: Path) -> tuple[list[dict], dict]:
     return entries, counts
 
 
-def _scan_folder(params: Params, root: Path, salt: bytes):
-    """Inspect every entry of a folder source -> (images, quarantine rows, counts)."""
+def _scan_folder(params: Params, root: Path, salt: bytes, cache=None):
+    """Inspect every entry of a folder source -> (images, quarantine rows, counts).
+
+    ``cache``: a :class:`pipeline.pixel_cache.CacheWriter` that receives each file's
+    training pixels as they come (never all held at once), or None.
+    """
     if not root.is_dir():
         raise UserError(f"{root}: source folder not found (ingest.source)")
     entries, counts = _folder_entries(params, root)
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
+    spec = pixel_cache.prepare_spec(params) if cache is not None else None
     quarantine = []
     tasks = [
-        (str(root / e["source"]), central, ing.min_size, ing.max_pixels, salt) for e in entries
+        (str(root / e["source"]), central, ing.min_size, ing.max_pixels, salt, spec)
+        for e in entries
     ]
-    results = parallel_map(_inspect, tasks, ing.workers, desc="ingest")
+    if ray_data.engine(params) == "ray":
+        with ray_data.session(params):
+            results = ray_data.inspect_files(tasks)
+    else:
+        results = parallel_imap(_inspect, tasks, ing.workers, desc="ingest")
     images = []
     for e, r in zip(entries, results, strict=True):
+        if r.get("prepared") is not None:
+            frames = [i for i, _ in r["frames"]]
+            cache.add(e["source"], frames, r["stat"], r.pop("prepared"))
         if "reason" in r:
             missing = not (root / e["source"]).exists()
             quarantine.append(
@@ -238,6 +290,19 @@ def _scan_folder(params: Params, root: Path, salt: bytes):
     return images, quarantine, counts
 
 
+def _npz_labels(path: Path, data: np.lib.npyio.NpzFile, split: str, n: int) -> np.ndarray | None:
+    """``{split}_labels`` as (N,), or None when absent; one line if not one label per image."""
+    if f"{split}_labels" not in data.files:
+        return None
+    labels = data[f"{split}_labels"]
+    if labels.shape not in ((n,), (n, 1)):
+        raise UserError(
+            f"{path}: {split}_labels has shape {labels.shape} but one label per image, (N,) or "
+            f"(N, 1) with N = {n}, is needed (multi-label arrays are not supported)"
+        )
+    return labels.reshape(n)
+
+
 def _scan_npz(params: Params, path: Path, salt: bytes):
     """Rows of a MedMNIST-style .npz -> (images, quarantine rows, counts)."""
     if params.ingest.labels:
@@ -259,28 +324,22 @@ def _scan_npz(params: Params, path: Path, salt: bytes):
                     f"{path}: {split}_images must be uint8 (N, H, W[, C]), "
                     f"got {arr.dtype} {arr.shape}"
                 )
-            labels = (
-                data[f"{split}_labels"].reshape(len(arr), -1)
-                if (f"{split}_labels" in data.files)
-                else None
-            )  # (N, 1) -> (N, 1)
+            labels = _npz_labels(path, data, split, len(arr))
             h, w = arr.shape[1:3]
+            if min(h, w) < min_size:  # one size per array: all its rows are refused
+                reason = f"too small: {w}x{h} is below ingest.min_size ({min_size})"
+                quarantine += [
+                    {"path": f"{split}_images[{i}]", "reason": reason} for i in range(len(arr))
+                ]
+                continue
             for i in range(len(arr)):
                 source = f"{split}_images[{i}]"
-                if min(h, w) < min_size:
-                    quarantine.append(
-                        {
-                            "path": source,
-                            "reason": f"too small: {w}x{h} is below ingest.min_size ({min_size})",
-                        }
-                    )
-                    continue
                 images.append(
                     {
                         "image_id": deid.image_id(source, 0, salt),
                         "source": source,
                         "frame": 0,
-                        "label": str(int(labels[i, 0])) if labels is not None else None,
+                        "label": str(labels[i].item()) if labels is not None else None,
                         "subject_id": deid.subject_id(f"{path.name}:{source}", salt),
                         "eye": None,
                         "width": w,
@@ -331,14 +390,27 @@ def _deduplicate(images: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def ingest(params: Params) -> dict:
-    """Run the stage: write manifest, quarantine, duplicates and report; return the report."""
+    """Run the stage: write manifest, quarantine, duplicates and report (all of them, also when
+    the stage then refuses the result); return the report."""
     root = source_root(params)
     salt = deid.resolve_salt(params.ingest.salt)
+    cache, kind = None, ""
     if root.suffix.lower() == ".npz" and root.is_file():
         images, quarantine, counts = _scan_npz(params, root, salt)
         kind = "npz"
-    else:
+        shutil.rmtree(pixel_cache.cache_dir(params), ignore_errors=True)
+    elif ray_data.engine(params) == "ray":  # no cache: preprocess decodes on the cluster
+        shutil.rmtree(pixel_cache.cache_dir(params), ignore_errors=True)
         images, quarantine, counts = _scan_folder(params, root, salt)
+    else:
+        spec = pixel_cache.prepare_spec(params)
+        cache = pixel_cache.CacheWriter(pixel_cache.cache_dir(params), spec)
+        try:
+            images, quarantine, counts = _scan_folder(params, root, salt, cache)
+        except BaseException:
+            cache.abort()
+            raise
+    if kind != "npz":
         kind = (
             "demo"
             if params.ingest.source == "demo"
@@ -363,19 +435,6 @@ def ingest(params: Params) -> dict:
         ),
     )
     reasons = Counter(q["reason"].split(":")[0].split(" (")[0] for q in quarantine)
-    if not kept:
-        why = f" (most common: {reasons.most_common(1)[0][0]})" if reasons else ""
-        raise UserError(
-            f"{root}: no usable image: {len(quarantine)} of {found} quarantined"
-            f"{why}, {len(dups)} duplicates; see {p.quarantine}"
-        )
-    share = len(quarantine) / found
-    if share > params.ingest.max_quarantine_fraction:
-        raise UserError(
-            f"{root}: {len(quarantine)} of {found} images quarantined ({share:.0%}) exceeds "
-            f"ingest.max_quarantine_fraction ({params.ingest.max_quarantine_fraction}); "
-            f"see {p.quarantine}"
-        )
     own = sum(img.pop("_own_subject") for img in kept)
     if own:
         log.warning(
@@ -389,6 +448,8 @@ def ingest(params: Params) -> dict:
     for col in ("width", "height"):
         manifest[col] = manifest[col].astype("int64")
     write_table(p.manifest, manifest)
+    if cache is not None:
+        cache.close(p.manifest)  # bound to this manifest: preprocess checks its hash
     labels = manifest["label"].value_counts(dropna=False)
     report = {
         "source_kind": kind,
@@ -415,7 +476,29 @@ def ingest(params: Params) -> dict:
         report["subjects"],
         manifest["label"].nunique(),
     )
+    _refuse_if_bad(root, params, report)
     return report
+
+
+def _refuse_if_bad(root: Path, params: Params, report: dict) -> None:
+    """The stage's verdict, after every output is written: the quarantine list and report the
+    error points at are this run's, never beside a manifest of an earlier run."""
+    found, refused = report["found"], report["quarantined"]
+    limit = params.ingest.max_quarantine_fraction
+    if not report["ingested"]:
+        reasons = Counter(report["quarantine_reasons"])
+        why = f" (most common: {reasons.most_common(1)[0][0]})" if reasons else ""
+        raise UserError(
+            f"{root}: no usable image: {refused} of {found} quarantined"
+            f"{why}, {report['duplicates']} duplicates; see {params.paths.quarantine}"
+        )
+    share = refused / found
+    if share > limit:
+        raise UserError(
+            f"{root}: {refused} of {found} images quarantined ({share:.0%}) exceeds "
+            f"ingest.max_quarantine_fraction ({limit}); "
+            f"see {params.paths.quarantine}"
+        )
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     adjusted_rand_score,
@@ -29,6 +30,9 @@ log = logging.getLogger("retina_vae.evaluate")
 
 # silhouette is O(N^2) in memory and time; above this many points it is estimated on a sample
 SILHOUETTE_MAX_POINTS = 5000
+# the pixel-PCA baseline is fit on at most this many train images (a seeded sample): 2,000
+# fundus photos of 256 x 256 x 3 are 1.6 GB as float32, and the top J components are stable
+PCA_FIT_MAX = 2000
 
 
 def linear_probe(
@@ -52,6 +56,34 @@ def linear_probe(
                 roc_auc_score(test_y, proba, multi_class="ovr", average="macro", labels=classes)
             )
     return out
+
+
+def pixel_pca(
+    train_images: np.ndarray, test_images: np.ndarray, n_components: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """First J principal components of the pixels: (N,C,H,W), (M,C,H,W) uint8 -> (N,J), (M,J).
+
+    The baseline a latent space has to beat: a linear summary of the same arrays with the same
+    dimension. Fit on at most PCA_FIT_MAX train images (seeded sample, randomised SVD);
+    pixels are read in chunks, so memory-mapped splits of any size fit.
+    """
+    n = len(train_images)
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, PCA_FIT_MAX, replace=False)) if n > PCA_FIT_MAX else None
+    fit_x = _flat(train_images if fit_rows is None else train_images[fit_rows])  # (n',D)
+    k = min(n_components, *fit_x.shape)
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(fit_x)
+
+    def project(images: np.ndarray) -> np.ndarray:
+        parts = [pca.transform(_flat(images[i : i + 256])) for i in range(0, len(images), 256)]
+        return np.concatenate(parts) if parts else np.zeros((0, k), np.float32)
+
+    return project(train_images), project(test_images)
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    """(N,C,H,W) uint8 -> (N, C*H*W) float32 in [0, 1]."""
+    return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255.0
 
 
 def knn_accuracy(
@@ -104,8 +136,13 @@ def label_metrics(
     test_labels: pd.Series,
     knn_k: int,
     seed: int = 0,
+    baseline: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LabelReport:
     """Every disease-spectrum metric on mu, or a note saying why it cannot be computed.
+
+    ``baseline`` (train (N,K), test (M,K) features of the same rows, e.g. :func:`pixel_pca`)
+    gets the same probe as mu: ``pca_probe_accuracy``/``_auc``, and ``probe_*_vs_pca`` is the
+    latent's margin over it (positive: the latent reads the labels better than the pixels do).
 
     Unlabelled rows are left out. Metrics need >= 2 classes among the labelled train images
     (probe, k-NN) or test images (silhouette, k-means); otherwise they are skipped with a note
@@ -151,4 +188,188 @@ def label_metrics(
         report.metrics["majority_accuracy"] = float(np.mean(yt[seen] == values[counts.argmax()]))
         report.metrics.update(linear_probe(zr, yr, zt[seen], yt[seen], seed))
         report.metrics["knn_accuracy"] = knn_accuracy(zr, yr, zt[seen], yt[seen], knn_k)
+        if baseline is not None:
+            report.metrics.update(_baseline_probe(baseline, train_labels, test_labels, seen, seed))
+            for key in ("accuracy", "auc"):
+                if f"pca_probe_{key}" in report.metrics and f"probe_{key}" in report.metrics:
+                    margin = report.metrics[f"probe_{key}"] - report.metrics[f"pca_probe_{key}"]
+                    report.metrics[f"probe_{key}_vs_pca"] = margin
+    return report
+
+
+def _baseline_probe(
+    baseline: tuple[np.ndarray, np.ndarray],
+    train_labels: pd.Series,
+    test_labels: pd.Series,
+    seen: np.ndarray,
+    seed: int,
+) -> dict[str, float]:
+    """The linear probe on baseline features, same labelled rows as mu's: pca_probe_*."""
+    br, yr = _labelled(baseline[0], train_labels)
+    bt, yt = _labelled(baseline[1], test_labels)
+    return {f"pca_{k}": v for k, v in linear_probe(br, yr, bt[seen], yt[seen], seed).items()}
+
+
+# ----------------------------------------------------------------------------- confounds
+# Does the latent space encode how an image was acquired (camera, site, size) rather than the
+# disease? A linear probe on mu predicts each metadata attribute, against the majority rate.
+
+UNKNOWN_VALUE = "(unknown)"
+# attributes that describe acquisition (where or how an image was taken), not the eye itself
+ACQUISITION = ("source_folder", "manufacturer", "site", "device", "size_class")
+# optional metadata columns copied as they are when a table has them
+DEVICE_COLUMNS = ("manufacturer", "site", "device")
+SIZE_CLASSES_MAX = 12  # more distinct image sizes than this are binned by the longer side
+SOURCE_FOLDERS_MAX = 40  # more top-level folders than this are not sites or devices
+# a warning needs the latent to read the attribute at least this well (skill, below)
+CONFOUND_MIN_SKILL = 0.2
+
+
+def metadata_attributes(meta: pd.DataFrame) -> pd.DataFrame:
+    """The metadata attributes of each image that a latent space should not need to encode.
+
+    From a processed table (or the manifest): ``eye``; ``source_folder``, the first folder of
+    the ``source`` path (a site, a device export, a format folder; paths without a folder and
+    .npz rows give none; left out when the folders look like one per patient - each holding a
+    single ``subject_id``, or more than SOURCE_FOLDERS_MAX of them - since a patient folder's
+    name may be an identifier); any of ``DEVICE_COLUMNS`` present (e.g. a DICOM manufacturer);
+    ``size_class``, the original ``width`` x ``height`` (binned by the longer side when there
+    are more than SIZE_CLASSES_MAX sizes). Missing values are ``UNKNOWN_VALUE``; attributes the
+    table cannot give are left out. Same row order and index as ``meta``.
+    """
+    out = pd.DataFrame(index=meta.index)
+    if "eye" in meta:
+        out["eye"] = meta["eye"]
+    if "source" in meta:
+        parts = meta["source"].astype(str).str.replace("\\", "/", regex=False).str.split("/")
+        folder = parts.map(lambda p: p[0] if len(p) > 1 and p[0] not in ("", ".") else None)
+        if folder.notna().any() and not _per_patient(folder, meta):
+            out["source_folder"] = folder
+    for col in DEVICE_COLUMNS:
+        if col in meta:
+            out[col] = meta[col]
+    if {"width", "height"} <= set(meta.columns):
+        w = pd.to_numeric(meta["width"], errors="coerce")
+        h = pd.to_numeric(meta["height"], errors="coerce")
+        sizes = w.astype("Int64").astype(str) + "x" + h.astype("Int64").astype(str)
+        sizes = sizes.where(w.notna() & h.notna())
+        if sizes.nunique() > SIZE_CLASSES_MAX:
+            side = np.fmax(w.to_numpy(float), h.to_numpy(float))
+            bins = [0, 256, 512, 1024, 2048, np.inf]
+            names = ["<256 px", "256-511 px", "512-1023 px", "1024-2047 px", ">=2048 px"]
+            sizes = pd.Series(
+                pd.cut(side, bins, right=False, labels=names).astype(object), index=meta.index
+            ).where(w.notna() & h.notna())
+        out["size_class"] = sizes
+    return out.astype(object).where(out.notna(), UNKNOWN_VALUE).astype(str)
+
+
+def _per_patient(folder: pd.Series, meta: pd.DataFrame) -> bool:
+    """Whether top-level folders look like one per patient (their names must not be shown)."""
+    if folder.nunique() > SOURCE_FOLDERS_MAX:
+        return True
+    if "subject_id" not in meta or folder.nunique() < 3:
+        return False
+    subjects = meta["subject_id"][folder.notna()].groupby(folder.dropna()).nunique()
+    return bool((subjects == 1).all())
+
+
+def attribute_probe(
+    train_z: np.ndarray,
+    train_values: pd.Series,
+    test_z: np.ndarray,
+    test_values: pd.Series,
+    seed: int = 0,
+) -> tuple[dict[str, float], str | None]:
+    """How well mu predicts one attribute: ``linear_probe`` fit on train, scored on test.
+
+    Returns ``({"accuracy", "majority", "skill", "classes", "test_images"}, None)`` or
+    ``({}, reason)`` when it cannot be measured. Rows whose value is missing (NaN or
+    ``UNKNOWN_VALUE``) are left out, and so are test rows with a value unseen in train.
+    ``majority`` is the accuracy of always answering the commonest train value; ``skill`` =
+    (accuracy - majority) / (1 - majority): 0 at the majority rate, 1 when perfect.
+    """
+    keep_r = train_values.notna().to_numpy() & (train_values.astype(str) != UNKNOWN_VALUE)
+    keep_t = test_values.notna().to_numpy() & (test_values.astype(str) != UNKNOWN_VALUE)
+    zr, yr = train_z[keep_r], train_values[keep_r].astype(str).to_numpy()
+    zt, yt = test_z[keep_t], test_values[keep_t].astype(str).to_numpy()
+    classes, counts = np.unique(yr, return_counts=True)
+    if len(classes) < 2:
+        return {}, f"{len(classes)} value(s) among the train images"
+    seen = np.isin(yt, classes)
+    if not seen.any():
+        return {}, "no test image has a value seen in train"
+    majority = float(np.mean(yt[seen] == classes[counts.argmax()]))
+    accuracy = linear_probe(zr, yr, zt[seen], yt[seen], seed)["probe_accuracy"]
+    skill = (accuracy - majority) / (1.0 - majority) if majority < 1.0 else 0.0
+    return {
+        "accuracy": accuracy,
+        "majority": majority,
+        "skill": float(skill),
+        "classes": float(len(classes)),
+        "test_images": float(seen.sum()),
+    }, None
+
+
+@dataclass
+class ConfoundReport:
+    """``confound_<attr>`` (probe accuracy) and ``confound_<attr>_majority`` metrics, one table
+    row per attribute (and one for the label, to compare), notes and warning lines."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    table: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def confound_report(
+    train_z: np.ndarray,
+    train_meta: pd.DataFrame,
+    test_z: np.ndarray,
+    test_meta: pd.DataFrame,
+    seed: int = 0,
+    acquisition: tuple[str, ...] = ACQUISITION,
+    min_skill: float = CONFOUND_MIN_SKILL,
+) -> ConfoundReport:
+    """Probe mu for every column of ``train_meta`` / ``test_meta`` (e.g. from
+    :func:`metadata_attributes`) besides ``label``, which, when present, is probed the same way
+    for comparison.
+
+    A warning is raised for each acquisition attribute (``acquisition``) that the latent reads
+    better than the label: a higher skill than the label's, and at least ``min_skill``, so a
+    map of mu is likely to group images by camera or site rather than by disease. Without
+    labels, an acquisition attribute read with skill >= ``min_skill`` gives a note.
+    """
+    report = ConfoundReport()
+    rows = []
+    label = None
+    if "label" in train_meta and "label" in test_meta:
+        label, why = attribute_probe(train_z, train_meta["label"], test_z, test_meta["label"], seed)
+        rows.append({"attribute": "label", "kind": "label", **label, "note": why or ""})
+        label = label or None
+    for attr in [c for c in train_meta.columns if c != "label" and c in test_meta]:
+        kind = "acquisition" if attr in acquisition else "other"
+        result, why = attribute_probe(train_z, train_meta[attr], test_z, test_meta[attr], seed)
+        rows.append({"attribute": attr, "kind": kind, **result, "note": why or ""})
+        if why:
+            report.notes.append(f"confound {attr}: not measured ({why})")
+            continue
+        report.metrics[f"confound_{attr}"] = result["accuracy"]
+        report.metrics[f"confound_{attr}_majority"] = result["majority"]
+        if kind != "acquisition" or result["skill"] < min_skill:
+            continue
+        read = (
+            f"probe accuracy {result['accuracy']:.3f} vs majority {result['majority']:.3f}, "
+            f"skill {result['skill']:.2f}"
+        )
+        if label is None:
+            report.notes.append(f"the latent encodes {attr} ({read}); no labels to compare")
+        elif result["skill"] > label["skill"]:
+            report.warnings.append(
+                f"the latent reads {attr} better than the label ({read}; label: accuracy "
+                f"{label['accuracy']:.3f} vs majority {label['majority']:.3f}, skill "
+                f"{label['skill']:.2f}): the map may group images by acquisition, not disease"
+            )
+    columns = ["attribute", "kind", "classes", "test_images", "accuracy", "majority", "skill"]
+    report.table = pd.DataFrame(rows).reindex(columns=[*columns, "note"])
     return report

@@ -1,9 +1,10 @@
 """Pictures of the latent space: 2-D maps, the interactive HTML map, traversals and grids.
 
 Maps and plots take numpy arrays and write one file each (PNG via matplotlib's object API, no
-pyplot state; HTML via Bokeh with inline resources so it opens offline and inside MLflow's
-artifact viewer). The model-driven grids (traversals, reconstructions, prior samples) take a
-:class:`vae_core.model.ConvVAE` and return (H', W', 3) uint8 pictures built by ``image_grid``.
+pyplot state; the HTML map via :mod:`pipeline.html_map`, a self-contained Plotly page that
+opens offline and inside MLflow's artifact viewer). The model-driven grids (traversals,
+reconstructions, prior samples) take a :class:`vae_core.model.ConvVAE` and return (H', W', 3)
+uint8 pictures built by ``image_grid``.
 """
 
 from __future__ import annotations
@@ -16,21 +17,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from bokeh.embed import file_html
-from bokeh.models import ColumnDataSource, HoverTool
-from bokeh.plotting import figure
-from bokeh.resources import INLINE
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from pipeline import html_map as html_page
 from pipeline.figures import image_grid
 from vae_core.model import ConvVAE
 
 UNLABELLED = "(unlabelled)"
-THUMB_MAX = 96  # hover thumbnails larger than this (pixels) are shrunk to keep the HTML small
+THUMB_MAX = 48  # hover thumbnails larger than this (pixels) are shrunk to keep the HTML small
+THUMB_COLOURS = 32  # ... and drawn with at most this many colours (palette PNG) ...
+THUMB_GREYS = 16  # ... or grey levels (plenty for a hover preview of an OCT scan)
+UNKNOWN = "(unknown)"  # a missing attribute value on the HTML map
 TRAVERSAL_SPAN = 3.0  # traversals run z_j over [-3, 3]: +-3 prior standard deviations
 
 
@@ -96,64 +97,65 @@ def plot_map(xy: np.ndarray, names: np.ndarray, axes: list[str], title: str, pat
 
 
 def thumbnail_uri(image: np.ndarray) -> str:
-    """(C,H,W) uint8 image -> ``data:image/png;base64,...`` for an HTML ``<img src>``."""
+    """(C,H,W) uint8 image -> ``data:image/png;base64,...`` for an HTML ``<img src>``.
+
+    Shrunk to at most ``THUMB_MAX`` px and ``THUMB_COLOURS`` colours (``THUMB_GREYS`` grey
+    levels) as a palette PNG: about 1.2 KB of base64 for a 64 px OCT scan. An image that
+    already fits both limits round-trips exactly.
+    """
     pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (C,H,W) -> (H,W[,C])
     pic = Image.fromarray(np.ascontiguousarray(pixels))
     if max(pic.size) > THUMB_MAX:
-        pic.thumbnail((THUMB_MAX, THUMB_MAX))
+        pic.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+    colours = THUMB_GREYS if pic.mode == "L" else THUMB_COLOURS
+    if pic.getcolors(colours) is None:  # more colours than the palette holds
+        pic = pic.quantize(colours, dither=Image.Dither.NONE)
     buf = io.BytesIO()
     pic.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def category_colours(values: pd.Series) -> dict[str, str]:
+    """Legend order and colour of an attribute's values (as ``label_colours``; missing grey)."""
+    names = values.astype(object).where(values.notna(), UNKNOWN).astype(str)
+    colours = label_colours(names.tolist())
+    colours.pop(UNLABELLED, None)
+    if UNKNOWN in colours or (names == UNKNOWN).any():
+        colours.pop(UNKNOWN, None)
+        colours[UNKNOWN] = "#b0b0b0"  # last in the legend, grey
+    return colours
+
+
 def html_map(
-    points: pd.DataFrame, images: np.ndarray, axes: list[str], title: str, path: Path
-) -> None:
+    points: pd.DataFrame,
+    images: np.ndarray,
+    axes: list[str],
+    title: str,
+    path: Path,
+    colour_by: Sequence[str] = ("label", "split"),
+) -> int:
     """Interactive map: hovering a point shows its thumbnail, label, split and image id.
 
     Args:
-        points: one row per point with columns x, y, label (name), split, image_id.
+        points: one row per point with columns x, y, label (name), split, image_id and every
+            attribute named in ``colour_by`` (missing values are shown as ``UNKNOWN``).
         images: (N,C,H,W) uint8, same row order.
-    Writes one standalone HTML file (Bokeh JS inlined, no CDN). Clicking a legend entry hides
-    that label.
+        colour_by: the attributes the map's drop-down offers, the first one drawn first;
+            attributes with a single value or more than ``html_map.MAX_CATEGORIES`` are left out.
+    Writes one self-contained HTML file (see :mod:`pipeline.html_map`); returns its size in
+    bytes. Clicking a legend entry hides that group.
     """
-    data = points.assign(thumb=[thumbnail_uri(img) for img in images])
-    colours = label_colours(data["label"].tolist())
-    plot = figure(
-        title=title,
-        width=820,
-        height=680,
-        tools="pan,wheel_zoom,box_zoom,reset,save",
-        x_axis_label=axes[0],
-        y_axis_label=axes[1],
-    )
-    for name in sorted(colours, key=lambda n: (n == UNLABELLED, n)):
-        part = data[data["label"] == name]
-        if len(part):
-            cols = ("x", "y", "label", "split", "image_id", "thumb")
-            source = ColumnDataSource({c: part[c].to_numpy() for c in cols})
-            plot.scatter(
-                "x",
-                "y",
-                source=source,
-                size=6,
-                alpha=0.7,
-                color=colours[name],
-                legend_label=f"{name} ({len(part)})",
-            )
-    plot.add_tools(
-        HoverTool(
-            tooltips="""
-        <div style="width: 140px">
-          <img src="@thumb" style="width: 128px; height: auto; image-rendering: pixelated">
-          <div><b>@label</b> &middot; @split</div>
-          <div style="font-size: 10px">@image_id</div>
-        </div>"""
-        )
-    )
-    plot.legend.click_policy = "hide"
-    plot.legend.location = "top_left"
-    path.write_text(file_html(plot, resources=INLINE, title=title), encoding="utf-8")
+    data = points.reset_index(drop=True).copy()
+    for col in colour_by:
+        if col in data and col != "label":
+            data[col] = data[col].astype(object).where(data[col].notna(), UNKNOWN).astype(str)
+    offered = html_page.colour_columns(data, list(dict.fromkeys(colour_by)))
+    palettes = {
+        c: label_colours(data[c].tolist()) if c == "label" else category_colours(data[c])
+        for c in offered
+    }
+    thumbs = [thumbnail_uri(img) for img in images]
+    return html_page.write(path, data, thumbs, axes, title, offered, palettes)
 
 
 # ----------------------------------------------------------------------------- model grids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -18,12 +18,21 @@ def parallel_map(
     One worker runs in-process. Workers start from a fork server (not a plain fork) so a
     parent holding threads (Ray, tqdm, torch) cannot deadlock them.
     """
+    return list(parallel_imap(fn, items, workers, desc))
+
+
+def parallel_imap(
+    fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str | None = None
+) -> Iterator[Any]:
+    """:func:`parallel_map` as a generator: results in order, as they come, so a caller that
+    writes each one out never holds them all (memory flat in the number of items)."""
     bar = {"total": len(items), "desc": desc, "disable": None, "file": sys.stderr, "leave": False}
     if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in tqdm(items, **bar)]
+        yield from (fn(x) for x in tqdm(items, **bar))
+        return
     chunk = max(1, min(64, len(items) // (workers * 8)))
     ctx = mp.get_context("forkserver")
     # the server imports the decoding modules once; each worker forks from it ready to go
     ctx.set_forkserver_preload(["pipeline.ingest", "pipeline.preprocess", "pipeline.demo"])
     with ctx.Pool(min(workers, len(items))) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunk), **bar))
+        yield from tqdm(pool.imap(fn, items, chunksize=chunk), **bar)

@@ -89,6 +89,7 @@ class IngestParams:
 class PreprocessParams:
     image_size: tuple[Annotated[int, Field(ge=28)], Annotated[int, Field(ge=28)]]
     oct_aspect: Literal["pad", "crop"]
+    illumination: Literal["none", "graham", "clahe"]
     val_fraction: Fraction
     test_fraction: Fraction
     seed: int
@@ -96,10 +97,18 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class DataParams:
+    engine: Literal["local", "ray"]
+    shard_size: Pos
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ModelParams:
     latent_dim: Pos
     widths: Annotated[tuple[Pos, ...], Field(min_length=1, max_length=6)]
-    likelihood: Literal["bernoulli", "gaussian"]
+    likelihood: Literal["bernoulli", "gaussian", "logistic"]
+    arch: Literal["conv", "resnet"]
+    blocks_per_stage: Pos
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -112,7 +121,11 @@ class TrainParams:
     grad_clip: Annotated[float, Field(ge=0.0)]
     beta: Annotated[float, Field(ge=0.0)]
     kl_warmup_epochs: NonNeg
+    free_bits: Annotated[float, Field(ge=0.0)]
     samples: Pos
+    augment_rotation: Annotated[float, Field(ge=0.0, le=180.0)]
+    augment_jitter: Annotated[float, Field(ge=0.0, lt=1.0)]
+    augment_hflip: bool
     seed: int
     num_workers: Pos
     cpus_per_worker: Annotated[float, Field(gt=0.0)]
@@ -142,6 +155,7 @@ class EvaluateParams:
 class TrackingParams:
     uri: str
     experiment: Annotated[str, Field(min_length=1)]
+    register_model: Annotated[str, Field(min_length=1)] | None
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -156,6 +170,7 @@ class Params:
     demo: DemoParams
     ingest: IngestParams
     preprocess: PreprocessParams
+    data: DataParams
     model: ModelParams
     train: TrainParams
     evaluate: EvaluateParams

@@ -16,6 +16,7 @@ Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays:
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +68,11 @@ def is_dicom(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM"
+
+
+def _is_dicom_bytes(path: Path, data: bytes) -> bool:
+    """:func:`is_dicom` for a file already read into memory."""
+    return path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM"
 
 
 def is_candidate(path: Path) -> bool:
@@ -148,7 +154,8 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
                 raise BadImage(f"frame {i} not in file ({n} frames)")
             im.seek(i)
             out.append((i, _photo_array(im)))
-    return Decoded(out, width, height, n, info={"format": im.format})
+    # decoded_size: the size after any draft reduction (the DCT scale actually decoded)
+    return Decoded(out, width, height, n, info={"format": im.format, "decoded_size": im.size})
 
 
 def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, frames) -> Decoded:
@@ -217,6 +224,7 @@ def read_image(
     draft: tuple[int, int] | None = None,
     oct_central: bool = False,
     frames: list[int] | None = None,
+    data: bytes | None = None,
 ) -> Decoded:
     """Decode ``path`` (photo or DICOM) into uint8 frames; raise :class:`BadImage` if unusable.
 
@@ -226,14 +234,18 @@ def read_image(
         draft: (width, height) lower bound for JPEG DCT-scaled decoding; None = full size.
         oct_central: keep only the central frame of a multi-frame file.
         frames: decode exactly these frame indices (overrides ``oct_central``).
+        data: the file's bytes when already read (Ray Data's ``read_binary_files``); ``path``
+            then only names it (its suffix counts for DICOM detection, as for a file).
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise BadImage("empty file")
-        if is_dicom(path):
-            return _read_dicom(path, min_size, max_pixels, oct_central, frames)
-        return _read_photo(path, min_size, max_pixels, draft, oct_central, frames)
+        source = path if data is None else io.BytesIO(data)
+        dicom = is_dicom(path) if data is None else _is_dicom_bytes(path, data)
+        if dicom:
+            return _read_dicom(source, min_size, max_pixels, oct_central, frames)
+        return _read_photo(source, min_size, max_pixels, draft, oct_central, frames)
     except BadImage:
         raise
     except OSError as exc:  # truncated or corrupt photo streams surface as OSError

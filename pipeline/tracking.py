@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import shards
 from pipeline.figures import image_grid
 from pipeline.params import TrackingParams
 
@@ -28,6 +29,10 @@ log = logging.getLogger("retina_vae.tracking")
 
 RUN_TAG = "retina_vae.stage"
 SQLITE = "sqlite:///"
+# MLflow 3's experiment kind: its UI shows "custom_model_development" experiments in the
+# model-training view (runs, metrics, models) instead of the GenAI one (traces, evaluations)
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def repo_root(cwd: str | Path | None = None) -> Path:
@@ -75,13 +80,22 @@ def client(uri: str) -> Any:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """The id of experiment ``name``, created if missing (restored if deleted)."""
+    """The id of experiment ``name``, created if missing (restored if deleted).
+
+    The experiment is tagged as a model-training one (``mlflow.experimentKind``), so MLflow 3's
+    UI opens it in its model-training view rather than the GenAI one; an experiment that has
+    no kind yet gets the tag, one whose kind a user chose keeps it.
+    """
     mlflow_client = client(uri)
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is None:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+        return mlflow_client.create_experiment(
+            name, artifact_location=artifact_root(uri), tags={EXPERIMENT_KIND: MODEL_TRAINING}
+        )
     if exp.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND not in exp.tags:
+        mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return exp.experiment_id
 
 
@@ -232,10 +246,19 @@ def using_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def log_model(uri: str, run_id: str, model: Any, example: np.ndarray, code_paths: list) -> None:
+def log_model(
+    uri: str,
+    run_id: str,
+    model: Any,
+    example: np.ndarray,
+    code_paths: list,
+    register_as: str | None = None,
+) -> None:
     """Log the encoder (images -> latent means) with ``mlflow.pytorch.log_model``, with a
     signature and an input example, into ``run_id``. ``code_paths``: vae_core's folder, so
-    the model loads wherever torch is installed."""
+    the model loads wherever torch is installed. ``register_as``: also register it, as the next
+    version of that registered model (``mlflow.pyfunc.load_model("models:/<name>/<version>")``).
+    """
     import cloudpickle
     import mlflow
     import mlflow.pytorch
@@ -259,6 +282,8 @@ def log_model(uri: str, run_id: str, model: Any, example: np.ndarray, code_paths
                 code_paths=[str(p) for p in code_paths],
                 # Given, not inferred: inference re-loads the model in a subprocess (~10 s).
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                # a new version of this registered model (models:/<name>/<version>)
+                registered_model_name=register_as,
             )
     finally:
         cloudpickle.unregister_pickle_by_value(module)
@@ -274,3 +299,90 @@ class LatentMeans(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mu, _ = self.vae.encode(x)
         return mu
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in the model-training view.
+
+    MLflow 3.17's UI picks the GenAI or model-training view from a switch it remembers per
+    browser (GenAI by default), not from the experiment's kind tag; the ``workflowType`` query
+    parameter sets that switch. For a local store the address is ``mlflow ui``'s default.
+    """
+    experiment = client(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+
+
+# ----------------------------------------------------------------------------- lineage
+
+DATASET_NAME = "processed"
+DATASET_CONTEXT = "training"
+
+
+def lineage_tags(repo: Path, lock: Path) -> dict[str, str]:
+    """Run tags that say which code and which pipeline state a run came from.
+
+    ``mlflow.source.git.commit`` (shown as the run's Source in MLflow; when the tree has
+    uncommitted changes ``retina_vae.git_dirty`` says so), ``mlflow.source.name`` /
+    ``mlflow.source.type``, and ``retina_vae.dvc_lock_sha256``, the sha256 of ``lock`` (the
+    dvc.lock whose entries name every upstream output by hash). A missing git or dvc.lock leaves
+    its tag out.
+    """
+    import hashlib
+    import subprocess
+
+    tags = {"mlflow.source.name": "retina-vae train", "mlflow.source.type": "LOCAL"}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        tags["retina_vae.git_dirty"] = "true" if dirty else "false"
+    if lock.is_file():
+        tags["retina_vae.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    return tags
+
+
+def split_sizes(processed: Path) -> dict[str, int]:
+    """Images per split of the processed arrays: ``{"train_images": N, ...}``."""
+    sizes = {}
+    for split in ("train", "val", "test"):
+        if shards.exists(processed, split):  # one .npy, or the Ray Data engine's shards
+            sizes[f"{split}_images"] = len(shards.open_images(processed, split))
+    return sizes
+
+
+def log_training_data(
+    uri: str, run_id: str, source: str, data_hash: str, sizes: dict[str, int]
+) -> None:
+    """Log the processed arrays as the run's training dataset (MLflow's Datasets panel).
+
+    An MLflow dataset named ``processed`` whose digest is the data hash (its first 36 hex
+    digits, MLflow's limit; the full hash is the run tag ``data_hash``), whose source is the
+    DVC-tracked folder ``source`` (as in params.yaml, relative to the repository), and whose
+    profile holds the split sizes; context ``training``. Same effect as ``mlflow.log_input``,
+    through the client, so a run in progress stays open.
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entity = Dataset(
+        name=DATASET_NAME,
+        digest=data_hash[:36],
+        source_type="local",  # as mlflow.data's LocalArtifactDatasetSource writes a local path
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(sizes),
+    )
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)]
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])

@@ -30,12 +30,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import tracking
+from pipeline import shards, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.params import Params
 from pipeline.stage import run_stage
 from vae_core import distributed
+from vae_core.augment import AugmentConfig
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import VAEConfig
 from vae_core.training import TrainConfig
@@ -45,7 +46,8 @@ log = logging.getLogger("retina_vae.train")
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val")
 N_EXAMPLES = 8  # val images shown in the reconstruction grids
-# Params that change how the run is executed, not what it learns: changing them resumes.
+# Params that change how the run is executed, not what it learns: changing them resumes, and
+# dvc.yaml leaves them out of the train stage's params (tests/test_dvc.py keeps the two in step).
 OPERATIONAL = {
     "train.max_failures",
     "train.image_every",
@@ -53,6 +55,9 @@ OPERATIONAL = {
     "train.loader_workers",
     "train.cpus_per_worker",
     "train.gpus_per_worker",
+    "cluster.address",
+    "cluster.ship_code",
+    "tracking.register_model",  # registering the model does not change what it learns
 }
 HISTORY_COLUMNS = [
     "epoch",
@@ -75,12 +80,14 @@ RUN_STATE = "run.json"  # beside Ray's checkpoints: the MLflow run this Ray run 
 
 
 class ArrayDataset(Dataset):
-    """One split's ``{split}_images.npy``, memory-mapped: item i -> uint8 tensor (C,H,W)."""
+    """One split's ``{split}_images.npy`` or shard folder ``{split}_images/`` (the Ray Data
+    engine's output, :mod:`pipeline.shards`), memory-mapped: item i -> uint8 tensor (C,H,W).
+    Shards index as one array, so samplers and the training order do not change."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._images: np.ndarray | None = None
-        self.length = int(np.load(path, mmap_mode="r").shape[0])
+        self._images: np.ndarray | shards.ShardedArray | None = None
+        self.length = len(shards.open_path(path))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_images": None}  # each process maps the file itself
@@ -90,7 +97,7 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self._images is None:
-            self._images = np.load(self.path, mmap_mode="r")
+            self._images = shards.open_path(self.path)
         return torch.from_numpy(np.array(self._images[i]))  # copy out of the map
 
 
@@ -101,7 +108,7 @@ class ProcessedData:
         self.processed = str(Path(processed).resolve())
 
     def __call__(self) -> tuple[ArrayDataset, ArrayDataset]:
-        train, val = (ArrayDataset(f"{self.processed}/{s}_images.npy") for s in SPLITS)
+        train, val = (ArrayDataset(str(shards.images_path(self.processed, s))) for s in SPLITS)
         return train, val
 
 
@@ -109,11 +116,11 @@ def check_processed(processed: Path) -> tuple[int, int, int]:
     """(C, H, W) of the training arrays; a UserError naming the file if anything is off."""
     shapes = {}
     for split in SPLITS:
-        path = processed / f"{split}_images.npy"
-        if not path.is_file():
+        path = shards.images_path(processed, split)
+        if not shards.exists(processed, split):
             raise UserError(f"{path}: not found; run `retina-vae preprocess` first")
         try:
-            images = np.load(path, mmap_mode="r")
+            images = shards.open_path(path)
         except (ValueError, OSError) as exc:
             raise UserError(f"{path}: not a readable .npy array ({exc})") from None
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -130,8 +137,8 @@ def data_hash(processed: Path) -> str:
     """sha256 over the train/val arrays and tables the model learns from."""
     digest = hashlib.sha256()
     for split in SPLITS:
-        for name in (f"{split}_images.npy", f"{split}.parquet"):
-            path = processed / name
+        for path in [*shards.image_files(processed, split), processed / f"{split}.parquet"]:
+            name = path.relative_to(processed).as_posix()  # shards: {split}_images/00000.npy
             if path.is_file():
                 digest.update(name.encode())
                 with path.open("rb") as f:
@@ -160,6 +167,8 @@ def model_config(params: Params, shape: tuple[int, int, int]) -> VAEConfig:
         widths=m.widths,
         latent_dim=m.latent_dim,
         likelihood=m.likelihood,
+        arch=m.arch,
+        blocks_per_stage=m.blocks_per_stage,
     )
 
 
@@ -178,6 +187,8 @@ def train_config(params: Params) -> TrainConfig:
         seed=t.seed,
         bf16=t.bf16,
         channels_last=t.channels_last,
+        free_bits=t.free_bits,
+        augment=AugmentConfig(t.augment_rotation, t.augment_jitter, t.augment_hflip),
     )
 
 
@@ -265,7 +276,7 @@ def check_shared_storage(storage: Path, processed: Path) -> None:
     try:
         files = {
             str(marker): "paths.checkpoints",
-            **{str(processed / f"{s}_images.npy"): "paths.processed" for s in SPLITS},
+            **{str(f): "paths.processed" for s in SPLITS for f in shards.image_files(processed, s)},
         }
         local = {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
         for node, seen in distributed.stat_on_every_node(list(files)).items():
@@ -304,8 +315,8 @@ def write_outputs(params: Params, result: distributed.FitResult, extra: dict[str
 
 
 def _examples(processed: Path) -> np.ndarray:
-    val = np.load(processed / "val_images.npy", mmap_mode="r")
-    source = val if len(val) else np.load(processed / "train_images.npy", mmap_mode="r")
+    val = shards.open_images(processed, "val")
+    source = val if len(val) else shards.open_images(processed, "train")
     return np.array(source[:N_EXAMPLES])  # (n,C,H,W) uint8
 
 
@@ -342,7 +353,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             uri,
             params.tracking.experiment,
             params=params.flat(),
-            tags={"data_hash": extra["data_hash"], "params_hash": extra["params_hash"]},
+            tags={
+                "data_hash": extra["data_hash"],
+                "params_hash": extra["params_hash"],
+                **tracking.lineage_tags(REPO, Path("dvc.lock")),
+            },
             run_id=state.get("mlflow_run_id"),
         )
         extra["mlflow_run_id"] = run_id
@@ -355,16 +370,29 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
-        result = _fit(params, shape, extra, uri, storage, name, processed)
-        write_outputs(params, result, extra)
-        tracking.log_model(
-            uri,
-            run_id,
-            result.model,
-            _examples(processed)[:2],
-            code_paths=[REPO / "vae_core"],
-        )
-        tracking.client(uri).log_artifact(run_id, params.paths.model, artifact_path="checkpoint")
+        try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
+            tracking.log_training_data(  # the run's Datasets panel: what it learns from
+                uri,
+                run_id,
+                params.paths.processed,
+                extra["data_hash"],
+                tracking.split_sizes(processed),
+            )
+            result = _fit(params, shape, extra, uri, storage, name, processed)
+            write_outputs(params, result, extra)
+            tracking.log_model(
+                uri,
+                run_id,
+                result.model,
+                _examples(processed)[:2],
+                code_paths=[REPO / "vae_core"],
+                register_as=params.tracking.register_model,
+            )
+            tracking.client(uri).log_artifact(run_id, params.paths.model, "checkpoint")
+        except BaseException as exc:
+            killed = isinstance(exc, KeyboardInterrupt)
+            tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
+            raise
         tracking.finish_run(uri, run_id)
         write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
         last = result.history[-1]
@@ -374,6 +402,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             last["val_neg_elbo"],
             params.paths.model,
         )
+        log.info("MLflow run page (model-training view): %s", tracking.run_url(uri, run_id))
     finally:
         if started:
             distributed.shutdown_ray()
@@ -388,7 +417,7 @@ def _fit(
     name: str,
     processed: Path,
 ) -> distributed.FitResult:
-    """distributed.fit with the MLflow run marked FAILED / KILLED when it does not finish."""
+    """distributed.fit, its failure after ``train.max_failures`` restarts a UserError."""
     t = params.train
     spec = distributed.RunSpec(
         model=model_config(params, shape),
@@ -400,19 +429,13 @@ def _fit(
         extra=dict(extra),
         loader_workers=t.loader_workers,
     )
-    run_id = extra["mlflow_run_id"]
     try:
         return distributed.fit(
             spec, scaling(params), str(storage), name, {"MLFLOW_TRACKING_URI": uri}
         )
-    except KeyboardInterrupt:
-        tracking.finish_run(uri, run_id, "KILLED")
-        raise
     except Exception as exc:
         if not distributed.is_training_failure(exc):
-            tracking.finish_run(uri, run_id, "FAILED")
             raise
-        tracking.finish_run(uri, run_id, "FAILED")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"training failed after {t.max_failures} restart(s) ({first[:200]}); "

@@ -98,6 +98,15 @@ def test_changed_param_reruns_only_its_stages(repo):
         assert f"Running stage '{stage}'" not in out
 
 
+def test_operational_param_reruns_nothing(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["image_every"] += 1  # train.OPERATIONAL: how training runs, not what
+    params["cluster"]["ship_code"] = not params["cluster"]["ship_code"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], repo)
+    assert "Running stage" not in out
+
+
 def test_experiment_is_its_own_mlflow_run(repo):
     before = {r.info.run_id for r in _runs(repo)}
     _run(["dvc", "exp", "run", "--temp", "-S", "model.latent_dim=3"], repo)

@@ -238,6 +238,12 @@ def build_model(spec: RunSpec) -> nn.Module:
     return ConvVAE(spec.model)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s noise: each rank draws its own eps; rank 0 keeps ``seed``,
+    so a one-worker run matches ``fit_local``."""
+    return seed + rank
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """This rank's RNG states, restored per rank so a resumed run draws the same noise."""
     state = {"cpu": torch.get_rng_state()}
@@ -336,7 +342,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(spec)
-    torch.manual_seed(cfg.seed)  # as fit_local does after the model is built
+    torch.manual_seed(rank_seed(cfg.seed, rank))  # rank 0: as fit_local after the model
     model = prepare_model(model, cfg, device)  # device (and channels-last on GPU)
     model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
     train_ds, val_ds = spec.data()

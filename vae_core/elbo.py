@@ -3,6 +3,11 @@
 Equation numbers refer to Odaibo, "Tutorial: Deriving the Standard VAE Loss Function":
 eq. 40 closed-form KL(q(z|x) || N(0, I)) per latent dim, eq. 42 the objective G with the
 reconstruction term averaged over L reparameterised samples, eq. 43 the loss -G.
+
+Two training-only changes to the objective never touch the reported ELBO: the KL weight
+(beta, warm-up) and free bits (Kingma et al. 2016, "Improved variational inference with
+inverse autoregressive flow", eq. in sec. C.8): each latent dim's batch-mean KL counts as at
+least ``free_bits`` nats, so the optimiser gains nothing by collapsing a dim below it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vae_core.model import _LOG_2PI, unwrap
+from vae_core.likelihoods import LOG_2PI
+from vae_core.model import unwrap
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -26,7 +32,7 @@ def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
 
 @dataclass
 class ELBOTerms:
-    loss: Tensor  # () the objective to minimise: mean over the batch of kl_weight * kl - recon
+    loss: Tensor  # () training objective, batch mean: kl_weight * KL (free bits) - recon
     neg_elbo: Tensor  # (B,) true negative ELBO, eq. 43 (KL weight 1)
     recon: Tensor  # (B,) E_q log p(x|z), the L-sample mean of eq. 42
     kl: Tensor  # (B,) KL summed over the J latent dims (eq. 42's first sum)
@@ -40,28 +46,42 @@ def _repeat(x: Tensor, n: int) -> Tensor:
     return x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
 
 
+def free_bits_kl(kl_per_dim: Tensor, free_bits: float) -> Tensor:
+    """(B,J) KL per dim -> () sum_j max(free_bits, mean_b KL_bj): the KL term training sees.
+
+    With ``free_bits = 0`` this is the batch mean of eq. 42's KL sum, unchanged.
+    """
+    per_dim = kl_per_dim.mean(0)  # (B,J) -> (J,)
+    return per_dim.clamp(min=free_bits).sum() if free_bits > 0 else per_dim.sum()
+
+
 def elbo_terms(
-    model: nn.Module, x: Tensor, n_samples: int = 1, kl_weight: float = 1.0
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int = 1,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
 ) -> ELBOTerms:
     """Per-image ELBO terms for x (B,C,H,W) in [0, 1] with L = n_samples samples per image.
 
+    ``kl_weight`` and ``free_bits`` shape ``loss`` only; ``neg_elbo`` is always the true bound.
     ``model`` may be DDP-wrapped: the forward pass goes through the wrapper (so DDP syncs
     gradients); only the likelihood is read from the bare model.
     """
-    params, mu, logvar = model(x, n_samples=n_samples)  # params (L*B,C,H,W)
+    params, mu, logvar = model(x, n_samples=n_samples)  # params (L*B,K*C,H,W)
     log_px = unwrap(model).likelihood.log_prob(_repeat(x, n_samples), params)  # (L*B,)
     # (L*B,) -> (L,B) -> (B,): eq. 42's reconstruction term 1/L sum_l log p(x|z^(l))
     recon = log_px.view(n_samples, x.shape[0]).mean(0)
     kl_per_dim = kl_standard_normal(mu, logvar)  # (B,J), eq. 40
     kl = kl_per_dim.sum(1)  # sum over j = 1..J, eq. 42
     neg_elbo = kl - recon  # eq. 43: L = -G
-    loss = (kl_weight * kl - recon).mean()  # beta (and warm-up) weight the KL in training only
+    loss = kl_weight * free_bits_kl(kl_per_dim, free_bits) - recon.mean()
     return ELBOTerms(loss, neg_elbo, recon, kl, kl_per_dim, mu, logvar)
 
 
 def _log_normal(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
     """Diagonal Normal log-density summed over the last dim: (...,J) -> (...)."""
-    return -0.5 * ((z - mean).square() * torch.exp(-logvar) + logvar + _LOG_2PI).sum(-1)
+    return -0.5 * ((z - mean).square() * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
 @torch.no_grad()

@@ -10,21 +10,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+from vae_core.likelihoods import LIKELIHOODS, fp32, make_likelihood
+
+ARCHS = ("conv", "resnet")
 
 # logvar is squashed smoothly into [-LOGVAR_BOUND, LOGVAR_BOUND]: exp(logvar) in the KL and
 # exp(0.5 * logvar) in the sampler then stay far from float32/bf16 overflow (exp(88) = inf)
 # even when an early step sends the raw encoder output huge; tanh keeps a gradient, a hard
 # clamp would not.
 LOGVAR_BOUND = 10.0
-# The Gaussian likelihood's learned scale is floored at 1e-3 (8-bit pixels are 1/255 apart): a
-# scale that could shrink without bound would let the density, and the loss, run off to -inf.
-LOG_SCALE_MIN = math.log(1e-3)
-LOG_SCALE_INIT = math.log(0.1)  # start sharp enough that reconstruction outweighs the KL early on
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -32,9 +28,11 @@ class VAEConfig:
     in_channels: int = 1  # 1 for OCT B-scans, 3 for colour fundus photos
     height: int = 64
     width: int = 64
-    widths: tuple[int, ...] = (32, 64, 128)  # conv channels per stride-2 stage; depth = len
+    widths: tuple[int, ...] = (32, 64, 128)  # channels per stride-2 stage; depth = len
     latent_dim: int = 16  # J
-    likelihood: str = "bernoulli"  # "bernoulli" (continuous BCE) | "gaussian" (learned scale)
+    likelihood: str = "bernoulli"  # bernoulli (continuous BCE) | gaussian | logistic (8-bit)
+    arch: str = "conv"  # conv: one conv per stage | resnet: pre-activation residual stages
+    blocks_per_stage: int = 1  # resnet only: residual blocks after each down/before each up
 
     def __post_init__(self) -> None:
         # Accept a list (from YAML or a checkpoint's plain dict) but store a hashable tuple.
@@ -45,6 +43,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig: widths must be non-empty and positive, got {self.widths}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"VAEConfig: likelihood must be one of {LIKELIHOODS}")
+        if self.arch not in ARCHS or self.blocks_per_stage < 1:
+            raise ValueError(f"VAEConfig: arch must be one of {ARCHS}, blocks_per_stage >= 1")
 
 
 def feature_sizes(height: int, width: int, depth: int) -> list[tuple[int, int]]:
@@ -69,93 +69,106 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _fp32(t: Tensor) -> Tensor:
-    """Upcast bf16/fp16 (autocast output) to float32; float32 and float64 pass unchanged."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def _norm(channels: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: no running statistics to sync across DDP ranks, and eval output
     # does not depend on the batch. gcd(8, c) always divides c.
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
-class BernoulliLikelihood(nn.Module):
-    """p(x|z) = prod Bernoulli(sigmoid(logits)), used with continuous targets in [0, 1]."""
+class PreActBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x)))))): a pre-activation residual block (He et al. 2016).
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        """x, params (N,C,H,W) -> (N,) log-likelihood summed over pixels, in nats."""
-        # float32 even under bf16 autocast: a sum over 4k+ pixels needs the precision.
-        nll = F.binary_cross_entropy_with_logits(_fp32(params), _fp32(x), reduction="none")
-        return -nll.flatten(1).sum(1)  # (N,C,H,W) -> (N,)
-
-    def mean(self, params: Tensor) -> Tensor:
-        """(N,C,H,W) logits -> (N,C,H,W) mean image in [0, 1]."""
-        return torch.sigmoid(_fp32(params))
-
-
-class GaussianLikelihood(nn.Module):
-    """p(x|z) = prod Normal(sigmoid(params), scale_c^2) with a learned log-scale per channel."""
+    The second conv starts at zero, so each block starts as the identity and a deep stack
+    trains as stably as a shallow one.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.full((channels,), LOG_SCALE_INIT))
+        self.body = nn.Sequential(
+            _norm(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            _norm(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
 
-    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        """x, params (N,C,H,W) -> (N,) log-density summed over pixels, in nats."""
-        mean = torch.sigmoid(_fp32(params))
-        log_scale = _fp32(self.log_scale).clamp(min=LOG_SCALE_MIN)
-        log_scale = log_scale.view(1, -1, 1, 1)  # (C,) -> (1,C,1,1)
-        z = (_fp32(x) - mean) * torch.exp(-log_scale)
-        log_p = -0.5 * z.square() - log_scale - 0.5 * _LOG_2PI
-        return log_p.flatten(1).sum(1)  # (N,C,H,W) -> (N,)
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)  # (N,c,h,w) -> (N,c,h,w)
 
-    def mean(self, params: Tensor) -> Tensor:
-        """(N,C,H,W) pre-sigmoid means -> (N,C,H,W) mean image in [0, 1]."""
-        return torch.sigmoid(_fp32(params))
+
+def _up(c_in: int, c_out: int, size_in: tuple[int, int], size_out: tuple[int, int]) -> nn.Module:
+    """Stride-2 transposed conv whose output_padding restores the encoder's exact size."""
+    (h_in, w_in), (h_out, w_out) = size_in, size_out
+    pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))  # 0 for odd sizes, 1 for even
+    return nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=pad)
+
+
+def build_encoder(cfg: VAEConfig) -> nn.Sequential:
+    """(B,C,H,W) -> (B,widths[-1],h,w): one stride-2 conv per width (+ residual blocks)."""
+    if cfg.arch == "conv":
+        layers, prev = [], cfg.in_channels
+        for width in cfg.widths:
+            layers += [nn.Conv2d(prev, width, 3, stride=2, padding=1), _norm(width), nn.SiLU()]
+            prev = width
+        return nn.Sequential(*layers)
+    layers, prev = [nn.Conv2d(cfg.in_channels, cfg.widths[0], 3, padding=1)], cfg.widths[0]
+    for width in cfg.widths:
+        layers.append(nn.Conv2d(prev, width, 3, stride=2, padding=1))
+        layers += [PreActBlock(width) for _ in range(cfg.blocks_per_stage)]
+        prev = width
+    return nn.Sequential(*layers, _norm(prev), nn.SiLU())  # pre-activation: close with norm+act
+
+
+def build_decoder(cfg: VAEConfig, sizes: list[tuple[int, int]]) -> nn.Sequential:
+    """(N,widths[-1],h,w) -> (N,widths[0],H,W): the encoder mirrored, ending in norm + SiLU."""
+    layers: list[nn.Module] = []
+    for i in reversed(range(len(cfg.widths))):
+        out = cfg.widths[max(i - 1, 0)]
+        if cfg.arch == "resnet":
+            layers += [PreActBlock(cfg.widths[i]) for _ in range(cfg.blocks_per_stage)]
+        layers.append(_up(cfg.widths[i], out, sizes[i + 1], sizes[i]))
+        if cfg.arch == "conv" or i == 0:
+            layers += [_norm(out), nn.SiLU()]
+    return nn.Sequential(*layers)
 
 
 class ConvVAE(nn.Module):
+    """Convolutional VAE with a diagonal Gaussian posterior and a standard-normal prior.
+
+    Kingma & Welling 2014; the objective is vae_core.elbo (Odaibo's derivation, eqs. 40-43).
+    Two families share the interface: ``arch="conv"`` (one stride-2 conv per stage, the
+    original model) and ``arch="resnet"`` (a stride-2 conv then ``blocks_per_stage``
+    pre-activation residual blocks per stage, GroupNorm throughout), any size from 28 px up.
+
+    Args:
+        config: sizes, widths, latent size J, likelihood and architecture.
+
+    Example:
+        >>> vae = ConvVAE(VAEConfig(in_channels=3, height=28, width=28, widths=(32, 64)))
+        >>> params, mu, logvar = vae(torch.rand(8, 3, 28, 28))  # (8,3,28,28), (8,16), (8,16)
+    """
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        c, widths = config.in_channels, config.widths
-        self.sizes = feature_sizes(config.height, config.width, len(widths))
+        self.sizes = feature_sizes(config.height, config.width, len(config.widths))
         h, w = self.sizes[-1]
-        self.flat_dim = widths[-1] * h * w
-
-        # Encoder: one stride-2 conv stage per width, then a linear map to (mu, logvar).
-        stages, prev = [], c
-        for width in widths:
-            stages += [nn.Conv2d(prev, width, 3, stride=2, padding=1), _norm(width), nn.SiLU()]
-            prev = width
-        self.encoder = nn.Sequential(*stages)
+        self.flat_dim = config.widths[-1] * h * w
+        self.encoder = build_encoder(config)
         self.to_latent = nn.Linear(self.flat_dim, 2 * config.latent_dim)
-
-        # Decoder mirrors the encoder; output_padding restores each stage's exact input size.
         self.from_latent = nn.Linear(config.latent_dim, self.flat_dim)
-        stages = []
-        for i in reversed(range(len(widths))):
-            out = widths[max(i - 1, 0)]
-            (h_in, w_in), (h_out, w_out) = self.sizes[i + 1], self.sizes[i]
-            pad = (h_out - (2 * h_in - 1), w_out - (2 * w_in - 1))  # 0 for odd sizes, 1 for even
-            stages += [
-                nn.ConvTranspose2d(widths[i], out, 3, stride=2, padding=1, output_padding=pad),
-                _norm(out),
-                nn.SiLU(),
-            ]
-        self.decoder = nn.Sequential(*stages)
-        self.to_params = nn.Conv2d(widths[0], c, 3, padding=1)
-
-        if config.likelihood == "bernoulli":
-            self.likelihood: BernoulliLikelihood | GaussianLikelihood = BernoulliLikelihood()
-        else:
-            self.likelihood = GaussianLikelihood(c)
+        self.decoder = build_decoder(config, self.sizes)
+        self.likelihood = make_likelihood(config.likelihood, config.in_channels)
+        out = config.in_channels * self.likelihood.params_per_channel  # e.g. mean + log-scale
+        self.to_params = nn.Conv2d(config.widths[0], out, 3, padding=1)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B,C,H,W) in [0, 1] -> mu (B,J), logvar (B,J); at least float32 under autocast."""
         h = self.encoder(x)  # (B, widths[-1], h, w)
-        stats = _fp32(self.to_latent(h.flatten(1)))  # (B, widths[-1]*h*w) -> (B, 2J)
+        stats = fp32(self.to_latent(h.flatten(1)))  # (B, widths[-1]*h*w) -> (B, 2J)
         mu, raw = stats.chunk(2, dim=1)  # (B,2J) -> 2 x (B,J)
         logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
         return mu, logvar
@@ -166,7 +179,7 @@ class ConvVAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: Tensor) -> Tensor:
-        """z (N,J) -> likelihood params (N,C,H,W) (logits, or pre-sigmoid means)."""
+        """z (N,J) -> likelihood params (N,K*C,H,W), K = likelihood.params_per_channel."""
         h, w = self.sizes[-1]
         feats = self.from_latent(z).view(-1, self.config.widths[-1], h, w)  # (N,flat) -> (N,c,h,w)
         return self.to_params(self.decoder(feats))

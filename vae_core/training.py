@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vae_core.augment import AugmentConfig, augment
 from vae_core.elbo import ELBOTerms, elbo_terms
 from vae_core.model import unwrap
 
@@ -38,6 +39,8 @@ class TrainConfig:
     seed: int
     bf16: bool = False  # bf16 autocast, CUDA only
     channels_last: bool = False  # channels-last memory format, CUDA only
+    free_bits: float = 0.0  # nats per latent dim below which the KL is not penalised (training)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training batches only
 
 
 def _on_cuda(device: torch.device | str) -> bool:
@@ -198,10 +201,10 @@ def train_epoch(
     weight, pending = kl_weight(cfg, epoch, 0, steps), None
     start = time.perf_counter()
     for step, batch in enumerate(loader):
-        x = to_input(batch, device, channels_last)
+        x, _ = augment(to_input(batch, device, channels_last), cfg.augment)
         weight = kl_weight(cfg, epoch, step, steps)
         with _autocast(cfg, device):
-            terms = elbo_terms(model, x, cfg.samples, weight)
+            terms = elbo_terms(model, x, cfg.samples, weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         norm = _grad_norm(model, cfg.grad_clip)
@@ -227,7 +230,8 @@ def evaluate_epoch(
 ) -> dict[str, float]:
     """ELBO terms over ``loader`` with L = cfg.samples sampled z per image (not z = mu).
 
-    ``loss`` here is the objective at the full KL weight beta (no warm-up).
+    ``loss`` here is the objective at the full KL weight beta (no warm-up), free bits applied;
+    no augmentation.
     """
     model.eval()
     channels_last = cfg.channels_last and _on_cuda(device)
@@ -236,7 +240,7 @@ def evaluate_epoch(
     for batch in loader:
         x = to_input(batch, device, channels_last)
         with _autocast(cfg, device):
-            sums.add(elbo_terms(model, x, cfg.samples, cfg.beta))
+            sums.add(elbo_terms(model, x, cfg.samples, cfg.beta, cfg.free_bits))
     if _on_cuda(device):
         torch.cuda.synchronize(device)
     return sums.finish(time.perf_counter() - start)

@@ -110,7 +110,9 @@ def evaluated(tmp_path_factory):
 LIKELIHOOD = ["test_neg_elbo", "test_recon", "test_kl", "test_neg_elbo_bpd", "test_iwae",
               "test_iwae_bpd", "test_active_units"]  # fmt: skip
 LABELS = ["test_probe_accuracy", "test_probe_auc", "test_knn_accuracy", "test_silhouette",
-          "test_kmeans_ari", "test_kmeans_nmi", "test_majority_accuracy"]  # fmt: skip
+          "test_kmeans_ari", "test_kmeans_nmi", "test_majority_accuracy",
+          "test_pca_probe_accuracy", "test_pca_probe_auc", "test_probe_accuracy_vs_pca",
+          "test_probe_auc_vs_pca"]  # fmt: skip
 KL_DIMS = [f"test_kl_dim_{j}" for j in range(J)]
 
 
@@ -124,6 +126,16 @@ def test_metrics_json_has_every_metric(evaluated):
     assert 0 <= metrics["test_active_units"] <= J
     assert 0.0 <= metrics["test_probe_accuracy"] <= 1.0
     assert sum(metrics[k] for k in KL_DIMS) == pytest.approx(metrics["test_kl"], rel=1e-5)
+
+
+def test_pixel_pca_baseline_beside_the_latent(evaluated):
+    """The two picture kinds differ in which half is bright: PCA of the pixels reads that."""
+    root, _ = evaluated
+    metrics = json.loads((root / "eval.json").read_text())
+    assert metrics["test_pca_probe_accuracy"] >= 0.9
+    for key in ("accuracy", "auc"):
+        margin = metrics[f"test_probe_{key}"] - metrics[f"test_pca_probe_{key}"]
+        assert metrics[f"test_probe_{key}_vs_pca"] == pytest.approx(margin)
 
 
 def test_iwae_bound_is_above_the_elbo(evaluated):
@@ -217,3 +229,41 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert main(["--params", str(params)]) == 1
     err = capsys.readouterr().err.strip()
     assert "vae.pt: model checkpoint not found" in err and "\n" not in err
+
+
+def test_a_failed_mlflow_log_keeps_the_evaluation_and_can_be_retried(tmp_path, monkeypatch, caplog):
+    params = _setup(tmp_path, labelled=True, run_id=None, monkeypatch=monkeypatch)
+    store = tmp_path / "store" / "mlflow.db"
+    store.parent.write_text("a file where the store's folder should be: MLflow cannot open it")
+    raw = yaml.safe_load(params.read_text())
+    raw["tracking"]["uri"] = f"sqlite:///{store}"
+    params.write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(params)]) == 0
+    assert (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "evaluation" / "embeddings.parquet").is_file()
+    failed = [r.getMessage() for r in caplog.records if "logging failed" in r.getMessage()]
+    (warning,) = failed
+    assert warning.startswith("MLflow logging failed") and "\n" not in warning
+    assert f"`retina-vae evaluate --log-only --params {params}`" in warning
+
+    store.parent.unlink()  # the store is back: the retry logs what is on disk, computes nothing
+    (tmp_path / "processed" / "test_images.npy").unlink()
+    assert main(["--params", str(params), "--log-only"]) == 0
+    client = MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("retina-vae").experiment_id])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert run.data.metrics["test_iwae"] == pytest.approx(saved["test_iwae"])
+    listed = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/embeddings.parquet" in listed
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/tables")}
+    assert "evaluation/tables/cluster_composition.json" in tables
+
+
+def test_the_missing_history_note_is_logged(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="retina_vae")
+    params = _setup(tmp_path, labelled=True, run_id=None, monkeypatch=monkeypatch)
+    (tmp_path / "history.csv").unlink()
+    assert main(["--params", str(params)]) == 0
+    note = f"note: {tmp_path / 'history.csv'}: not found, training curves not drawn"
+    assert note in caplog.text
+    assert note[6:] in (tmp_path / "evaluation" / "notes.txt").read_text()

@@ -171,7 +171,7 @@ def test_nothing_usable_is_a_one_line_error(tmp_path, capsys):
     rc, paths = _run(tmp_path, ingest={"source": str(src)})
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "no usable image" in err[-1] and Path(paths.quarantine).exists()
-    assert not Path(paths.manifest).exists()
+    assert pd.read_parquet(paths.manifest).empty and _report(paths)["quarantined"] == 1
     rc, _ = _run(tmp_path, ingest={"source": str(tmp_path / "nope")})
     assert rc == 1 and "source folder not found" in capsys.readouterr().err
 
@@ -197,3 +197,72 @@ def test_no_phi_in_any_output_or_log(tmp_path, capsys, caplog, monkeypatch):
     values = [v for v in PHI.values()] + ["Quartermaine", "Zebedee", "7781234", "1947"]
     for value in values:
         assert not any(value.encode() in t for t in texts), value
+
+
+def test_a_refused_ingest_writes_every_output_of_that_run(tmp_path, capsys):
+    src = tmp_path / "mixed"
+    src.mkdir()
+
+    def add(good: int, bad: int) -> None:
+        start = len(list(src.iterdir()))
+        for k in range(start, start + good):
+            Image.fromarray(gradient(seed=k)).save(src / f"g{k}.png")
+        for k in range(start, start + bad):
+            (src / f"b{k}.jpg").write_bytes(b"not an image")
+
+    add(good=4, bad=2)
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "max_quarantine_fraction": 0.5})
+    assert rc == 0 and _report(paths)["quarantined"] == 2
+    add(good=1, bad=4)  # 6 of 11 refused: over the limit
+    rc, _ = _run(tmp_path, ingest={"source": str(src), "max_quarantine_fraction": 0.5})
+    assert rc == 1 and "exceeds" in capsys.readouterr().err
+    report = _report(paths)  # manifest, quarantine, duplicates and report: all this run's
+    assert (report["found"], report["ingested"], report["quarantined"]) == (11, 5, 6)
+    assert len(pd.read_parquet(paths.manifest)) == 5
+    assert len(pd.read_csv(paths.quarantine)) == 6
+
+
+def test_npz_multi_label_array_is_refused(tmp_path, capsys):
+    npz = tmp_path / "chest.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+        train_labels=rng.integers(0, 2, (4, 14)),  # ChestMNIST-style: 14 findings per image
+    )
+    rc, paths = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus", "min_size": 28})
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and line.startswith("retina-vae ingest: error: ")
+    assert str(npz) in line and "train_labels has shape (4, 14)" in line
+    assert not Path(paths.manifest).exists()
+
+
+def test_npz_flat_labels_and_a_too_small_array(tmp_path):
+    npz = tmp_path / "mixed.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),  # below min_size 32
+        train_labels=np.array([0, 1]),
+        test_images=rng.integers(0, 255, (5, 40, 40), dtype=np.uint8),
+        test_labels=np.array([3, 1, 4, 1, 5]),  # (N,), not (N, 1)
+    )
+    rc, paths = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus"})
+    assert rc == 0
+    assert pd.read_parquet(paths.manifest)["label"].tolist() == ["3", "1", "4", "1", "5"]
+    q = pd.read_csv(paths.quarantine)
+    assert q["path"].tolist() == ["train_images[0]", "train_images[1]"]
+    assert q["reason"].str.startswith("too small: 28x28").all()
+
+
+def test_npz_text_labels_are_kept_as_text(tmp_path):
+    npz = tmp_path / "named.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 255, (3, 32, 32), dtype=np.uint8),
+        train_labels=np.array(["normal", "drusen", "normal"]),
+    )
+    rc, paths = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus"})
+    assert rc == 0
+    assert pd.read_parquet(paths.manifest)["label"].tolist() == ["normal", "drusen", "normal"]

@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.latent import composition_table, knn_accuracy, label_metrics, linear_probe
+from pipeline import latent
+from pipeline.latent import (
+    composition_table,
+    knn_accuracy,
+    label_metrics,
+    linear_probe,
+    pixel_pca,
+)
 
 CLASSES = np.array(["CNV", "DME", "DRUSEN", "NORMAL"])
 
@@ -102,3 +109,50 @@ def test_unlabelled_rows_and_unseen_test_labels_are_left_out():
 def test_composition_table_counts():
     table = composition_table(np.array([0, 0, 1, 1, 1]), np.array(["a", "b", "b", "b", "a"]))
     assert table.to_dict("list") == {"cluster": [0, 1], "a": [1, 1], "b": [1, 2], "total": [2, 3]}
+
+
+def _half_bright(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3, 8, 8) uint8 noise; class "B" images have a brighter left half."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 100, (n, 3, 8, 8)).astype(np.uint8)
+    y = np.array(["A", "B"] * (n // 2))
+    x[y == "B", :, :, :4] += 120
+    return x, y
+
+
+def test_pixel_pca_gives_j_components_that_carry_the_pixel_signal():
+    (xr, yr), (xt, yt) = _half_bright(60, 0), _half_bright(40, 1)
+    pr, pt = pixel_pca(xr, xt, 3)
+    assert pr.shape == (60, 3) and pt.shape == (40, 3)
+    assert linear_probe(pr, yr, pt, yt)["probe_accuracy"] == 1.0
+
+
+def test_pixel_pca_fits_on_a_sample_of_a_large_train_split(monkeypatch):
+    monkeypatch.setattr(latent, "PCA_FIT_MAX", 20)
+    (xr, yr), (xt, yt) = _half_bright(200, 0), _half_bright(40, 1)
+    pr, pt = pixel_pca(xr, xt, 2)
+    assert pr.shape == (200, 2)  # every train image is still projected
+    assert linear_probe(pr, yr, pt, yt)["probe_accuracy"] == 1.0
+
+
+def test_baseline_margin_is_latent_minus_baseline():
+    rng = np.random.default_rng(0)
+    y_train = pd.Series(["A", "B"] * 50)
+    y_test = pd.Series(["A", "B"] * 20)
+
+    def separated(y: pd.Series) -> np.ndarray:
+        return np.where((y == "A").to_numpy()[:, None], 3.0, -3.0) + rng.normal(size=(len(y), 2))
+
+    noise_train, noise_test = rng.normal(size=(100, 2)), rng.normal(size=(40, 2))
+    report = label_metrics(
+        separated(y_train),
+        y_train,
+        separated(y_test),
+        y_test,
+        3,
+        baseline=(noise_train, noise_test),
+    )
+    m = report.metrics
+    assert m["probe_accuracy"] == 1.0 and m["pca_probe_accuracy"] < 0.8
+    assert m["probe_accuracy_vs_pca"] == pytest.approx(1.0 - m["pca_probe_accuracy"])
+    assert m["probe_auc_vs_pca"] == pytest.approx(m["probe_auc"] - m["pca_probe_auc"])

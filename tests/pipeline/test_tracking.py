@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
+
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.params import TrackingParams
-from tests.conftest import make_images
+from tests.conftest import REPO, make_images, write_processed
 from vae_core.model import ConvVAE, VAEConfig
 
-SQLITE_REL = TrackingParams(uri="sqlite:///mlflow.db", experiment="e")
+SQLITE_REL = TrackingParams(uri="sqlite:///mlflow.db", experiment="e", register_model=None)
 
 
 def test_env_uri_wins(monkeypatch):
@@ -28,7 +34,7 @@ def test_relative_sqlite_is_at_the_repository_root(monkeypatch, tmp_path):
     assert tracking.resolve_tracking_uri(SQLITE_REL, cwd=exp) == (
         f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     )
-    absolute = TrackingParams(uri="sqlite:////data/m.db", experiment="e")
+    absolute = TrackingParams(uri="sqlite:////data/m.db", experiment="e", register_model=None)
     assert tracking.resolve_tracking_uri(absolute, cwd=exp) == "sqlite:////data/m.db"
 
 
@@ -77,3 +83,83 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store):
     # every 2nd epoch (step 1) and the last one (step 2)
     assert steps("reconstructions") == [1, 2]
     assert steps("prior_samples") == [1, 2]
+
+
+@pytest.mark.slow
+def test_experiment_opens_in_the_model_training_view(store):
+    client = MlflowClient(store)
+    new = tracking.experiment_id(store, "fresh")
+    assert client.get_experiment(new).tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    old = client.create_experiment("old")  # made before the tag existed: gets it
+    chosen = client.create_experiment("chosen", tags={tracking.EXPERIMENT_KIND: "finetuning"})
+    assert tracking.experiment_id(store, "old") == old
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND] == tracking.MODEL_TRAINING
+    tracking.experiment_id(store, "chosen")  # a kind set by a user is kept
+    assert client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND] == "finetuning"
+    run_id, _ = tracking.start_run(store, "fresh", params={}, tags={})
+    assert tracking.run_url(store, run_id) == (
+        f"http://127.0.0.1:5000/#/experiments/{new}/runs/{run_id}?workflowType=machine_learning"
+    )
+
+
+def _git(repo, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo, check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_run_records_its_data_code_and_pipeline_state(store, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    _git(repo, "add", "dvc.lock")
+    _git(repo, "commit", "-q", "-m", "lock")
+    tags = tracking.lineage_tags(repo, repo / "dvc.lock")
+    assert tags["mlflow.source.git.commit"] == _git(repo, "rev-parse", "HEAD")
+    assert tags["retina_vae.git_dirty"] == "false"
+    expected = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
+    assert tags["retina_vae.dvc_lock_sha256"] == expected
+    (repo / "dvc.lock").write_text("changed\n")
+    assert tracking.lineage_tags(repo, repo / "dvc.lock")["retina_vae.git_dirty"] == "true"
+    assert "mlflow.source.git.commit" not in tracking.lineage_tags(tmp_path, tmp_path / "none")
+
+    processed = write_processed(tmp_path)  # 64 train, 16 val, 8 test images
+    sizes = tracking.split_sizes(processed)
+    assert sizes == {"train_images": 64, "val_images": 16, "test_images": 8}
+    run_id, _ = tracking.start_run(store, "exp", params={}, tags=tags)
+    data_hash = "f" * 64
+    for _ in range(2):  # a resumed run logs it again: still one input
+        tracking.log_training_data(store, run_id, "data/processed", data_hash, sizes)
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == tags["mlflow.source.git.commit"]
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "processed" and inp.dataset.digest == data_hash[:36]
+    assert json.loads(inp.dataset.source) == {"uri": "data/processed"}
+    assert json.loads(inp.dataset.profile) == sizes
+    assert {(t.key, t.value) for t in inp.tags} == {("mlflow.data.context", "training")}
+
+
+@pytest.mark.slow
+def test_registered_model_encodes_images(store):
+    import mlflow.pyfunc
+
+    run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(height=32, width=32, widths=(8,), latent_dim=3)).eval()
+    images = make_images(4, 32, 1, 0)  # (4, 1, 32, 32) uint8
+    tracking.log_model(
+        store, run_id, model, images[:2], code_paths=[REPO / "vae_core"], register_as="encoder"
+    )
+    version = MlflowClient(store).get_model_version("encoder", "1")
+    assert version.run_id == run_id
+    with tracking.using_uri(store):
+        served = mlflow.pyfunc.load_model("models:/encoder/1")
+    x = images.astype(np.float32) / 255.0
+    mu = served.predict(x)
+    assert mu.shape == (4, 3)
+    with torch.no_grad():
+        expected = model.encode(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(mu, expected, rtol=1e-5, atol=1e-6)

@@ -127,7 +127,10 @@ def _killer(armed: Path, pid_file: Path, checkpoints: Path, epoch: int) -> threa
 
 @pytest.mark.slow
 def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params_file):
-    path = params_file(train={"epochs": 2, "num_workers": 2, "image_every": 1})
+    path = params_file(
+        train={"epochs": 2, "num_workers": 2, "image_every": 1},
+        tracking={"register_model": "retina-encoder"},
+    )
     params = load_params(path)
     assert train.main(["--params", str(path)]) == 0
 
@@ -167,6 +170,19 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
         served = mlflow.pyfunc.load_model(f"models:/{logged[0].model_id}")
     x = np.load(Path(params.paths.processed) / "val_images.npy")[:3].astype(np.float32) / 255
     assert served.predict(x).shape == (3, 4)  # images -> latent means
+
+    # lineage: the data it learnt from, the code, the experiment's view; the registered model
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.digest == extra["data_hash"][:36]
+    assert json.loads(data.dataset.source) == {"uri": params.paths.processed}
+    assert json.loads(data.dataset.profile)["train_images"] == 64
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_model_version("retina-encoder", "1").run_id == run.info.run_id
+    with using_uri(resolve_tracking_uri(params.tracking)):
+        registered = mlflow.pyfunc.load_model("models:/retina-encoder/1")
+    np.testing.assert_allclose(registered.predict(x), served.predict(x), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -299,3 +315,19 @@ def test_two_node_cluster_uses_both_nodes(processed, params_file, tmp_path):
     metrics = json.loads(Path(load_params(path).paths.train_metrics).read_text())
     assert metrics["workers"] == 2 and metrics["nodes"] == 2
     assert len(_runs(path)) == 1
+
+
+@pytest.mark.slow
+def test_a_failure_after_training_marks_the_run_failed(
+    ray_session, processed, params_file, tmp_path
+):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the model's folder should be")  # write_outputs fails
+    path = params_file(
+        train={"epochs": 1, "num_workers": 2, "image_every": 5},
+        paths={"model": str(blocked / "vae.pt")},
+    )
+    with pytest.raises(OSError):
+        train.main(["--params", str(path)])
+    (run,) = _runs(path)
+    assert run.info.status == "FAILED"  # not left RUNNING

@@ -72,3 +72,16 @@ def test_one_ray_worker_matches_fit_local(ray_session, tmp_path):
                 key
             )  # Ray's worker uses 1 thread: sums reorder
     assert result.nodes == 1
+
+
+def test_rank_seed_keeps_rank_zero_and_differs_per_rank():
+    assert distributed.rank_seed(3, 0) == 3  # as fit_local: a 1-worker run matches it
+    assert len({distributed.rank_seed(3, rank) for rank in range(4)}) == 4
+
+
+@pytest.mark.slow
+def test_two_ray_workers_draw_different_noise(ray_session, tmp_path):
+    scaling = distributed.Scaling(num_workers=2)
+    result = distributed.fit(_spec(epochs=1), scaling, str(tmp_path), "ranks")
+    rng = result.state["rng"]  # every rank's RNG state after the epoch, as gathered
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vae_core.elbo import elbo_terms, iwae_bound, kl_standard_normal
+from vae_core.elbo import elbo_terms, free_bits_kl, iwae_bound, kl_standard_normal
 from vae_core.model import ConvVAE, VAEConfig
 
 LN2 = math.log(2.0)
@@ -195,3 +195,31 @@ def test_iwae_is_above_elbo_and_rises_with_k():
     # A large k closes most of the KL-sized gap, far beyond the Monte Carlo noise.
     assert (means[64] - elbo > 0.5).all()
     assert (bounds[64] >= elbo - 0.05).all()  # every single k = 64 estimate, not just the mean
+
+
+@pytest.mark.parametrize("free_bits", [0.05, 0.5, 5.0])
+def test_free_bits_change_the_loss_never_the_reported_elbo(free_bits):
+    model = _model()
+    x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
+    torch.manual_seed(5)
+    plain = elbo_terms(model, x)
+    torch.manual_seed(5)
+    freed = elbo_terms(model, x, free_bits=free_bits)
+    torch.testing.assert_close(freed.neg_elbo, plain.neg_elbo)  # the true bound, eq. 43
+    # the KL term training sees: sum_j max(lambda, batch-mean KL_j) (Kingma et al. 2016)
+    per_dim = plain.kl_per_dim.mean(0)
+    expected = torch.maximum(per_dim, torch.tensor(free_bits, dtype=per_dim.dtype)).sum()
+    torch.testing.assert_close(freed.loss, expected - plain.recon.mean())
+
+
+def test_free_bits_stop_the_kl_gradient_of_dims_below_the_threshold():
+    mu = torch.tensor([[0.1, 2.0], [0.0, 3.0]], requires_grad=True)  # dim 0 below, dim 1 above
+    logvar = torch.zeros(2, 2, requires_grad=True)
+    free_bits_kl(kl_standard_normal(mu, logvar), free_bits=0.5).backward()
+    assert mu.grad[:, 0].abs().max() == 0  # 0.0025 nats < 0.5: free, no pull towards the prior
+    assert mu.grad[:, 1].abs().min() > 0
+
+
+def test_free_bits_zero_is_the_plain_batch_mean_kl():
+    kl = torch.rand(6, 3)
+    torch.testing.assert_close(free_bits_kl(kl, 0.0), kl.sum(1).mean())

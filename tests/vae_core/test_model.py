@@ -9,6 +9,7 @@ from vae_core.elbo import kl_standard_normal
 from vae_core.model import (
     LOGVAR_BOUND,
     ConvVAE,
+    PreActBlock,
     VAEConfig,
     feature_sizes,
     unwrap,
@@ -18,21 +19,25 @@ SIZES = [(28, 28), (64, 64), (128, 128), (224, 224), (256, 128), (29, 31)]
 SMALL = (8, 16, 32)  # narrow widths keep the big sizes fast on CPU
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize(
+    ("arch", "likelihood", "k"),
+    [("conv", "bernoulli", 1), ("conv", "gaussian", 1), ("resnet", "logistic", 2)],
+)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(("height", "width"), SIZES)
-def test_shapes(height, width, channels, likelihood):
-    cfg = VAEConfig(channels, height, width, SMALL, latent_dim=5, likelihood=likelihood)
+def test_shapes(height, width, channels, arch, likelihood, k):
+    """k = likelihood params per channel (the logistic has a mean and a log-scale)."""
+    cfg = VAEConfig(channels, height, width, SMALL, 5, likelihood, arch, blocks_per_stage=1)
     model = ConvVAE(cfg)
     x = torch.rand(2, channels, height, width)
 
     params, mu, logvar = model(x)
-    assert params.shape == x.shape
+    assert params.shape == (2, k * channels, height, width)
     assert mu.shape == logvar.shape == (2, 5)
     params_l, _, _ = model(x, n_samples=3)
-    assert params_l.shape == (6, channels, height, width)
+    assert params_l.shape == (6, k * channels, height, width)
     assert model.reparameterize(mu, logvar, 4).shape == (4, 2, 5)
-    assert model.decode(torch.randn(7, 5)).shape == (7, channels, height, width)
+    assert model.decode(torch.randn(7, 5)).shape == (7, k * channels, height, width)
     assert model.likelihood.log_prob(x, params).shape == (2,)
     for images in (model.reconstruct(x), model.sample(3)):
         assert images.shape[1:] == x.shape[1:]
@@ -155,6 +160,8 @@ def test_unwrap_returns_inner_module():
         {"widths": ()},
         {"widths": (8, 0)},
         {"likelihood": "poisson"},
+        {"arch": "vit"},
+        {"arch": "resnet", "blocks_per_stage": 0},
     ],
 )
 def test_config_rejects_bad_values(kwargs):
@@ -164,3 +171,29 @@ def test_config_rejects_bad_values(kwargs):
 
 def test_config_accepts_list_widths():
     assert VAEConfig(widths=[8, 16]).widths == (8, 16)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_resnet_has_blocks_per_stage_residual_blocks(blocks):
+    cfg = VAEConfig(3, 28, 28, (8, 16), 4, arch="resnet", blocks_per_stage=blocks)
+    model = ConvVAE(cfg)
+    count = sum(isinstance(m, PreActBlock) for m in model.modules())
+    assert count == 2 * len(cfg.widths) * blocks  # encoder and decoder, every stage
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_resnet_blocks_start_as_identity():
+    """The zero-initialised last conv makes each block the identity at step 0."""
+    block = PreActBlock(8)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(block(x), x)
+    block.body[-1].weight.data.normal_()  # once trained, the block does change its input
+    assert not torch.allclose(block(x), x)
+
+
+def test_conv_arch_keeps_the_original_parameter_layout():
+    """Checkpoints of the original model load into arch="conv" unchanged."""
+    model = ConvVAE(VAEConfig(1, 28, 28, (8, 16), 4))
+    keys = set(model.state_dict())
+    assert {"encoder.0.weight", "encoder.3.weight", "decoder.0.weight", "decoder.3.weight"} <= keys
+    assert "to_params.weight" in keys and model.to_params.out_channels == 1

@@ -1,0 +1,196 @@
+"""The prepared-pixel cache: one decode per image across ingest and preprocess.
+
+Ingest must decode every file completely (that is how truncation is caught) and hashes the
+pixels at its check scale (:data:`pipeline.ingest.CHECK_SIZE`). Preprocess needs the same file
+decoded at the JPEG scale that covers ``preprocess.image_size``. For non-JPEG files (PNG, TIFF,
+BMP, DICOM: no reduced decoding) and for JPEGs where both bounds fall on the same DCT scale
+(every photo of >= 1024 px with the default 64 px target) the two decodes give identical
+pixels, so ingest prepares the training pixels from its own decode
+(:func:`pipeline.preprocess.prepare_pixels`) and writes them here; preprocess takes them
+instead of decoding again. Everything else (small JPEGs at another scale, a DICOM volume whose
+kept frames differ from those decoded, an .npz source) is decoded by preprocess as before.
+
+The cache is an accelerator only, never a DVC output or dependency: preprocess uses an entry
+only when all of these match, and otherwise decodes the file itself, so its outputs are the
+same bytes with or without the cache:
+- the cache key: modality, ``preprocess.image_size``, ``oct_aspect``, ``illumination``, the
+  source of :mod:`pipeline.preprocess` and :mod:`pipeline.readers`, the decoder library
+  versions (a params or code change without re-running ingest is a miss, not a stale hit);
+- the manifest: the SHA-256 of the manifest file this cache was written with;
+- the file: its size and modification time at ingest;
+- the frames: the frame list preprocess needs for that file equals the one ingest decoded.
+
+Layout (``<folder of paths.manifest>/prepared/``): ``pixels.bin`` (rows of (C, H, W) uint8,
+appended as they are decoded, so ingest never holds them in memory), ``index.parquet`` (one row
+per file: source, frames, size, mtime_ns, first row) and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.params import Params
+
+FORMAT = 1
+LIBRARIES = ("pillow", "numpy", "scipy", "scikit-image", "pydicom")
+_CODE = ("preprocess.py", "readers.py")
+
+
+def cache_dir(params: Params) -> Path:
+    return Path(params.paths.manifest).parent / "prepared"
+
+
+def prepare_spec(params: Params) -> dict:
+    """What :func:`pipeline.preprocess.prepare_pixels` is called with for this params file."""
+    pp = params.preprocess
+    return {
+        "modality": params.ingest.modality,
+        "image_size": [int(v) for v in pp.image_size],
+        "oct_aspect": pp.oct_aspect,
+        "illumination": pp.illumination,
+    }
+
+
+def cache_key(spec: dict) -> str:
+    """sha256 over the prepare spec, the decoding/preparing code and the library versions."""
+    here = Path(__file__).parent
+    code = {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _CODE}
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    blob = json.dumps(
+        {"format": FORMAT, "spec": spec, "code": code, "libs": versions}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_stat(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def shape_of(spec: dict) -> tuple[int, int, int]:
+    channels = 3 if spec["modality"] == "fundus" else 1
+    return (channels, *spec["image_size"])
+
+
+class CacheWriter:
+    """Appends prepared frames file by file; :meth:`close` publishes the cache atomically."""
+
+    def __init__(self, folder: Path, spec: dict) -> None:
+        self.folder = Path(folder)
+        self.shape = shape_of(spec)
+        self.key = cache_key(spec)
+        shutil.rmtree(self.folder, ignore_errors=True)  # never leave an earlier run's cache
+        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._bin = open(self.tmp / "pixels.bin", "wb")  # noqa: SIM115 (closed in close/abort)
+        self._rows: list[dict] = []
+        self._n = 0
+
+    def add(self, source: str, frames: list[int], stat: tuple[int, int], pixels: np.ndarray):
+        """``pixels`` (len(frames), C, H, W) uint8, in ``frames`` order."""
+        if pixels.dtype != np.uint8 or pixels.shape != (len(frames), *self.shape):
+            return  # not what preprocess would make: leave this file to preprocess
+        self._bin.write(np.ascontiguousarray(pixels).tobytes())
+        self._rows.append(
+            {
+                "source": source,
+                "frames": ",".join(str(int(f)) for f in frames),
+                "size": stat[0],
+                "mtime_ns": stat[1],
+                "row": self._n,
+            }
+        )
+        self._n += len(frames)
+
+    def close(self, manifest: str | Path) -> None:
+        self._bin.close()
+        pd.DataFrame(
+            self._rows, columns=["source", "frames", "size", "mtime_ns", "row"]
+        ).to_parquet(self.tmp / "index.parquet", index=False)
+        meta = {
+            "key": self.key,
+            "shape": list(self.shape),
+            "rows": self._n,
+            "manifest_sha256": file_sha256(manifest),
+        }
+        (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
+        os.replace(self.tmp, self.folder)
+
+    def abort(self) -> None:
+        self._bin.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class PreparedCache:
+    """Read side: :meth:`lookup` gives a file's prepared frames, or None on any mismatch."""
+
+    def __init__(self, folder: Path, meta: dict, index: pd.DataFrame) -> None:
+        self.shape = tuple(meta["shape"])
+        self.row_bytes = int(np.prod(self.shape))
+        self.path = folder / "pixels.bin"
+        self._fd: int | None = None
+        self.index = {
+            r.source: (r.frames, int(r.size), int(r.mtime_ns), int(r.row))
+            for r in index.itertuples(index=False)
+        }
+
+    @classmethod
+    def open(cls, folder: Path, spec: dict, manifest: str | Path) -> PreparedCache | None:
+        """The cache in ``folder`` when it was written for this spec, code and manifest."""
+        try:
+            meta = json.loads((Path(folder) / "meta.json").read_text())
+            if meta.get("key") != cache_key(spec) or tuple(meta["shape"]) != shape_of(spec):
+                return None
+            if meta.get("manifest_sha256") != file_sha256(manifest):
+                return None
+            size = (Path(folder) / "pixels.bin").stat().st_size
+            if size != int(meta["rows"]) * int(np.prod(meta["shape"])):
+                return None
+            return cls(Path(folder), meta, pd.read_parquet(Path(folder) / "index.parquet"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def lookup(self, source: str, frames: list[int], path: str | Path) -> np.ndarray | None:
+        """(len(frames), C, H, W) for ``source`` when ingest decoded exactly these frames of
+        the unchanged file; else None."""
+        entry = self.index.get(source)
+        if entry is None or entry[0] != ",".join(str(int(f)) for f in frames):
+            return None
+        try:
+            if file_stat(path) != (entry[1], entry[2]):
+                return None
+        except OSError:
+            return None
+        if self._fd is None:  # positioned reads, not a map: nothing stays resident
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, self.row_bytes * len(frames), self.row_bytes * entry[3])
+        if len(data) != self.row_bytes * len(frames):
+            return None
+        return np.frombuffer(data, np.uint8).reshape(len(frames), *self.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

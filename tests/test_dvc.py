@@ -1,0 +1,100 @@
+"""dvc.yaml stays true to the code: each stage depends on the code it runs and on the params
+that shape its outputs, and not on the ones that only change how it runs."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+
+from pipeline.cli import COMMANDS
+from pipeline.params import Params
+from pipeline.train import OPERATIONAL
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "vae_core")
+# The shell every stage shares (argument parsing, params validation, one-line errors): it
+# changes no output, and listing it would re-run the whole pipeline for a new params key.
+SHELL = {"pipeline/stage.py", "pipeline/params.py", "pipeline/errors.py"}
+KEYED = ("train", "tracking", "cluster")  # groups the train stage lists key by key
+
+
+def _stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _module_file(name: str) -> str | None:
+    """``pipeline.io`` -> ``pipeline/io.py`` when it is a project module, else None."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = Path(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if (REPO / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def _imports(path: str) -> set[str]:
+    """The project modules one file imports, at top level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {f for f in map(_module_file, names) if f}
+    return found
+
+
+def _closure(path: str) -> set[str]:
+    """``path`` and every project module it imports, transitively."""
+    seen, todo = set(), [path]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(_imports(current))
+    return seen
+
+
+def _covered(module: str, deps: list[str]) -> bool:
+    return any(module == dep or module.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def test_every_stage_depends_on_the_code_it_imports():
+    missing = {}
+    for name, stage in _stages().items():
+        command = stage["cmd"].split()[1]  # "retina-vae train" -> train
+        code = _closure(_module_file(COMMANDS[command][0]))
+        needed = {m for m in code - SHELL if not m.endswith("__init__.py")}
+        lacking = sorted(m for m in needed if not _covered(m, stage["deps"]))
+        if lacking:
+            missing[name] = lacking
+    assert missing == {}, "dvc.yaml: add these to the stage's deps"
+
+
+def test_import_walk_sees_transitive_and_function_level_imports():
+    code = _closure("pipeline/train.py")
+    assert {"pipeline/figures.py", "vae_core/checkpoint.py", "vae_core/model.py"} <= code
+    assert "pipeline/figures.py" in _closure("pipeline/evaluate.py")
+
+
+def test_train_params_are_listed_key_by_key_or_operational():
+    """Every key of the train, tracking and cluster groups is either a dependency of the train
+    stage (a change retrains) or in train.OPERATIONAL (a change resumes), never both; the
+    model group, all of whose keys shape the model, stays a whole-group dependency."""
+    listed = set(_stages()["train"]["params"])
+    types = get_type_hints(Params)
+    keys = {f"{g}.{f.name}" for g in KEYED for f in fields(types[g])}
+    assert "model" in listed and not listed & set(KEYED), "list train/tracking/cluster by key"
+    assert sorted(listed & OPERATIONAL) == [], "operational keys must not re-run train"
+    assert sorted(OPERATIONAL - keys) == [], "train.OPERATIONAL names unknown keys"
+    unknown = {k for k in listed if k.split(".")[0] in KEYED} - keys
+    assert sorted(unknown) == [], "dvc.yaml train params names unknown keys"
+    undecided = keys - listed - OPERATIONAL
+    assert sorted(undecided) == [], "add to dvc.yaml train params or to train.OPERATIONAL"
