@@ -48,8 +48,7 @@ FOV_THRESHOLD = 0.08  # share of the brightest channel's maximum that counts as 
 
 def crop_fov(img: np.ndarray) -> np.ndarray:
     """Crop an (H, W, 3) fundus photo to the bounding box of its bright circular field."""
-    red = img[..., 0]  # (H, W): red is the brightest channel of a fundus, up to the field's rim
-    mask = red > max(8, FOV_THRESHOLD * int(red.max()))
+    mask = _fov_mask(img)  # (H, W)
     rows = np.flatnonzero(np.count_nonzero(mask, axis=1) > 0.01 * mask.shape[1])
     cols = np.flatnonzero(np.count_nonzero(mask, axis=0) > 0.01 * mask.shape[0])
     if len(rows) < 8 or len(cols) < 8:  # no clear field (dark or odd image): keep it whole
@@ -79,8 +78,8 @@ def fit_aspect(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarra
 
 
 def _fov_mask(img: np.ndarray) -> np.ndarray:
-    """(H, W, 3) fundus -> (H, W) bool: inside the bright field of view (the crop_fov rule)."""
-    red = img[..., 0]
+    """(H, W, 3) fundus -> (H, W) bool: inside the bright field of view."""
+    red = img[..., 0]  # red is the brightest channel of a fundus, up to the field's rim
     return red > max(8, FOV_THRESHOLD * int(red.max()))
 
 
