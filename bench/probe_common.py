@@ -23,8 +23,8 @@ import pandas as pd
 import yaml
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline import evaluate, ingest, preprocess, train
-from pipeline.latent import linear_probe, pixel_pca
+from pipeline import evaluate, ingest, preprocess, processed, train
+from pipeline.latent import flat_pixels, linear_probe, pixel_pca
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (ingest, preprocess, train, evaluate)
@@ -97,16 +97,16 @@ def cross_validated_probe(z: np.ndarray, y: np.ndarray, folds: int = 5) -> dict[
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 
-def pixel_baselines(processed: Path, split: str, latent_dim: int) -> dict[str, dict[str, float]]:
+def pixel_baselines(folder: Path, split: str, latent_dim: int) -> dict[str, dict[str, float]]:
     """Majority label, raw-pixel probe, pixel-PCA probes (J and 64 components) on ``split``."""
     data = {}
     for s in ("train", split):
-        images = np.load(processed / f"{s}_images.npy")
-        labels = pd.read_parquet(processed / f"{s}.parquet")["label"].astype(str).to_numpy()
+        images = processed.open_images(folder, s)
+        labels = pd.read_parquet(processed.table_path(folder, s))["label"].astype(str).to_numpy()
         data[s] = (images, labels)
     (xr, yr), (xt, yt) = data["train"], data[split]
     values, counts = np.unique(yr, return_counts=True)
-    flat_r, flat_t = (x.reshape(len(x), -1) / 255.0 for x in (xr, xt))
+    flat_r, flat_t = flat_pixels(xr), flat_pixels(xt)
     rows = {
         "majority label": {"probe_accuracy": float(np.mean(yt == values[counts.argmax()]))},
         f"raw pixels ({flat_r.shape[1]}-d)": linear_probe(flat_r, yr, flat_t, yt),
@@ -140,8 +140,8 @@ def run(work: Path, updates: dict[str, dict], args: argparse.Namespace) -> dict:
                 "metrics": metrics,
             }
         )
-    processed = Path(raw["paths"]["processed"])
-    baselines = pixel_baselines(processed, args.split, raw["model"]["latent_dim"])
+    folder = Path(raw["paths"]["processed"])
+    baselines = pixel_baselines(folder, args.split, raw["model"]["latent_dim"])
     return {"raw": raw, "runs": runs, "baselines": baselines}
 
 

@@ -25,15 +25,15 @@ import torch
 
 from pipeline import readers
 from pipeline.errors import UserError
-from pipeline.evaluate import encode_images, load_model
 from pipeline.io import write_table
+from pipeline.model_io import encode_images, load_model
 from pipeline.params import Params
-from pipeline.preprocess import prepare_file, prepare_pixels
+from pipeline.pixels import prepare_file, prepare_npz_row
+from pipeline.processed import CHANNELS
 from pipeline.stage import run_stage
 
 log = logging.getLogger("retina_vae.encode")
 
-CHANNELS = {"oct": 1, "fundus": 3}  # what preprocess makes of each modality
 OUT_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 
@@ -53,9 +53,10 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def npz_frames(
-    path: Path, modality: str, size: tuple[int, int], illumination: str = "none"
+    path: Path, modality: str, size: tuple[int, int], oct_aspect: str, illumination: str = "none"
 ) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Every row of each ``*_images`` array of a MedMNIST-style .npz -> (name, row, (C,H,W))."""
+    """Every row of each ``*_images`` array of a MedMNIST-style .npz -> (name, row, (C,H,W)),
+    prepared exactly as preprocess prepares an .npz row (same aspect rule and illumination)."""
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -69,9 +70,11 @@ def npz_frames(
             if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
                 raise UserError(f"{key} must be uint8 (N, H, W[, C]), got {arr.dtype} {arr.shape}")
             for i in range(len(arr)):
-                # (H, W, 1) -> (H, W) and no field-of-view crop, as preprocess does for .npz rows
-                px = prepare_pixels(arr[i].squeeze(), modality, size, "pad", False, illumination)
-                yield f"{path}:{key}", i, px
+                yield (
+                    f"{path}:{key}",
+                    i,
+                    prepare_npz_row(arr[i], modality, size, oct_aspect, illumination),
+                )
 
 
 def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str, int, np.ndarray]]:
@@ -80,7 +83,8 @@ def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str,
         raise UserError("file not found")
     modality = params.ingest.modality
     if path.suffix.lower() == ".npz":
-        return list(npz_frames(path, modality, size, params.preprocess.illumination))
+        pp = params.preprocess
+        return list(npz_frames(path, modality, size, pp.oct_aspect, pp.illumination))
     arrays = prepare_file(
         path,
         modality,

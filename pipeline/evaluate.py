@@ -54,24 +54,22 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import latent, maps, shards, tracking
+from pipeline import figures, html_map, latent, processed, tracking
 from pipeline.errors import UserError
-from pipeline.ingest import SPLITS
 from pipeline.io import atomic_path, write_json
 from pipeline.latent import LabelReport, label_metrics, pixel_pca
+from pipeline.model_io import batches, encode_images, load_model
 from pipeline.params import EvaluateParams, Params
+from pipeline.processed import SPLITS
 from pipeline.stage import run_stage
-from vae_core.checkpoint import load_checkpoint, read_checkpoint
 from vae_core.elbo import elbo_terms, iwae_bound
 from vae_core.model import ConvVAE
 from vae_core.training import ACTIVE_UNIT_THRESHOLD
@@ -87,26 +85,13 @@ CONFOUND_TABLE = "confounds.csv"  # tables/: probe on mu for each metadata attri
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[ConvVAE, dict]:
-    """The checkpoint's model (eval mode, on ``device``) and its ``extra`` dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: model checkpoint not found (run `retina-vae train` first)")
-    try:
-        extra = read_checkpoint(path)["extra"]
-        model = load_checkpoint(path).to(device)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise UserError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
-    return model, extra
-
-
-def load_split(processed: Path, split: str, model: ConvVAE) -> tuple[np.ndarray, pd.DataFrame]:
+def load_split(folder: Path, split: str, model: ConvVAE) -> tuple[np.ndarray, pd.DataFrame]:
     """One split's images (N,C,H,W) uint8 (memory-mapped) and its metadata rows."""
-    npy, table = shards.images_path(processed, split), processed / f"{split}.parquet"
+    npy, table = processed.images_path(folder, split), processed.table_path(folder, split)
     for path in (npy, table):  # one .npy, or the Ray Data engine's shard folder
         if not path.exists():
             raise UserError(f"{path}: not found (run `retina-vae preprocess` first)")
-    images = shards.open_path(npy)
+    images = processed.open_path(npy)
     meta = pd.read_parquet(table)
     cfg = model.config
     want = (cfg.in_channels, cfg.height, cfg.width)
@@ -120,30 +105,7 @@ def load_split(processed: Path, split: str, model: ConvVAE) -> tuple[np.ndarray,
     return images, meta
 
 
-def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """(N,C,H,W) uint8 -> float batches (B,C,H,W) in [0, 1] on ``device``."""
-    for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.array(images[start : start + batch_size]))  # mmap -> RAM copy
-        yield chunk.to(device).float().div_(255.0)
-
-
 # ----------------------------------------------------------------------------- model passes
-
-
-@torch.no_grad()
-def encode_images(
-    model: ConvVAE, images: np.ndarray, batch_size: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """mu (N,J) and logvar (N,J) of q(z|x) for every image, float32 numpy."""
-    mus, logvars = [], []
-    for x in batches(images, batch_size, device):
-        mu, logvar = model.encode(x)
-        mus.append(mu.cpu())
-        logvars.append(logvar.cpu())
-    j = model.config.latent_dim
-    if not mus:
-        return np.zeros((0, j), np.float32), np.zeros((0, j), np.float32)
-    return torch.cat(mus).numpy(), torch.cat(logvars).numpy()
 
 
 @torch.no_grad()
@@ -233,17 +195,17 @@ def write_maps(
     mu = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
     keep = map_sample(table, ev.map_points, ev.seed)
     kept = table.loc[keep].reset_index(drop=True)
-    names = maps.label_names(kept["label"])
+    names = figures.label_names(kept["label"])
     train = mu[(table["split"] == "train").to_numpy()]
-    projections = {"pca": maps.pca_2d(mu[keep], fit_on=train if len(train) >= 2 else mu)}
+    projections = {"pca": figures.pca_2d(mu[keep], fit_on=train if len(train) >= 2 else mu)}
     if ev.map_method == "tsne" and len(keep) >= 5:
-        projections["tsne"] = maps.tsne_2d(mu[keep], ev.seed)
+        projections["tsne"] = figures.tsne_2d(mu[keep], ev.seed)
     for method, (xy, axes) in projections.items():
         for split in SPLITS:
             rows = (kept["split"] == split).to_numpy()
             if rows.any():
                 title = f"{METHOD_NAMES[method]} of latent means, {split} split"
-                maps.plot_map(
+                figures.plot_map(
                     xy[rows], names[rows], axes, title, out / "maps" / f"{method}_{split}.png"
                 )
     method = "tsne" if "tsne" in projections else "pca"
@@ -254,7 +216,7 @@ def write_maps(
         points = points.join(attributes.loc[keep, extra].reset_index(drop=True))
     thumbs = np.stack([images[s][i] for s, i in zip(kept["split"], kept["row"], strict=True)])
     title = f"Latent means ({METHOD_NAMES[method]}): hover a point for its image"
-    size = maps.html_map(
+    size = html_map.latent_map(
         points, thumbs, axes, title, out / "latent_map.html", ("label", "split", *extra)
     )
     log.info("interactive map: %d images, %.1f MB", len(points), size / 1e6)
@@ -321,12 +283,12 @@ def write_grids(
     (out / "grids").mkdir()
     rows, names = traversal_rows(test_meta.reset_index(drop=True))
     base = torch.from_numpy(mu[rows]).to(device)  # (R,J)
-    values = np.linspace(-maps.TRAVERSAL_SPAN, maps.TRAVERSAL_SPAN, ev.traversal_steps)
+    values = np.linspace(-figures.TRAVERSAL_SPAN, figures.TRAVERSAL_SPAN, ev.traversal_steps)
     cols = [f"{v:+.1f}" for v in values]
-    for rank, dim in enumerate(maps.top_kl_dims(kl_per_dim, ev.traversal_dims), start=1):
-        grid = maps.traversal_grid(model, base, dim, ev.traversal_steps)
+    for rank, dim in enumerate(figures.top_kl_dims(kl_per_dim, ev.traversal_dims), start=1):
+        grid = figures.traversal_grid(model, base, dim, ev.traversal_steps)
         title = f"z_{dim} swept (KL rank {rank}: {kl_per_dim[dim]:.2f} nats)"
-        maps.save_labelled_grid(
+        figures.save_labelled_grid(
             grid, names, cols, title, out / "traversals" / f"kl_rank{rank}_dim{dim:02d}.png"
         )
 
@@ -334,11 +296,13 @@ def write_grids(
     originals = np.asarray(test_images[:n])
     recons = model.reconstruct(next(batches(originals, n, device))).cpu().numpy()
     scale = max(1, 64 // model.config.width)  # tiles drawn at least ~64 px wide
-    grid = maps.reconstruction_grid(originals, recons, ncol=8)
-    maps.save_png(grid, out / "grids" / "reconstructions_test.png", scale)
+    grid = figures.reconstruction_grid(originals, recons, ncol=8)
+    figures.save_png(grid, out / "grids" / "reconstructions_test.png", scale)
     generator = torch.Generator().manual_seed(ev.seed)
     samples = model.sample(64, generator=generator).cpu().numpy()
-    maps.save_png(maps.image_grid(samples, ncol=8), out / "grids" / "prior_samples.png", scale)
+    figures.save_png(
+        figures.image_grid(samples, ncol=8), out / "grids" / "prior_samples.png", scale
+    )
 
 
 def write_tables(
@@ -364,11 +328,11 @@ def write_plots(
 ) -> None:
     """plots/kl_per_dim.png and, when the train history exists, plots/training_history.png."""
     (out / "plots").mkdir()
-    maps.kl_figure(
+    figures.kl_figure(
         kl_per_dim, mu_test.var(0), ACTIVE_UNIT_THRESHOLD, out / "plots" / "kl_per_dim.png"
     )
     if history_path.is_file():
-        maps.history_figure(pd.read_csv(history_path), out / "plots" / "training_history.png")
+        figures.history_figure(pd.read_csv(history_path), out / "plots" / "training_history.png")
     else:
         notes.append(f"{history_path}: not found, training curves not drawn")
 
@@ -376,44 +340,15 @@ def write_plots(
 # ----------------------------------------------------------------------------- MLflow
 
 
-def tracking_run(uri: str, run_id: str | None, model_path: str, experiment: str) -> str:
-    """The training run's id if the store has it; otherwise a new run tagged with the model."""
-    if tracking.run_exists(uri, run_id):
-        return run_id
-    if run_id:
-        log.warning(
-            "training run %s is not in the tracking store %s: logging to a new run", run_id, uri
-        )
-    else:
-        log.warning("%s names no MLflow run: logging to a new run", model_path)
-    tags = {
-        tracking.RUN_TAG: "evaluate",
-        "retina_vae.checkpoint": model_path,
-        "retina_vae.trained_run_id": run_id or "unknown",
-    }
-    exp_id = tracking.experiment_id(uri, experiment)
-    return tracking.client(uri).create_run(exp_id, tags=tags, run_name="evaluate").info.run_id
-
-
 def log_to_mlflow(params: Params, extra: dict, out: Path, metrics: dict[str, float]) -> str:
-    """Log metrics, the whole evaluation folder ``out`` and its composition table (as an MLflow
-    table); returns the run id."""
+    """Log metrics, the whole evaluation folder ``out`` and its tables (as MLflow tables) into
+    the training run (or a new one, :func:`pipeline.tracking.evaluation_run`); returns its id."""
     uri = tracking.resolve_tracking_uri(params.tracking)
-    run_id = tracking_run(
+    run_id = tracking.evaluation_run(
         uri, extra.get("mlflow_run_id"), params.paths.model, params.tracking.experiment
     )
-    with tracking.using_uri(uri), mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifacts(str(out), artifact_path=ARTIFACT_DIR)
-        confound_table = out / "tables" / CONFOUND_TABLE
-        if confound_table.is_file():  # the run's Evaluation / Tables view
-            name = f"{ARTIFACT_DIR}/tables/{Path(CONFOUND_TABLE).stem}.json"
-            mlflow.log_table(pd.read_csv(confound_table), artifact_file=name)
-        composition = out / "tables" / "cluster_composition.csv"
-        if composition.is_file():
-            table = f"{ARTIFACT_DIR}/tables/cluster_composition.json"
-            mlflow.log_table(pd.read_csv(composition), artifact_file=table)
-        mlflow.set_tag("retina_vae.evaluated", "true")
+    tables = [f"tables/{CONFOUND_TABLE}", "tables/cluster_composition.csv"]
+    tracking.log_evaluation(uri, run_id, out, metrics, ARTIFACT_DIR, tables)
     return run_id
 
 

@@ -14,7 +14,7 @@ inside the file:
 A drop-down recolours the points by any attribute (the browser rebuilds the traces from the
 columns, so the data is not repeated per attribute); hovering a point shows its thumbnail, its
 label, split and image id; clicking a legend entry hides that group. If the browser cannot run
-the map, the page says so in words instead of staying blank.
+the map, the page says so in words instead of staying blank. Entry point: :func:`latent_map`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import base64
 import functools
 import gzip
 import html
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -30,9 +31,78 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
+
+from pipeline.figures import UNLABELLED, label_colours
 
 PLOT_ID = "latent-map"
 MAX_CATEGORIES = 40  # an attribute with more distinct values than this is not offered as colour
+THUMB_MAX = 48  # hover thumbnails larger than this (pixels) are shrunk to keep the HTML small
+THUMB_COLOURS = 32  # ... and drawn with at most this many colours (palette PNG) ...
+THUMB_GREYS = 16  # ... or grey levels (plenty for a hover preview of an OCT scan)
+UNKNOWN = "(unknown)"  # a missing attribute value on the HTML map
+
+
+def latent_map(
+    points: pd.DataFrame,
+    images: np.ndarray,
+    axes: list[str],
+    title: str,
+    path: Path,
+    colour_by: Sequence[str] = ("label", "split"),
+) -> int:
+    """Interactive map: hovering a point shows its thumbnail, label, split and image id.
+
+    Args:
+        points: one row per point with columns x, y, label (name), split, image_id and every
+            attribute named in ``colour_by`` (missing values are shown as ``UNKNOWN``).
+        images: (N,C,H,W) uint8, same row order.
+        colour_by: the attributes the map's drop-down offers, the first one drawn first;
+            attributes with a single value or more than ``MAX_CATEGORIES`` are left out.
+    Writes one self-contained HTML file (see :mod:`pipeline.html_map`); returns its size in
+    bytes. Clicking a legend entry hides that group.
+    """
+    data = points.reset_index(drop=True).copy()
+    for col in colour_by:
+        if col in data and col != "label":
+            data[col] = data[col].astype(object).where(data[col].notna(), UNKNOWN).astype(str)
+    offered = colour_columns(data, list(dict.fromkeys(colour_by)))
+    palettes = {
+        c: label_colours(data[c].tolist()) if c == "label" else category_colours(data[c])
+        for c in offered
+    }
+    thumbs = [thumbnail_uri(img) for img in images]
+    return write(path, data, thumbs, axes, title, offered, palettes)
+
+
+def thumbnail_uri(image: np.ndarray) -> str:
+    """(C,H,W) uint8 image -> ``data:image/png;base64,...`` for an HTML ``<img src>``.
+
+    Shrunk to at most ``THUMB_MAX`` px and ``THUMB_COLOURS`` colours (``THUMB_GREYS`` grey
+    levels) as a palette PNG: about 1.2 KB of base64 for a 64 px OCT scan. An image that
+    already fits both limits round-trips exactly.
+    """
+    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (C,H,W) -> (H,W[,C])
+    pic = Image.fromarray(np.ascontiguousarray(pixels))
+    if max(pic.size) > THUMB_MAX:
+        pic.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+    colours = THUMB_GREYS if pic.mode == "L" else THUMB_COLOURS
+    if pic.getcolors(colours) is None:  # more colours than the palette holds
+        pic = pic.quantize(colours, dither=Image.Dither.NONE)
+    buf = io.BytesIO()
+    pic.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def category_colours(values: pd.Series) -> dict[str, str]:
+    """Legend order and colour of an attribute's values (as ``label_colours``; missing grey)."""
+    names = values.astype(object).where(values.notna(), UNKNOWN).astype(str)
+    colours = label_colours(names.tolist())
+    colours.pop(UNLABELLED, None)
+    if UNKNOWN in colours or (names == UNKNOWN).any():
+        colours.pop(UNKNOWN, None)
+        colours[UNKNOWN] = "#b0b0b0"  # last in the legend, grey
+    return colours
 
 
 @functools.lru_cache(maxsize=1)

@@ -70,18 +70,19 @@ def pixel_pca(
     n = len(train_images)
     rng = np.random.default_rng(seed)
     fit_rows = np.sort(rng.choice(n, PCA_FIT_MAX, replace=False)) if n > PCA_FIT_MAX else None
-    fit_x = _flat(train_images if fit_rows is None else train_images[fit_rows])  # (n',D)
+    fit_x = flat_pixels(train_images if fit_rows is None else train_images[fit_rows])  # (n',D)
     k = min(n_components, *fit_x.shape)
     pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(fit_x)
 
     def project(images: np.ndarray) -> np.ndarray:
-        parts = [pca.transform(_flat(images[i : i + 256])) for i in range(0, len(images), 256)]
+        chunks = (images[i : i + 256] for i in range(0, len(images), 256))
+        parts = [pca.transform(flat_pixels(chunk)) for chunk in chunks]
         return np.concatenate(parts) if parts else np.zeros((0, k), np.float32)
 
     return project(train_images), project(test_images)
 
 
-def _flat(images: np.ndarray) -> np.ndarray:
+def flat_pixels(images: np.ndarray) -> np.ndarray:
     """(N,C,H,W) uint8 -> (N, C*H*W) float32 in [0, 1]."""
     return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255.0
 

@@ -6,7 +6,7 @@ decoded at the JPEG scale that covers ``preprocess.image_size``. For non-JPEG fi
 BMP, DICOM: no reduced decoding) and for JPEGs where both bounds fall on the same DCT scale
 (every photo of >= 1024 px with the default 64 px target) the two decodes give identical
 pixels, so ingest prepares the training pixels from its own decode
-(:func:`pipeline.preprocess.prepare_pixels`) and writes them here; preprocess takes them
+(:func:`pipeline.pixels.prepare_pixels`) and writes them here; preprocess takes them
 instead of decoding again. Everything else (small JPEGs at another scale, a DICOM volume whose
 kept frames differ from those decoded, an .npz source) is decoded by preprocess as before.
 
@@ -14,7 +14,7 @@ The cache is an accelerator only, never a DVC output or dependency: preprocess u
 only when all of these match, and otherwise decodes the file itself, so its outputs are the
 same bytes with or without the cache:
 - the cache key: modality, ``preprocess.image_size``, ``oct_aspect``, ``illumination``, the
-  source of :mod:`pipeline.preprocess` and :mod:`pipeline.readers`, the decoder library
+  source of :mod:`pipeline.pixels` and :mod:`pipeline.readers`, the decoder library
   versions (a params or code change without re-running ingest is a miss, not a stale hit);
 - the manifest: the SHA-256 of the manifest file this cache was written with;
 - the file: its size and modification time at ingest;
@@ -38,10 +38,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.params import Params
+from pipeline.processed import CHANNELS
 
 FORMAT = 1
 LIBRARIES = ("pillow", "numpy", "scipy", "scikit-image", "pydicom")
-_CODE = ("preprocess.py", "readers.py")
+_CODE = ("pixels.py", "readers.py")
 
 
 def cache_dir(params: Params) -> Path:
@@ -49,7 +50,7 @@ def cache_dir(params: Params) -> Path:
 
 
 def prepare_spec(params: Params) -> dict:
-    """What :func:`pipeline.preprocess.prepare_pixels` is called with for this params file."""
+    """What :func:`pipeline.pixels.prepare_pixels` is called with for this params file."""
     pp = params.preprocess
     return {
         "modality": params.ingest.modality,
@@ -89,8 +90,7 @@ def file_stat(path: str | Path) -> tuple[int, int]:
 
 
 def shape_of(spec: dict) -> tuple[int, int, int]:
-    channels = 3 if spec["modality"] == "fundus" else 1
-    return (channels, *spec["image_size"])
+    return (CHANNELS[spec["modality"]], *spec["image_size"])
 
 
 class CacheWriter:

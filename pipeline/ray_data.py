@@ -7,7 +7,7 @@ functions the local engine uses), while the driver keeps everything that needs t
 collection at once: the listing, quarantine and duplicate decisions, pseudonymisation, the
 subject split, the tables. Pixels never pass through the driver: preprocess's tasks write each
 image straight into its place in the output shards (``{split}_images/00000.npy`` ...,
-``data.shard_size`` images each, see :mod:`pipeline.shards`), which on a multi-node cluster must
+``data.shard_size`` images each, see :mod:`pipeline.processed`), which on a multi-node cluster must
 be on storage every node mounts at the same path (as ``paths.processed`` already must be for
 training).
 
@@ -22,12 +22,13 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import pixels
 from pipeline.errors import UserError
 from pipeline.params import Params
 
@@ -131,13 +132,14 @@ def _key(path: str) -> str:
 # ----------------------------------------------------------------------------- ingest
 
 
-def _inspect_batch(batch: dict, args: tuple) -> dict:
-    """map_batches: each file's ingest result (:func:`pipeline.ingest._inspect`) as JSON."""
-    from pipeline.ingest import _inspect
+Inspect = Callable[..., dict]  # ingest's worker: (task, data=bytes) -> JSON-able result
 
+
+def _inspect_batch(batch: dict, inspect: Inspect, args: tuple) -> dict:
+    """map_batches: each file's ingest result (``inspect``) as JSON."""
     results = []
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
-        results.append(json.dumps(_inspect((str(path), *args, None), data=bytes(data))))
+        results.append(json.dumps(inspect((str(path), *args, None), data=bytes(data))))
     return {
         "path": np.asarray(batch["path"], dtype=object),
         "result": np.asarray(results, dtype=object),
@@ -145,8 +147,8 @@ def _inspect_batch(batch: dict, args: tuple) -> dict:
     }
 
 
-def inspect_files(tasks: list[tuple]) -> list[dict]:
-    """:func:`pipeline.ingest._inspect` for every task, on Ray Data; results in task order.
+def inspect_files(tasks: list[tuple], inspect: Inspect) -> list[dict]:
+    """ingest's ``inspect(task, data=bytes)`` for every task, on Ray Data; results in task order.
 
     Tasks share everything but the path (oct_central, min_size, max_pixels, salt). A file
     that is gone gets a reason here (the caller names it "listed but file not found").
@@ -162,13 +164,14 @@ def inspect_files(tasks: list[tuple]) -> list[dict]:
             _inspect_batch,
             batch_size=FILES_PER_BATCH,
             batch_format="numpy",
-            fn_args=(args,),
+            fn_args=(inspect, args),
         )
         for row in ds.iter_rows():
             found[_key(row["path"])] = json.loads(row["result"])
             nodes[row["node"]] += 1
     _log_nodes("ingest", nodes)
-    return [found.get(_key(t[0]), {"reason": "file not found"}) for t in tasks]
+    gone = {"reason": "file not found", "kind": "file not found"}
+    return [found.get(_key(t[0]), gone) for t in tasks]
 
 
 # ----------------------------------------------------------------------------- preprocess
@@ -176,12 +179,10 @@ def inspect_files(tasks: list[tuple]) -> list[dict]:
 
 def _prepare_batch(batch: dict, plan: dict, spec: tuple) -> dict:
     """map_batches: decode each file's listed frames, write each image into its shard slot."""
-    from pipeline.preprocess import _prepare_task
-
     errors = []
     for path, data in zip(batch["path"], batch["bytes"], strict=True):
         frames, slots = plan[_key(str(path))]
-        res = _prepare_task((str(path), frames, *spec), data=bytes(data))
+        res = pixels.prepare_frames((str(path), frames, *spec), data=bytes(data))
         if isinstance(res, str):
             errors.append(f"{path}\t{res}")
             continue
@@ -203,7 +204,7 @@ def prepare_files(groups: list[tuple[str, list[int], list[tuple[str, int]]]], sp
     """Decode and write every file's frames on Ray Data.
 
     ``groups``: (absolute path, frames, [(shard file, byte offset) per frame]); ``spec``: the
-    rest of :func:`pipeline.preprocess._prepare_task`'s task (modality, size, aspect,
+    rest of :func:`pipeline.pixels.prepare_frames`'s task (modality, size, aspect,
     illumination). A file that cannot be decoded stops the stage, as with the local engine.
     """
     plan = {_key(path): (frames, slots) for path, frames, slots in groups}

@@ -37,7 +37,16 @@ DICOMDIR = "DICOMDIR"
 
 
 class BadImage(UserError):
-    """A file that cannot be used as an image; ``str()`` is a one-line reason."""
+    """A file that cannot be used as an image; ``str()`` is a one-line reason, ``kind`` the
+    class of reason that ingest's report counts (``"too small"`` for ``"too small: 20x20 is
+    below ..."``; the reason itself when it holds no detail)."""
+
+    def __init__(self, reason: str, kind: str | None = None) -> None:
+        super().__init__(reason)
+        self.kind = reason if kind is None else kind
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.kind)  # survives a worker process's pickling
 
 
 @dataclass
@@ -112,10 +121,13 @@ def _check_size(width: int, height: int, frames: int, min_size: int, max_pixels:
     if max_pixels is not None and width * height * frames > max_pixels:
         raise BadImage(
             f"decompression bomb: {width}x{height}x{frames} pixels exceeds ingest.max_pixels "
-            f"({max_pixels})"
+            f"({max_pixels})",
+            "decompression bomb",
         )
     if min(width, height) < min_size:
-        raise BadImage(f"too small: {width}x{height} is below ingest.min_size ({min_size})")
+        raise BadImage(
+            f"too small: {width}x{height} is below ingest.min_size ({min_size})", "too small"
+        )
 
 
 def _photo_array(im: Image.Image) -> np.ndarray:
@@ -135,9 +147,11 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
         try:
             im = Image.open(path)
         except UnidentifiedImageError:
-            raise BadImage("not an image (format not recognised)") from None
+            raise BadImage("not an image (format not recognised)", "not an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage("decompression bomb: exceeds Pillow's pixel limit") from None
+            raise BadImage(
+                "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
+            ) from None
     with im:
         if im.format not in PHOTO_FORMATS:
             raise BadImage(f"unsupported image format {im.format}")
@@ -151,7 +165,7 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
         out = []
         for i in frames:
             if i >= n:
-                raise BadImage(f"frame {i} not in file ({n} frames)")
+                raise BadImage(f"frame {i} not in file ({n} frames)", "frame not in file")
             im.seek(i)
             out.append((i, _photo_array(im)))
     # decoded_size: the size after any draft reduction (the DCT scale actually decoded)
@@ -165,11 +179,13 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError):
-        raise BadImage("unreadable DICOM (header could not be parsed)") from None
+        raise BadImage(
+            "unreadable DICOM (header could not be parsed)", "unreadable DICOM"
+        ) from None
     if any("End of file" in str(w.message) for w in caught):
-        raise BadImage("truncated DICOM (file ends inside an element)")
+        raise BadImage("truncated DICOM (file ends inside an element)", "truncated DICOM")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise BadImage("DICOM without pixel data (not an image object)")
+        raise BadImage("DICOM without pixel data (not an image object)", "DICOM without pixel data")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -179,7 +195,7 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
     if frames is None:
         frames = [n // 2] if (oct_central and n > 1) else list(range(n))
     if any(i >= n for i in frames):
-        raise BadImage(f"frame index not in file ({n} frames)")
+        raise BadImage(f"frame index not in file ({n} frames)", "frame index not in file")
     try:
         if frames == list(range(n)):
             arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
@@ -205,9 +221,14 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
     except BadImage:
         raise
     except Exception as exc:  # any decoder failure: corrupt stream, missing plugin, ...
-        raise BadImage(f"undecodable DICOM pixel data ({type(exc).__name__})") from None
+        raise BadImage(
+            f"undecodable DICOM pixel data ({type(exc).__name__})", "undecodable DICOM pixel data"
+        ) from None
     if arr.shape[0] != len(frames) or arr.shape[1:3] != (rows, cols):
-        raise BadImage(f"DICOM pixel data does not match its header ({rows}x{cols}x{n})")
+        raise BadImage(
+            f"DICOM pixel data does not match its header ({rows}x{cols}x{n})",
+            "DICOM pixel data does not match its header",
+        )
     eye = normalise_eye(ds.get("ImageLaterality") or ds.get("Laterality"))
     pid = str(ds.get("PatientID", "") or "").strip() or None
     info = {"format": "DICOM", "sop_class": str(ds.get("SOPClassUID", "")), "mono": mono}
@@ -250,6 +271,6 @@ def read_image(
         raise
     except OSError as exc:  # truncated or corrupt photo streams surface as OSError
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadImage(f"undecodable image ({msg})") from None
+        raise BadImage(f"undecodable image ({msg})", "undecodable image") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise BadImage(f"undecodable image ({type(exc).__name__})") from None
+        raise BadImage(f"undecodable image ({type(exc).__name__})", "undecodable image") from None

@@ -1,17 +1,17 @@
 """MLflow adapter: where the tracking store is, one run per training, per-epoch logging.
 
-Every stage that logs goes through here: ``resolve_tracking_uri`` (env ``MLFLOW_TRACKING_URI``
-wins; a relative ``sqlite:///x.db`` lives at the repository root, also from inside a DVC
-experiment's temporary copy), ``start_run`` / ``finish_run`` on the driver, and
-:class:`EpochLogger`, the picklable callback that Ray's rank-0 worker calls after each epoch.
-Only one process logs each event, so a training has exactly one run whatever its worker count.
+The only module of the project that talks to MLflow; every stage that logs goes through here:
+``resolve_tracking_uri`` (env ``MLFLOW_TRACKING_URI`` wins; a relative ``sqlite:///x.db`` lives
+at the repository root, also from inside a DVC experiment's temporary copy), ``start_run`` /
+``finish_run`` on the driver, :class:`EpochLogger`, the picklable callback that Ray's rank-0
+worker calls after each epoch, and ``evaluation_run`` / ``log_evaluation`` for evaluate. Only
+one process logs each event, so a training has exactly one run whatever its worker count.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from pipeline import shards
 from pipeline.figures import image_grid
 from pipeline.params import TrackingParams
+from vae_core.model import LatentMeans
 
 log = logging.getLogger("retina_vae.tracking")
 
@@ -259,7 +260,6 @@ def log_model(
     the model loads wherever torch is installed. ``register_as``: also register it, as the next
     version of that registered model (``mlflow.pyfunc.load_model("models:/<name>/<version>")``).
     """
-    import cloudpickle
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
@@ -268,37 +268,63 @@ def log_model(
     x = example.astype(np.float32) / 255.0  # (N,C,H,W) uint8 -> float in [0, 1]
     with torch.no_grad():
         mu = encoder(torch.from_numpy(x)).numpy()
-    # The wrapper class travels by value, so loading needs vae_core (code_paths) and torch,
-    # not this module's imports (pydantic, yaml, ...).
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        with using_uri(uri), mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                encoder,
-                name="model",
-                signature=infer_signature(x, mu),
-                input_example=x,
-                code_paths=[str(p) for p in code_paths],
-                # Given, not inferred: inference re-loads the model in a subprocess (~10 s).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-                # a new version of this registered model (models:/<name>/<version>)
-                registered_model_name=register_as,
-            )
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+    # The wrapper is vae_core's own class: loading needs vae_core (code_paths) and torch only.
+    with using_uri(uri), mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            encoder,
+            name="model",
+            signature=infer_signature(x, mu),
+            input_example=x,
+            code_paths=[str(p) for p in code_paths],
+            # Given, not inferred: inference re-loads the model in a subprocess (~10 s).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            # a new version of this registered model (models:/<name>/<version>)
+            registered_model_name=register_as,
+        )
 
 
-class LatentMeans(torch.nn.Module):
-    """The served model: images (B,C,H,W) float in [0, 1] -> latent means mu (B,J)."""
+def evaluation_run(uri: str, run_id: str | None, model_path: str, experiment: str) -> str:
+    """The training run ``run_id`` if the store has it; otherwise a new run in ``experiment``
+    tagged with the model it evaluates (a warning says so)."""
+    if run_exists(uri, run_id):
+        return run_id
+    if run_id:
+        log.warning(
+            "training run %s is not in the tracking store %s: logging to a new run", run_id, uri
+        )
+    else:
+        log.warning("%s names no MLflow run: logging to a new run", model_path)
+    tags = {
+        RUN_TAG: "evaluate",
+        "retina_vae.checkpoint": model_path,
+        "retina_vae.trained_run_id": run_id or "unknown",
+    }
+    exp_id = experiment_id(uri, experiment)
+    return client(uri).create_run(exp_id, tags=tags, run_name="evaluate").info.run_id
 
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu, _ = self.vae.encode(x)
-        return mu
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    folder: Path,
+    metrics: dict[str, float],
+    artifact_path: str,
+    tables: list[str],
+) -> None:
+    """Log an evaluation into ``run_id``: ``metrics``, the whole ``folder`` under
+    ``artifact_path``, each CSV of ``tables`` (paths relative to ``folder``) that exists also
+    as an MLflow table (``<name>.json``, the run's Evaluation / Tables view), and the tag
+    ``retina_vae.evaluated``."""
+    import mlflow
+
+    with using_uri(uri), mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        for table in tables:
+            if (folder / table).is_file():
+                name = f"{artifact_path}/{Path(table).with_suffix('.json').as_posix()}"
+                mlflow.log_table(pd.read_csv(folder / table), artifact_file=name)
+        mlflow.set_tag("retina_vae.evaluated", "true")
 
 
 def run_url(uri: str, run_id: str) -> str:
@@ -350,15 +376,6 @@ def lineage_tags(repo: Path, lock: Path) -> dict[str, str]:
     if lock.is_file():
         tags["retina_vae.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
     return tags
-
-
-def split_sizes(processed: Path) -> dict[str, int]:
-    """Images per split of the processed arrays: ``{"train_images": N, ...}``."""
-    sizes = {}
-    for split in ("train", "val", "test"):
-        if shards.exists(processed, split):  # one .npy, or the Ray Data engine's shards
-            sizes[f"{split}_images"] = len(shards.open_images(processed, split))
-    return sizes
 
 
 def log_training_data(

@@ -30,10 +30,20 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import shards, tracking
+from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.params import Params
+from pipeline.processed import (
+    ShardedArray,
+    exists,
+    image_files,
+    images_path,
+    open_images,
+    open_path,
+    split_sizes,
+    table_path,
+)
 from pipeline.stage import run_stage
 from vae_core import distributed
 from vae_core.augment import AugmentConfig
@@ -44,7 +54,7 @@ from vae_core.training import TrainConfig
 log = logging.getLogger("retina_vae.train")
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = ("train", "val")
+FIT_SPLITS = ("train", "val")  # the splits the model learns from (test is evaluate's)
 N_EXAMPLES = 8  # val images shown in the reconstruction grids
 # Params that change how the run is executed, not what it learns: changing them resumes, and
 # dvc.yaml leaves them out of the train stage's params (tests/test_dvc.py keeps the two in step).
@@ -81,13 +91,13 @@ RUN_STATE = "run.json"  # beside Ray's checkpoints: the MLflow run this Ray run 
 
 class ArrayDataset(Dataset):
     """One split's ``{split}_images.npy`` or shard folder ``{split}_images/`` (the Ray Data
-    engine's output, :mod:`pipeline.shards`), memory-mapped: item i -> uint8 tensor (C,H,W).
+    engine's output, :mod:`pipeline.processed`), memory-mapped: item i -> uint8 tensor (C,H,W).
     Shards index as one array, so samplers and the training order do not change."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._images: np.ndarray | shards.ShardedArray | None = None
-        self.length = len(shards.open_path(path))
+        self._images: np.ndarray | ShardedArray | None = None
+        self.length = len(open_path(path))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_images": None}  # each process maps the file itself
@@ -97,7 +107,7 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self._images is None:
-            self._images = shards.open_path(self.path)
+            self._images = open_path(self.path)
         return torch.from_numpy(np.array(self._images[i]))  # copy out of the map
 
 
@@ -108,26 +118,26 @@ class ProcessedData:
         self.processed = str(Path(processed).resolve())
 
     def __call__(self) -> tuple[ArrayDataset, ArrayDataset]:
-        train, val = (ArrayDataset(str(shards.images_path(self.processed, s))) for s in SPLITS)
+        train, val = (ArrayDataset(str(images_path(self.processed, s))) for s in FIT_SPLITS)
         return train, val
 
 
 def check_processed(processed: Path) -> tuple[int, int, int]:
     """(C, H, W) of the training arrays; a UserError naming the file if anything is off."""
     shapes = {}
-    for split in SPLITS:
-        path = shards.images_path(processed, split)
-        if not shards.exists(processed, split):
+    for split in FIT_SPLITS:
+        path = images_path(processed, split)
+        if not exists(processed, split):
             raise UserError(f"{path}: not found; run `retina-vae preprocess` first")
         try:
-            images = shards.open_path(path)
+            images = open_path(path)
         except (ValueError, OSError) as exc:
             raise UserError(f"{path}: not a readable .npy array ({exc})") from None
         if images.dtype != np.uint8 or images.ndim != 4:
             raise UserError(f"{path}: expected uint8 (N,C,H,W), got {images.dtype} {images.shape}")
         shapes[split] = images.shape
     if shapes["train"][0] == 0:
-        raise UserError(f"{processed}/train_images.npy: the training split is empty")
+        raise UserError(f"{images_path(processed, 'train')}: the training split is empty")
     if shapes["train"][1:] != shapes["val"][1:]:
         raise UserError(f"{processed}: train and val images differ in shape")
     return tuple(int(v) for v in shapes["train"][1:])  # type: ignore[return-value]
@@ -136,8 +146,8 @@ def check_processed(processed: Path) -> tuple[int, int, int]:
 def data_hash(processed: Path) -> str:
     """sha256 over the train/val arrays and tables the model learns from."""
     digest = hashlib.sha256()
-    for split in SPLITS:
-        for path in [*shards.image_files(processed, split), processed / f"{split}.parquet"]:
+    for split in FIT_SPLITS:
+        for path in [*image_files(processed, split), table_path(processed, split)]:
             name = path.relative_to(processed).as_posix()  # shards: {split}_images/00000.npy
             if path.is_file():
                 digest.update(name.encode())
@@ -276,7 +286,7 @@ def check_shared_storage(storage: Path, processed: Path) -> None:
     try:
         files = {
             str(marker): "paths.checkpoints",
-            **{str(f): "paths.processed" for s in SPLITS for f in shards.image_files(processed, s)},
+            **{str(f): "paths.processed" for s in FIT_SPLITS for f in image_files(processed, s)},
         }
         local = {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
         for node, seen in distributed.stat_on_every_node(list(files)).items():
@@ -315,8 +325,8 @@ def write_outputs(params: Params, result: distributed.FitResult, extra: dict[str
 
 
 def _examples(processed: Path) -> np.ndarray:
-    val = shards.open_images(processed, "val")
-    source = val if len(val) else shards.open_images(processed, "train")
+    val = open_images(processed, "val")
+    source = val if len(val) else open_images(processed, "train")
     return np.array(source[:N_EXAMPLES])  # (n,C,H,W) uint8
 
 
@@ -376,7 +386,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
                 run_id,
                 params.paths.processed,
                 extra["data_hash"],
-                tracking.split_sizes(processed),
+                split_sizes(processed),
             )
             result = _fit(params, shape, extra, uri, storage, name, processed)
             write_outputs(params, result, extra)

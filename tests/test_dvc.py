@@ -98,3 +98,22 @@ def test_train_params_are_listed_key_by_key_or_operational():
     assert sorted(unknown) == [], "dvc.yaml train params names unknown keys"
     undecided = keys - listed - OPERATIONAL
     assert sorted(undecided) == [], "add to dvc.yaml train params or to train.OPERATIONAL"
+
+
+def test_stages_stand_on_shared_modules_not_on_each_other():
+    """A stage module imports shared modules only: no stage is another stage's library."""
+    stages = {_module_file(module) for module, _ in COMMANDS.values()}
+    for stage in stages:
+        assert _imports(stage) & stages == set(), f"{stage} imports another stage"
+    shared = {str(p.relative_to(REPO)) for p in (REPO / "pipeline").glob("*.py")} - stages
+    for module in shared:
+        assert _imports(module) & stages == set(), f"{module} imports a stage"
+
+
+def test_only_tracking_talks_to_mlflow():
+    for path in sorted((REPO / "pipeline").glob("*.py")) + sorted((REPO / "vae_core").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        if any(name.split(".")[0] == "mlflow" for name in names):
+            assert path.name == "tracking.py", f"{path.name} imports mlflow"

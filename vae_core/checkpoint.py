@@ -58,11 +58,17 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> ConvVAE:
-    """Rebuild the ConvVAE saved at ``path`` and load its weights; returned in eval mode."""
-    payload = read_checkpoint(path, map_location)
+def rebuild(payload: dict[str, Any]) -> ConvVAE:
+    """The ConvVAE of a checkpoint dict (:func:`read_checkpoint`) with its weights, in eval
+    mode, where its tensors were mapped to; the one place a checkpoint becomes a model."""
     model = ConvVAE(VAEConfig(**payload["config"]))
     model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> ConvVAE:
+    """Rebuild the ConvVAE saved at ``path`` and load its weights; returned in eval mode."""
+    model = rebuild(read_checkpoint(path, map_location))
     if isinstance(map_location, (str, torch.device)):  # a dict or callable map stays on CPU
         model.to(map_location)
-    return model.eval()
+    return model

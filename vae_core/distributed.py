@@ -2,8 +2,9 @@
 
 The only module of the project that imports Ray. It knows nothing of files, params or MLflow:
 the caller hands in a picklable ``data`` factory (returns ``(train_dataset, val_dataset)`` of
-uint8 (C,H,W) tensors) and a picklable ``on_epoch(epoch, row, model)`` callback that rank 0
-calls after each epoch's checkpoint.
+uint8 (C,H,W) tensors) and a picklable ``on_epoch(epoch, row, model)`` callback
+(:data:`vae_core.training.EpochCallback`, as ``fit_local`` takes) that rank 0 calls after each
+epoch.
 
 Per worker: seed, build the model, wrap it in DDP, shard the data with a DistributedSampler
 (``train_epoch`` calls ``set_epoch``), train / evaluate (metrics all-reduced inside), and every
@@ -32,11 +33,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from vae_core.checkpoint import read_checkpoint, save_checkpoint
+from vae_core.checkpoint import read_checkpoint, rebuild, save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig, unwrap
 from vae_core.training import (
+    EpochCallback,
     TrainConfig,
     evaluate_epoch,
+    history_row,
     make_optimizer,
     make_scheduler,
     prepare_model,
@@ -60,7 +63,6 @@ RAY_ENV_DEFAULTS = {
 LOCAL_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 DataFactory = Callable[[], tuple[Dataset, Dataset]]
-EpochHook = Callable[[int, dict[str, float], nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class RunSpec:
     model: VAEConfig
     train: TrainConfig
     data: DataFactory
-    on_epoch: EpochHook | None = None
+    on_epoch: EpochCallback | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # copied into every checkpoint
     loader_workers: int = 0
 
@@ -365,8 +367,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # Evaluate the bare module: DDP's forward is not needed without gradients, and the
         # val shards may differ in length between ranks.
         val = evaluate_epoch(unwrap(model), val_loader, cfg, device)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
-        row.update({f"val_{k}": v for k, v in val.items()})
+        row = history_row(epoch, train, val)
         history.append(row)
         # Log before the report: ray.train.report is a barrier, so the other ranks wait there
         # rather than inside the next epoch's timed all-reduce.
@@ -415,12 +416,10 @@ def fit(
     # Local storage is read in place; an object store is downloaded once.
     with result.checkpoint.as_directory() as folder:
         state = read_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    model = ConvVAE(VAEConfig(**state["config"]))
-    model.load_state_dict(state["model"])
     return FitResult(
         history=list(state.get("history", [])),
         state=state,
-        model=model.eval(),
+        model=rebuild(state),
         nodes=len(set(state.get("worker_nodes", []))),
     )
 

@@ -211,3 +211,15 @@ class ConvVAE(nn.Module):
         noise_device = generator.device if generator is not None else device
         z = torch.randn((n, self.config.latent_dim), generator=generator, device=noise_device)
         return self.likelihood.mean(self.decode(z.to(device)))
+
+
+class LatentMeans(nn.Module):
+    """The served model (MLflow ``model``): images (B,C,H,W) float in [0, 1] -> mu (B,J)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu, _ = self.vae.encode(x)
+        return mu

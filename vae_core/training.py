@@ -246,7 +246,16 @@ def evaluate_epoch(
     return sums.finish(time.perf_counter() - start)
 
 
-EpochCallback = Callable[[int, dict[str, float], dict[str, float]], None]
+# After each epoch: on_epoch(epoch, row, model), row from history_row, model the bare module
+EpochCallback = Callable[[int, dict[str, float], nn.Module], None]
+
+
+def history_row(epoch: int, train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+    """One flat history row: ``{"epoch": e, "train_<key>": ..., "val_<key>": ...}``."""
+    row = {"epoch": epoch}
+    row.update({f"train_{k}": v for k, v in train.items()})
+    row.update({f"val_{k}": v for k, v in val.items()})
+    return row
 
 
 def fit_local(
@@ -260,8 +269,8 @@ def fit_local(
     """Single-process training: the baseline for the Ray run and the benchmarks.
 
     Seeds torch with cfg.seed, then per epoch trains, evaluates and calls
-    ``on_epoch(epoch, train_metrics, val_metrics)``. Returns one flat row per epoch:
-    {"epoch": e, "train_<key>": ..., "val_<key>": ...}.
+    ``on_epoch(epoch, row, model)`` (as the Ray loop does). Returns one flat row per epoch
+    (:func:`history_row`).
     """
     torch.manual_seed(cfg.seed)
     model = prepare_model(model, cfg, device)
@@ -271,10 +280,8 @@ def fit_local(
     for epoch in range(cfg.epochs):
         train = train_epoch(model, train_loader, optimizer, scheduler, cfg, epoch, device)
         val = evaluate_epoch(model, val_loader, cfg, device)
-        if on_epoch is not None:
-            on_epoch(epoch, train, val)
-        row = {"epoch": epoch}
-        row.update({f"train_{k}": v for k, v in train.items()})
-        row.update({f"val_{k}": v for k, v in val.items()})
+        row = history_row(epoch, train, val)
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row, unwrap(model))
     return history

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from pipeline.encode import main
-from pipeline.preprocess import prepare_file, prepare_pixels
+from pipeline.pixels import prepare_file, prepare_pixels
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
 
@@ -115,24 +115,44 @@ def test_modality_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, fold
     assert not (tmp_path / "l.csv").exists()
 
 
+def _encode_npz(tmp_path: Path, rows: np.ndarray, modality: str, preprocess: dict) -> np.ndarray:
+    """``retina-vae encode`` on an .npz of ``rows`` with these preprocess params -> (N, J) mu."""
+    npz = tmp_path / "rows.npz"
+    np.savez(npz, test_images=rows)
+    params = yaml.safe_load(_params(tmp_path, modality).read_text())
+    params["preprocess"].update(preprocess)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "latents.csv"
+    argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(npz)]) == 0
+    return pd.read_csv(out).filter(regex=r"^mu_\d+$").to_numpy()
+
+
 def test_npz_rows_are_encoded_from_the_pixels_preprocess_trains_on(tmp_path):
     """No field-of-view crop for .npz rows, and the params' illumination step, as preprocess."""
     model = _model(tmp_path, channels=3)
     rows = np.zeros((2, 40, 40, 3), np.uint8)
     rows[:, 5:35, 5:35] = (200, 90, 40)  # a bright square inside a dark frame: a crop would zoom
     rows[1, 10:30, 10:30] = (60, 30, 20)
-    npz = tmp_path / "rows.npz"
-    np.savez(npz, test_images=rows, test_labels=np.zeros((2, 1), np.uint8))
-    params = yaml.safe_load(_params(tmp_path, "fundus").read_text())
-    params["preprocess"]["illumination"] = "graham"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "latents.csv"
-    argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "vae.pt")]
-    assert main([*argv, "--out", str(out), str(npz)]) == 0
+    got = _encode_npz(tmp_path, rows, "fundus", {"illumination": "graham"})
     pixels = np.stack(
         [prepare_pixels(r, "fundus", (SIZE, SIZE), "pad", False, "graham") for r in rows]
     )
     with torch.no_grad():
         mu, _ = model.encode(torch.from_numpy(pixels).float() / 255)
-    got = pd.read_csv(out).filter(regex=r"^mu_\d+$").to_numpy()
+    np.testing.assert_allclose(got, mu.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_npz_oct_rows_follow_the_params_aspect_rule(tmp_path):
+    """A wide OCT row with ``oct_aspect: crop`` is cropped, as preprocess crops it, not padded."""
+    model = _model(tmp_path, channels=1)
+    rows = np.random.default_rng(3).integers(0, 256, (2, 20, 60), dtype=np.uint8)  # (N,H,W)
+    got = _encode_npz(tmp_path, rows, "oct", {"oct_aspect": "crop"})
+    crop, pad = (
+        np.stack([prepare_pixels(r, "oct", (SIZE, SIZE), rule, False) for r in rows])
+        for rule in ("crop", "pad")
+    )
+    assert not np.array_equal(crop, pad)  # the rule matters for this row
+    with torch.no_grad():
+        mu, _ = model.encode(torch.from_numpy(crop).float() / 255)
     np.testing.assert_allclose(got, mu.numpy(), rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import ingest
+from pipeline.manifest import MANIFEST_COLUMNS
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, PHI, gradient, make_dicom, write_params
 
@@ -47,7 +48,7 @@ def test_kermany_folder(tmp_path, caplog):
     rc, paths = _run(tmp_path, ingest={"source": str(src)})
     assert rc == 0
     m = pd.read_parquet(paths.manifest)
-    assert list(m.columns) == ingest.MANIFEST_COLUMNS
+    assert list(m.columns) == MANIFEST_COLUMNS
     assert sorted(m["label"]) == ["CNV", "CNV", "DME", "DRUSEN", "NORMAL"]
     assert m["subject_id"].nunique() == 4  # patient 111's two images share one subject
     cnv = m[m["label"] == "CNV"]
@@ -253,6 +254,7 @@ def test_npz_flat_labels_and_a_too_small_array(tmp_path):
     q = pd.read_csv(paths.quarantine)
     assert q["path"].tolist() == ["train_images[0]", "train_images[1]"]
     assert q["reason"].str.startswith("too small: 28x28").all()
+    assert _report(paths)["quarantine_reasons"] == {"too small": 2}  # counted by kind
 
 
 def test_npz_text_labels_are_kept_as_text(tmp_path):

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.maps import html_map
+from pipeline.html_map import latent_map
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ def demo_map(path: Path, n: int = N) -> str:
         }
     )
     images = rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8)
-    html_map(
+    latent_map(
         points, images, ["t-SNE 1", "t-SNE 2"], "test map", path,
         colour_by=("label", "split", "eye", "source_folder"),
     )  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import ingest, pixel_cache, preprocess, readers
+from pipeline import ingest, pixel_cache, pixels, preprocess, processed, readers
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, gradient, make_dicom, write_params
 
@@ -65,19 +65,19 @@ def _reference(params_file: Path, out: Path) -> None:
     df = pd.read_parquet(params.paths.manifest).reset_index(drop=True)
     df["split"] = preprocess.assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
     size = tuple(pp.image_size)
-    pixels = np.zeros((len(df), 3, *size), np.uint8)
+    images = np.zeros((len(df), 3, *size), np.uint8)
     for src, rows in df.groupby("source", sort=False).indices.items():
         frames = [int(f) for f in df["frame"].iloc[rows]]
         d = READ_IMAGE(Path(params.ingest.source) / src, draft=(max(size),) * 2, frames=frames)
         for r, (_, px) in zip(rows, d.frames, strict=True):
-            pixels[r] = preprocess.prepare_pixels(
+            images[r] = pixels.prepare_pixels(
                 px, "fundus", size, pp.oct_aspect, illumination=pp.illumination
             )
     out.mkdir(parents=True)
-    for split in ingest.SPLITS:
+    for split in processed.SPLITS:
         rows = np.flatnonzero((df["split"] == split).to_numpy())
-        np.save(out / f"{split}_images.npy", pixels[rows])
-        df.iloc[rows][preprocess.TABLE_COLUMNS].to_parquet(out / f"{split}.parquet", index=False)
+        np.save(out / f"{split}_images.npy", images[rows])
+        df.iloc[rows][processed.TABLE_COLUMNS].to_parquet(out / f"{split}.parquet", index=False)
 
 
 def _same_files(a: Path, b: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import demo, evaluate, ingest, preprocess, shards, train
+from pipeline import demo, evaluate, ingest, preprocess, processed, train
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import write_params
 from vae_core.distributed import make_loaders
@@ -115,10 +115,10 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path):
     for name in ("manifest", "quarantine", "duplicates", "ingest_report", "preprocess_report"):
         assert Path(getattr(a, name)).read_bytes() == Path(getattr(b, name)).read_bytes(), name
     assert not (Path(b.manifest).parent / "prepared").exists()  # no cache on the Ray engine
-    for split in ingest.SPLITS:
+    for split in processed.SPLITS:
         pa, pb = Path(a.processed), Path(b.processed)
         assert (pa / f"{split}.parquet").read_bytes() == (pb / f"{split}.parquet").read_bytes()
-        files = shards.image_files(pb, split)
+        files = processed.image_files(pb, split)
         assert (
             files[0].parent.name == f"{split}_images" and not (pb / f"{split}_images.npy").exists()
         )
@@ -150,7 +150,7 @@ def test_training_runs_on_the_shards(ray_session, tmp_path):
     for stage in (ingest, preprocess, train, evaluate):
         assert stage.main(["--params", str(params)]) == 0
     p = load_params(params).paths
-    assert len(shards.image_files(p.processed, "train")) > 1
+    assert len(processed.image_files(p.processed, "train")) > 1
     metrics = json.loads(Path(p.train_metrics).read_text())
     assert metrics["epochs"] == 1 and np.isfinite(metrics["train"]["neg_elbo"])
     embeddings = pd.read_parquet(Path(p.evaluation) / "embeddings.parquet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import pydicom
@@ -197,14 +198,19 @@ def test_bad_photos(tmp_path):
     }
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(BadImage, match=reason):
+        with pytest.raises(BadImage, match=reason) as caught:
             read_image(tmp_path / name, draft=(64, 64))
+        assert caught.value.kind == reason  # the class of reason, without its detail
     small = tmp_path / "small.png"
     Image.fromarray(gradient(20, 30)).save(small)
-    with pytest.raises(BadImage, match="too small: 30x20"):
+    with pytest.raises(BadImage, match="too small: 30x20") as caught:
         read_image(small, min_size=32)
-    with pytest.raises(BadImage, match="decompression bomb"):
+    assert caught.value.kind == "too small"
+    with pytest.raises(BadImage, match="decompression bomb") as caught:
         read_image(small, max_pixels=500)
+    assert caught.value.kind == "decompression bomb"
+    again = pickle.loads(pickle.dumps(caught.value))  # as it crosses a worker process
+    assert (str(again), again.kind) == (str(caught.value), "decompression bomb")
     gif = tmp_path / "anim.gif"
     Image.fromarray(gradient()).save(gif)
     with pytest.raises(BadImage, match="unsupported image format GIF"):

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.params import TrackingParams
+from pipeline.processed import split_sizes
 from tests.conftest import REPO, make_images, write_processed
 from vae_core.model import ConvVAE, VAEConfig
 
@@ -127,7 +128,7 @@ def test_training_run_records_its_data_code_and_pipeline_state(store, tmp_path):
     assert "mlflow.source.git.commit" not in tracking.lineage_tags(tmp_path, tmp_path / "none")
 
     processed = write_processed(tmp_path)  # 64 train, 16 val, 8 test images
-    sizes = tracking.split_sizes(processed)
+    sizes = split_sizes(processed)
     assert sizes == {"train_images": 64, "val_images": 16, "test_images": 8}
     run_id, _ = tracking.start_run(store, "exp", params={}, tags=tags)
     data_hash = "f" * 64

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_core.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from vae_core.checkpoint import load_checkpoint, read_checkpoint, rebuild, save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
 from vae_core.training import TrainConfig, make_optimizer
 
@@ -39,6 +39,17 @@ def test_round_trip_gives_identical_outputs(tmp_path, config, as_str):
     assert torch.equal(
         loaded.likelihood.log_prob(x, model(x)[0]), model.likelihood.log_prob(x, model(x)[0])
     )
+
+
+def test_rebuild_makes_the_model_of_a_checkpoint_read_once(tmp_path):
+    torch.manual_seed(0)
+    model = ConvVAE(VAEConfig(1, 28, 28, (8,), 4)).eval()
+    save_checkpoint(tmp_path / "vae.pt", model, extra={"mlflow_run_id": "abc"})
+    payload = read_checkpoint(tmp_path / "vae.pt")
+    rebuilt = rebuild(payload)
+    assert payload["extra"] == {"mlflow_run_id": "abc"} and not rebuilt.training
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(rebuilt.encode(x)[0], model.encode(x)[0])
 
 
 def test_extra_and_state_survive_weights_only_load(tmp_path):

@@ -9,6 +9,7 @@ from vae_core.elbo import kl_standard_normal
 from vae_core.model import (
     LOGVAR_BOUND,
     ConvVAE,
+    LatentMeans,
     PreActBlock,
     VAEConfig,
     feature_sizes,
@@ -197,3 +198,10 @@ def test_conv_arch_keeps_the_original_parameter_layout():
     keys = set(model.state_dict())
     assert {"encoder.0.weight", "encoder.3.weight", "decoder.0.weight", "decoder.3.weight"} <= keys
     assert "to_params.weight" in keys and model.to_params.out_channels == 1
+
+
+def test_latent_means_serves_the_encoder_mean():
+    torch.manual_seed(0)
+    vae = ConvVAE(VAEConfig(1, 28, 28, (8,), 3)).eval()
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(LatentMeans(vae)(x), vae.encode(x)[0])  # (4,3)

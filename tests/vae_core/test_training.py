@@ -17,6 +17,7 @@ from vae_core.training import (
     TrainConfig,
     evaluate_epoch,
     fit_local,
+    history_row,
     kl_weight,
     make_optimizer,
     make_scheduler,
@@ -244,7 +245,7 @@ def test_fit_local_is_seeded_and_reports_each_epoch():
             DataLoader(images[:4], batch_size=4),
         )
         history = fit_local(
-            _model(), *loaders, cfg, CPU, on_epoch=lambda e, t, v: seen.append((e, t, v))
+            _model(), *loaders, cfg, CPU, on_epoch=lambda e, row, m: seen.append((e, dict(row), m))
         )
         return history, seen
 
@@ -253,7 +254,8 @@ def test_fit_local_is_seeded_and_reports_each_epoch():
         row.pop("train_images_per_s"), row.pop("val_images_per_s")
     assert [e for e, _, _ in seen] == [0, 1, 2]
     assert [row["epoch"] for row in history] == [0, 1, 2]
-    assert history[1]["train_neg_elbo"] == seen[1][1]["neg_elbo"]
+    assert history[1]["train_neg_elbo"] == seen[1][1]["train_neg_elbo"]
+    assert isinstance(seen[0][2], ConvVAE)  # the bare model, as the Ray loop hands it over
     assert history[2]["val_images"] == 4 and history[2]["train_images"] == 12
     assert history[0]["train_kl_weight"] == 1.0  # warm-up over epoch 0 ends at its last step
     rerun = [{k: v for k, v in row.items() if not k.endswith("images_per_s")} for row in run()[0]]
@@ -366,3 +368,8 @@ def test_resnet_logistic_with_free_bits_and_augmentation_learns():
     train_epoch(model, [_blobs(16, s) for s in range(40)], optimizer, scheduler, cfg, 0, CPU)
     after = bits_per_dim()
     assert 0 < after < 0.85 * before, (before, after)  # a true probability: bits/dim > 0
+
+
+def test_history_row_flattens_train_and_val_metrics():
+    row = history_row(3, {"neg_elbo": 1.5, "lr": 0.1}, {"neg_elbo": 2.0})
+    assert row == {"epoch": 3, "train_neg_elbo": 1.5, "train_lr": 0.1, "val_neg_elbo": 2.0}

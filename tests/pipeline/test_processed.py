@@ -1,11 +1,12 @@
-"""Shard folders read as one array (pipeline.shards), so every reader sees the same rows."""
+"""The processed-data contract (pipeline.processed): file names, and shard folders read as one
+array, so every reader sees the same rows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import shards, train
+from pipeline import processed, train
 
 
 def _sharded(tmp_path, sizes: list[int]) -> tuple[np.ndarray, object]:
@@ -15,14 +16,14 @@ def _sharded(tmp_path, sizes: list[int]) -> tuple[np.ndarray, object]:
     folder.mkdir()
     start = 0
     for k, n in enumerate(sizes):
-        np.save(folder / shards.shard_name(k), full[start : start + n])
+        np.save(folder / processed.shard_name(k), full[start : start + n])
         start += n
-    return full, shards.open_images(tmp_path, "train")
+    return full, processed.open_images(tmp_path, "train")
 
 
 def test_a_shard_folder_indexes_like_the_whole_array(tmp_path):
     full, arr = _sharded(tmp_path, [4, 4, 4, 1])
-    assert isinstance(arr, shards.ShardedArray)
+    assert isinstance(arr, processed.ShardedArray)
     assert (len(arr), arr.shape, arr.dtype, arr.ndim) == (13, full.shape, np.uint8, 4)
     for i in (0, 3, 4, 12, -1, -13):
         assert np.array_equal(arr[i], full[i])
@@ -38,8 +39,8 @@ def test_single_file_and_shards_give_the_same_dataset(tmp_path):
     full, _ = _sharded(tmp_path, [5, 5, 2])
     np.save(tmp_path / "whole.npy", full)
     a = train.ArrayDataset(str(tmp_path / "whole.npy"))
-    b = train.ArrayDataset(str(shards.images_path(tmp_path, "train")))
+    b = train.ArrayDataset(str(processed.images_path(tmp_path, "train")))
     assert len(a) == len(b) == 12
     assert all(np.array_equal(a[i].numpy(), b[i].numpy()) for i in range(12))
-    assert shards.images_path(tmp_path, "val").name == "val_images.npy"  # named when missing
-    assert not shards.exists(tmp_path, "val")
+    assert processed.images_path(tmp_path, "val").name == "val_images.npy"  # named when missing
+    assert not processed.exists(tmp_path, "val")

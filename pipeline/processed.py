@@ -1,13 +1,18 @@
-"""One split's processed images, whichever way preprocess wrote them.
+"""The processed-data contract: what preprocess writes and train, evaluate and tracking read.
 
-- local engine: ``{split}_images.npy``, one (N, C, H, W) uint8 array;
-- Ray Data engine (``data.engine: ray``): ``{split}_images/00000.npy, 00001.npy, ...``, shards of
-  ``data.shard_size`` images each (the last one shorter), in row order: their concatenation is
-  the array the local engine writes, row for row.
+``paths.processed`` holds, per split of :data:`SPLITS`:
+
+- ``{split}.parquet``: one row per image (columns :data:`TABLE_COLUMNS`), in array row order;
+- its images, uint8 (N, C, H, W) with C = :data:`CHANNELS` of the modality (1 grey for OCT, 3
+  RGB for fundus), either
+  - local engine: ``{split}_images.npy``, one array, or
+  - Ray Data engine (``data.engine: ray``): ``{split}_images/00000.npy, 00001.npy, ...``, shards
+    of ``data.shard_size`` images each (the last one shorter), in row order: their
+    concatenation is the array the local engine writes, row for row.
 
 :func:`open_images` gives either as a read-only array-like (memory-mapped; a
-:class:`ShardedArray` indexes across shards without loading them) so readers (train,
-evaluate, tracking) need not know which.
+:class:`ShardedArray` indexes across shards without loading them) so readers need not know
+which.
 """
 
 from __future__ import annotations
@@ -17,12 +22,31 @@ from pathlib import Path
 
 import numpy as np
 
+SPLITS = ("train", "val", "test")
+CHANNELS = {"oct": 1, "fundus": 3}  # channels of each modality's images: grey, or RGB
+TABLE_COLUMNS = ["image_id", "label", "subject_id", "eye", "modality", "split", "source", "frame"]
+
+
+def images_file(processed: str | Path, split: str) -> Path:
+    """The local engine's one array, ``{split}_images.npy``."""
+    return Path(processed) / f"{split}_images.npy"
+
+
+def shard_folder(processed: str | Path, split: str) -> Path:
+    """The Ray Data engine's shard folder, ``{split}_images``."""
+    return Path(processed) / f"{split}_images"
+
+
+def table_path(processed: str | Path, split: str) -> Path:
+    """The split's metadata rows, ``{split}.parquet``."""
+    return Path(processed) / f"{split}.parquet"
+
 
 def images_path(processed: str | Path, split: str) -> Path:
     """The shard folder ``{split}_images`` when there is one, else ``{split}_images.npy``
     (which need not exist: callers name it in their "not found")."""
-    folder = Path(processed) / f"{split}_images"
-    return folder if folder.is_dir() else Path(processed) / f"{split}_images.npy"
+    folder = shard_folder(processed, split)
+    return folder if folder.is_dir() else images_file(processed, split)
 
 
 def shard_name(index: int) -> str:
@@ -31,16 +55,27 @@ def shard_name(index: int) -> str:
 
 def image_files(processed: str | Path, split: str) -> list[Path]:
     """The files holding one split's images, in row order ([] when there are none)."""
-    path = images_path(processed, split)
+    return _files_at(images_path(processed, split))
+
+
+def _files_at(path: Path) -> list[Path]:
+    """The one file ``path``, or the shard files of the folder ``path``, in row order."""
     if path.is_file():
         return [path]
-    if path.is_dir():
-        return sorted(path.glob("[0-9]*.npy"))
-    return []
+    return sorted(path.glob("[0-9]*.npy")) if path.is_dir() else []
 
 
 def exists(processed: str | Path, split: str) -> bool:
     return bool(image_files(processed, split))
+
+
+def split_sizes(processed: str | Path) -> dict[str, int]:
+    """Images per split on disk: ``{"train_images": N, ...}`` (splits without images left out)."""
+    return {
+        f"{split}_images": len(open_images(processed, split))
+        for split in SPLITS
+        if exists(processed, split)  # one .npy, or the Ray Data engine's shards
+    }
 
 
 class ShardedArray:
@@ -119,7 +154,7 @@ def open_path(path: str | Path) -> np.ndarray | ShardedArray:
     path = Path(path)
     if path.is_file():
         return np.load(path, mmap_mode="r")
-    files = sorted(path.glob("[0-9]*.npy")) if path.is_dir() else []
+    files = _files_at(path)
     if not files:
         raise FileNotFoundError(f"{path}: no images (.npy file or shard folder)")
     return ShardedArray(files)

@@ -1,0 +1,55 @@
+"""The ingest manifest contract: what ingest writes and preprocess and evaluate read.
+
+``paths.manifest`` holds one row per image or frame (columns :data:`MANIFEST_COLUMNS`). Its
+``source`` is a path relative to :func:`source_root`, or for an ``.npz`` source the row
+``{split}_images[i]`` of that file (:func:`npz_source`, read back by :func:`npz_row`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.params import Params
+
+MANIFEST_COLUMNS = [
+    "image_id",
+    "source",
+    "frame",
+    "modality",
+    "label",
+    "subject_id",
+    "eye",
+    "width",
+    "height",
+    "content_hash",
+    "split",
+]
+
+
+def source_root(params: Params) -> Path:
+    """The folder (or .npz file) that manifest ``source`` paths are relative to."""
+    return Path(params.paths.demo if params.ingest.source == "demo" else params.ingest.source)
+
+
+def is_npz(root: Path) -> bool:
+    """Whether the source is a MedMNIST-style ``.npz`` file (rows, not files)."""
+    return root.suffix.lower() == ".npz" and root.is_file()
+
+
+def npz_key(split: str) -> str:
+    """The array of ``split``'s images in a MedMNIST-style .npz: ``{split}_images``."""
+    return f"{split}_images"
+
+
+def npz_source(split: str, index: int) -> str:
+    """The manifest ``source`` of row ``index`` of an .npz array: ``{split}_images[i]``."""
+    return f"{npz_key(split)}[{index}]"
+
+
+def npz_row(source: str) -> tuple[str, int]:
+    """``{split}_images[i]`` -> (array name, row); one line when it is not an .npz row."""
+    key, _, rest = source.partition("[")
+    if not rest.endswith("]") or not rest[:-1].isdigit():
+        raise UserError(f"manifest source {source!r} is not an .npz row (re-run retina-vae ingest)")
+    return key, int(rest[:-1])

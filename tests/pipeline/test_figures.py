@@ -1,0 +1,113 @@
+"""Figures (pipeline.figures): latent maps, traversal/reconstruction grids, history curves."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.figures import (
+    UNLABELLED,
+    history_figure,
+    label_names,
+    pca_2d,
+    plot_map,
+    reconstruction_grid,
+    save_png,
+    top_kl_dims,
+    traversal_grid,
+    tsne_2d,
+)
+from vae_core.model import ConvVAE, VAEConfig
+
+
+def _png_size(path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def test_pca_keeps_the_axis_of_largest_variance():
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal((200, 6)) * np.array([10.0, 3.0, 1.0, 1.0, 1.0, 1.0])  # (N, J)
+    xy, axes = pca_2d(mu, fit_on=mu)
+    assert xy.shape == (200, 2)
+    assert np.corrcoef(xy[:, 0], mu[:, 0])[0, 1] ** 2 > 0.95
+    share = int(re.search(r"\((\d+)%", axes[0]).group(1))
+    assert 80 < share < 95  # 100 / (100 + 9 + 4) of the variance, up to sampling noise
+
+
+def test_tsne_keeps_clusters_apart_on_a_tiny_set():
+    rng = np.random.default_rng(0)
+    mu = np.concatenate([rng.normal(0, 0.1, (10, 4)), rng.normal(5, 0.1, (10, 4))])  # (20, 4)
+    xy, _ = tsne_2d(mu, seed=0)
+    a, b = xy[:10], xy[10:]
+    gap = np.linalg.norm(a.mean(0) - b.mean(0))
+    assert gap > 3 * max(a.std(0).max(), b.std(0).max())
+
+
+def test_plot_map_writes_a_png(tmp_path):
+    xy = np.random.default_rng(0).standard_normal((30, 2))
+    names = label_names(pd.Series(["a"] * 10 + ["b"] * 10 + [None] * 10, dtype=object))
+    assert (names == UNLABELLED).sum() == 10
+    plot_map(xy, names, ["x", "y"], "test", tmp_path / "map.png")
+    assert _png_size(tmp_path / "map.png")[0] > 300
+
+
+def test_top_kl_dims_orders_by_kl():
+    assert top_kl_dims(np.array([0.1, 2.0, 0.0, 0.5]), 3) == [1, 3, 0]
+
+
+@pytest.fixture
+def model() -> ConvVAE:
+    torch.manual_seed(0)
+    return ConvVAE(
+        VAEConfig(in_channels=1, height=16, width=16, widths=(4, 8), latent_dim=3)
+    ).eval()
+
+
+def test_traversal_grid_sweeps_one_dim(model):
+    base = torch.zeros(2, 3)  # (R, J)
+    grid = traversal_grid(model, base, dim=1, steps=5)
+    assert grid.shape == (2 * 18 + 2, 5 * 18 + 2, 3)  # 2 rows x 5 columns of 16 px, pad 2
+    # the last column decodes z = (0, +3, 0)
+    z = torch.tensor([[0.0, 3.0, 0.0]])
+    expected = model.likelihood.mean(model.decode(z))[0, 0].detach().numpy()
+    tile = grid[2:18, 2 + 4 * 18 : 2 + 4 * 18 + 16, 0].astype(np.float32) / 255.0
+    np.testing.assert_allclose(tile, expected, atol=1 / 255 + 1e-6)
+    assert not np.array_equal(grid[2:18, 2:18], tile)  # z_1 = -3 decodes to something else
+
+
+def test_reconstruction_grid_alternates_rows():
+    originals = np.full((4, 1, 8, 8), 255, np.uint8)
+    recons = np.zeros((4, 1, 8, 8), np.float32)
+    grid = reconstruction_grid(originals, recons, ncol=2)
+    assert grid.shape == (4 * 10 + 2, 2 * 10 + 2, 3)
+    row_means = [grid[2 + r * 10 : 10 + r * 10, 2:20].mean() for r in range(4)]
+    assert row_means[0] > 200 and row_means[2] > 200  # originals (white)
+    assert row_means[1] < 60 and row_means[3] < 60  # reconstructions (black)
+
+
+def test_history_figure_plots_train_and_val_metrics(tmp_path):
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "train_neg_elbo": [900.0, 700.0, 650.0],
+            "val_neg_elbo": [910.0, 720.0, 660.0],
+            "train_kl": [5.0, 9.0, 10.0],
+            "train_kl_dim_0": [1.0, 2.0, 3.0],
+            "lr": [1e-3, 5e-4, 1e-4],
+        }
+    )
+    assert history_figure(history, tmp_path / "h.png") == ["neg_elbo", "kl"]
+    assert _png_size(tmp_path / "h.png")[0] > 300
+
+
+def test_save_png_scales_pixels_to_blocks(tmp_path):
+    picture = np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8)  # (1, 2, 3)
+    save_png(picture, tmp_path / "p.png", scale=3)
+    back = np.asarray(Image.open(tmp_path / "p.png"))
+    assert back.shape == (3, 6, 3)
+    assert (back[:, :3] == 0).all() and (back[:, 3:] == 255).all()
