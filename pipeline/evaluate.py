@@ -389,28 +389,53 @@ def evaluate(params: Params) -> tuple[dict[str, float], dict]:
     torch.manual_seed(ev.seed)  # the ELBO and IWAE samples: reruns give the same figures
     model, extra = load_model(paths.model, device)
     data = {s: load_split(Path(paths.processed), s, model) for s in SPLITS}
-    test_images, test_meta = data["test"]
+    test_images = data["test"][0]
     if len(test_images) == 0:
         raise UserError(
             f"{paths.processed}: the test split is empty (raise preprocess.test_fraction)"
         )
-
     log.info("test likelihood on %d images (IWAE k=%d)", len(test_images), ev.iwae_k)
     metrics, mu_test, logvar_test = likelihood(model, test_images, ev, device)
-    kl_per_dim = np.array([metrics[f"test_kl_dim_{j}"] for j in range(model.config.latent_dim)])
+    table = embed_splits(model, data, (mu_test, logvar_test), ev.batch_size, device)
+    metrics.update({f"eval_images_{s}": float(len(data[s][1])) for s in SPLITS})
+    attributes = metadata_table(data, Path(paths.manifest))
+    report, confound = latent_reports(table, data, attributes, model.config.latent_dim, ev)
+    metrics.update({f"test_{k}": v for k, v in {**report.metrics, **confound.metrics}.items()})
+    report.notes.extend(confound.notes)
+    outputs = (table, attributes, report, confound)
+    write_evaluation(params, model, data, outputs, metrics, device)
+    for note in report.notes:  # after write_plots: it adds the missing-history note
+        log.info("note: %s", note)
+    return metrics, extra
+
+
+def embed_splits(
+    model: ConvVAE,
+    data: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    test_q: tuple[np.ndarray, np.ndarray],
+    batch_size: int,
+    device: torch.device,
+) -> pd.DataFrame:
+    """The embeddings table of every split (``row``: position within its split); the test
+    split's (mu, logvar) (N,J) come from the likelihood pass, the others are encoded here."""
     parts = []
     for split in SPLITS:
         images, meta = data[split]
-        mu, logvar = (
-            (mu_test, logvar_test)
-            if split == "test"
-            else encode_images(model, images, ev.batch_size, device)
-        )
-        parts.append(embeddings_table(meta, split, mu, logvar).assign(row=np.arange(len(meta))))
-        metrics[f"eval_images_{split}"] = float(len(meta))
-    table = pd.concat(parts, ignore_index=True)
-    mu_all = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
+        q = test_q if split == "test" else encode_images(model, images, batch_size, device)
+        parts.append(embeddings_table(meta, split, *q).assign(row=np.arange(len(meta))))
+    return pd.concat(parts, ignore_index=True)
 
+
+def latent_reports(
+    table: pd.DataFrame,
+    data: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    attributes: pd.DataFrame,
+    latent_dim: int,
+    ev: EvaluateParams,
+) -> tuple[LabelReport, latent.ConfoundReport]:
+    """Label metrics on test mu (probe fit on train, beside the pixel-PCA baseline) and the
+    acquisition-confound report."""
+    mu_all = table.filter(regex=r"^mu_\d+$").to_numpy()  # (N,J)
     is_train, is_test = table["split"] == "train", table["split"] == "test"
     report = label_metrics(
         mu_all[is_train],
@@ -419,19 +444,31 @@ def evaluate(params: Params) -> tuple[dict[str, float], dict]:
         table.loc[is_test, "label"],
         ev.knn_k,
         ev.seed,
-        baseline=pixel_pca(data["train"][0], test_images, model.config.latent_dim, ev.seed),
+        baseline=pixel_pca(data["train"][0], data["test"][0], latent_dim, ev.seed),
     )
-    metrics.update({f"test_{k}": v for k, v in report.metrics.items()})
-    attributes = metadata_table(data, Path(paths.manifest))
     confound = confounds(mu_all, table, attributes, ev.seed)
-    metrics.update({f"test_{k}": v for k, v in confound.metrics.items()})
-    report.notes.extend(confound.notes)
+    return report, confound
 
+
+def write_evaluation(
+    params: Params,
+    model: ConvVAE,
+    data: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    outputs: tuple[pd.DataFrame, pd.DataFrame, LabelReport, latent.ConfoundReport],
+    metrics: dict[str, float],
+    device: torch.device,
+) -> None:
+    """Every local output, atomically: the evaluation folder, then ``eval_metrics``.
+    ``outputs``: the embeddings table, the per-image attributes, the label and confound reports."""
+    ev, paths = params.evaluate, params.paths
+    table, attributes, report, confound = outputs
+    (test_images, test_meta), is_test = data["test"], table["split"] == "test"
+    mu_test = table.loc[is_test].filter(regex=r"^mu_\d+$").to_numpy()  # (N_test,J)
+    kl_per_dim = np.array([metrics[f"test_kl_dim_{j}"] for j in range(model.config.latent_dim)])
     with atomic_path(paths.evaluation) as out:
         out.mkdir()
         table.drop(columns="row").to_parquet(out / "embeddings.parquet", index=False)
-        images = {s: data[s][0] for s in SPLITS}
-        write_maps(out, table, images, ev, attributes)
+        write_maps(out, table, {s: data[s][0] for s in SPLITS}, ev, attributes)
         write_grids(out, model, test_images, test_meta, mu_test, kl_per_dim, ev, device)
         write_tables(out, report, kl_per_dim, mu_test)
         confound.table.to_csv(out / "tables" / CONFOUND_TABLE, index=False)
@@ -439,9 +476,6 @@ def evaluate(params: Params) -> tuple[dict[str, float], dict]:
         write_json(out / "evaluate_params.json", asdict(ev))
         (out / "notes.txt").write_text("".join(f"{n}\n" for n in report.notes) or "none\n")
     write_json(paths.eval_metrics, metrics)
-    for note in report.notes:  # after write_plots: it adds the missing-history note
-        log.info("note: %s", note)
-    return metrics, extra
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:

@@ -354,51 +354,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     try:
         check_resources(params)
         check_shared_storage(storage, processed)
-        state = _read_state(run_dir)
-        if state.get("finished"):
-            log.info("a finished training with these params and data exists: starting afresh")
-            shutil.rmtree(run_dir)
-            state = {}
-        run_id, resumed = tracking.start_run(
-            uri,
-            params.tracking.experiment,
-            params=params.flat(),
-            tags={
-                "data_hash": extra["data_hash"],
-                "params_hash": extra["params_hash"],
-                **tracking.lineage_tags(REPO, Path("dvc.lock")),
-            },
-            run_id=state.get("mlflow_run_id"),
-        )
-        extra["mlflow_run_id"] = run_id
-        log.info(
-            "%s MLflow run %s at %s; checkpoints in %s",
-            "resuming" if resumed else "new",
-            run_id,
-            uri,
-            run_dir,
-        )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
+        run_id = _open_run(params, uri, run_dir, extra)
         try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
-            tracking.log_training_data(  # the run's Datasets panel: what it learns from
-                uri,
-                run_id,
-                params.paths.processed,
-                extra["data_hash"],
-                split_sizes(processed),
-            )
-            result = _fit(params, shape, extra, uri, storage, name, processed)
-            write_outputs(params, result, extra)
-            tracking.log_model(
-                uri,
-                run_id,
-                result.model,
-                _examples(processed)[:2],
-                code_paths=[REPO / "vae_core"],
-                register_as=params.tracking.register_model,
-            )
-            tracking.client(uri).log_artifact(run_id, params.paths.model, "checkpoint")
+            result = _train_and_log(params, shape, extra, uri, (storage, name), processed)
         except BaseException as exc:
             killed = isinstance(exc, KeyboardInterrupt)
             tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
@@ -416,6 +374,64 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     finally:
         if started:
             distributed.shutdown_ray()
+
+
+def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) -> str:
+    """Start (or resume, after an interruption) the MLflow run of this training; a finished
+    run of the same params and data starts afresh. Sets ``extra["mlflow_run_id"]``."""
+    state = _read_state(run_dir)
+    if state.get("finished"):
+        log.info("a finished training with these params and data exists: starting afresh")
+        shutil.rmtree(run_dir)
+        state = {}
+    run_id, resumed = tracking.start_run(
+        uri,
+        params.tracking.experiment,
+        params=params.flat(),
+        tags={
+            "data_hash": extra["data_hash"],
+            "params_hash": extra["params_hash"],
+            **tracking.lineage_tags(REPO, Path("dvc.lock")),
+        },
+        run_id=state.get("mlflow_run_id"),
+    )
+    extra["mlflow_run_id"] = run_id
+    log.info(
+        "%s MLflow run %s at %s; checkpoints in %s",
+        "resuming" if resumed else "new",
+        run_id,
+        uri,
+        run_dir,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
+    return run_id
+
+
+def _train_and_log(
+    params: Params,
+    shape: tuple[int, int, int],
+    extra: dict[str, str],
+    uri: str,
+    checkpoints: tuple[Path, str],
+    processed: Path,
+) -> distributed.FitResult:
+    """Fit, write the stage outputs, then log the data, model and checkpoint to the run."""
+    run_id = extra["mlflow_run_id"]
+    sizes = split_sizes(processed)  # the run's Datasets panel: what it learns from
+    tracking.log_training_data(uri, run_id, params.paths.processed, extra["data_hash"], sizes)
+    result = _fit(params, shape, extra, uri, *checkpoints, processed)
+    write_outputs(params, result, extra)
+    tracking.log_model(
+        uri,
+        run_id,
+        result.model,
+        _examples(processed)[:2],
+        code_paths=[REPO / "vae_core"],
+        register_as=params.tracking.register_model,
+    )
+    tracking.client(uri).log_artifact(run_id, params.paths.model, "checkpoint")
+    return result
 
 
 def _fit(
