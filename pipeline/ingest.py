@@ -31,20 +31,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import logging
+import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline import deid, pixel_cache, pixels, ray_data, readers
 from pipeline.errors import UserError
-from pipeline.io import write_json, write_table
+from pipeline.io import ArrowRows, write_json, write_table
 from pipeline.manifest import MANIFEST_COLUMNS, is_npz, npz_key, npz_source, source_root
 from pipeline.parallel import parallel_imap
 from pipeline.params import Params
@@ -110,13 +115,97 @@ class Refused:
     kind: str
 
 
+class Found:
+    """The images a scan finds, in scan order, deduplicated as they come: the first image of
+    each content hash is kept (in :class:`pipeline.io.ArrowRows`: ingest's memory stays flat
+    in the image count), the rest listed in :attr:`duplicates` with the copy kept."""
+
+    FIELDS = tuple(c for c in MANIFEST_COLUMNS if c != "modality")  # the stage adds modality
+    INTS = ("frame", "width", "height")
+
+    def __init__(self) -> None:
+        types = [pa.int64() if f in self.INTS else pa.large_string() for f in self.FIELDS]
+        self.rows = ArrowRows(pa.schema(list(zip(self.FIELDS, types, strict=True))))
+        self._first: dict[bytes, int] | None = {}  # content hash -> its kept row
+        self.duplicates: list[dict] = []
+        self.own_subjects = 0  # kept images that are their own subject
+        self.total = 0  # images found, duplicates included
+
+    def add(self, row: ManifestRow) -> None:
+        self.total += 1
+        digest = bytes.fromhex(row.content_hash)
+        kept = self._first.get(digest)
+        if kept is None:
+            self._first[digest] = len(self.rows)
+            self.own_subjects += row.own_subject
+            self.rows.append(tuple(getattr(row, f) for f in self.FIELDS))
+            return
+        self.duplicates.append(
+            {
+                "path": row.source,
+                "frame": row.frame,
+                "label": row.label,
+                "duplicate_of": self.rows.value(kept, "source"),
+                "duplicate_of_frame": self.rows.value(kept, "frame"),
+                "duplicate_of_label": self.rows.value(kept, "label"),
+            }
+        )
+
+    def seal(self) -> None:
+        """The scan is over: drop the duplicate index (its memory is the manifest's to use)."""
+        self._first = None
+
+    def manifest(self, modality: str) -> pa.Table:
+        """The kept images as the manifest table (MANIFEST_COLUMNS, integer sizes and frames),
+        with the pandas schema that ``pd.DataFrame(<one dict per row>, columns=...)`` gets
+        (text Arrow-backed ``str``, an all-empty column ``object``): written, the same bytes
+        as that DataFrame's ``to_parquet``, without a Python object per value on the way."""
+        if not len(self.rows):
+            empty = pd.DataFrame([], columns=MANIFEST_COLUMNS)
+            empty["modality"] = modality
+            empty = empty.astype(dict.fromkeys(self.INTS, "int64"))
+            return pa.Table.from_pandas(empty, preserve_index=False)
+        table = self.rows.table()
+        n = len(table)
+        columns = {name: table.column(name) for name in self.FIELDS}
+        columns["modality"] = pa.repeat(pa.scalar(modality, pa.large_string()), n)
+        for name, col in columns.items():
+            if col.null_count == n:
+                columns[name] = pa.nulls(n)  # pandas keeps an all-None column as object
+        table = pa.table({name: columns[name] for name in MANIFEST_COLUMNS})
+        sample = {}  # one row with the DataFrame's dtypes: its pandas schema is the table's
+        for name, col in zip(table.column_names, table.slice(0, 1).columns, strict=True):
+            if pa.types.is_null(col.type):
+                sample[name] = np.full(1, None, dtype=object)
+            elif name in self.INTS:
+                sample[name] = col.to_numpy()
+            else:
+                sample[name] = pd.array(col, dtype=pd.StringDtype("pyarrow", np.nan))
+        schema = pa.Schema.from_pandas(pd.DataFrame(sample), preserve_index=False)
+        return table.cast(schema)
+
+
 @dataclass(frozen=True)
 class Scan:
-    """What a scanner found: images, refusals and listing counts."""
+    """What a scanner found: images (deduplicated), refusals and listing counts."""
 
-    images: list[ManifestRow]
+    found: Found
     quarantine: list[Refused]
     counts: dict[str, int]
+
+
+class Entries:
+    """The files of a folder source to inspect, in order, held compactly (their relative
+    paths, or the labels table): each :class:`Entry` is made as it is iterated."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[Entry]]) -> None:
+        self._count, self._make = count, make
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Entry]:
+        return self._make()
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -147,10 +236,9 @@ def _prepared(path: str, d: readers.Decoded, spec: dict) -> np.ndarray | None:
         return None
 
 
-def inspect(task: tuple, data: bytes | None = None) -> dict:
+def inspect(task: tuple) -> dict:
     """Decode one file in a worker: frame sizes and hashes, or the quarantine reason and kind;
-    with a prepare spec, also the training pixels made from the same decode. ``data``: the
-    file's bytes when already read (the Ray Data engine)."""
+    with a prepare spec, also the training pixels made from the same decode."""
     path, oct_central, min_size, max_pixels, salt, spec = task
     try:
         stat = pixel_cache.file_stat(path)  # before decoding: a later change shows as a miss
@@ -163,7 +251,6 @@ def inspect(task: tuple, data: bytes | None = None) -> dict:
             max_pixels=max_pixels,
             draft=CHECK_SIZE,
             oct_central=oct_central,
-            data=data,
         )
     except readers.BadImage as exc:
         return {"reason": str(exc), "kind": exc.kind}
@@ -210,58 +297,92 @@ def _read_csv(path: Path, root: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _cell(row: pd.Series, key: str) -> str | None:
-    value = str(row.get(key, "") or "").strip()
-    return value or None
+def _cell(value: object) -> str | None:
+    return str(value or "").strip() or None
 
 
-def _folder_entries(params: Params, root: Path) -> tuple[list[Entry], dict]:
+def _files(root: Path) -> Iterator[str]:
+    """Every file under ``root`` as a posix path relative to it, in sorted path order (symlinks
+    to files included, symlinked folders not entered, unreadable folders skipped): what
+    ``sorted(p for p in root.rglob("*") if p.is_file())`` lists, one folder at a time."""
+
+    def walk(folder: str, prefix: str) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as found:
+                names = sorted((e.name, _is_folder(e)) for e in found)
+        except PermissionError:
+            return
+        for name, is_folder in names:
+            path = os.path.join(folder, name)
+            if is_folder:
+                yield from walk(path, f"{prefix}{name}/")
+            elif os.path.isfile(path):
+                yield prefix + name
+
+    return walk(str(root), "")
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
     """One entry per file to inspect (from the labels CSV, else the folder); listing counts."""
     ing = params.ingest
     labels_path = Path(ing.labels) if ing.labels else None
     if labels_path is None and ing.source == "demo":
         labels_path = root / "labels.csv"
-    all_files = sorted(p for p in root.rglob("*") if p.is_file())
-    candidates = [p for p in all_files if readers.is_candidate(p)]
-    counts = {"skipped_sidecars": len(all_files) - len(candidates)}
-    if labels_path is None:
-        return _listed_entries(params, root, candidates), counts
-    table = _read_csv(labels_path, root)
-    listed = set(table["path"])
-    counts["unlisted"] = sum(p.relative_to(root).as_posix() not in listed for p in candidates)
-    if counts["unlisted"]:
+    counts = {"skipped_sidecars": 0}
+    table = _read_csv(labels_path, root) if labels_path is not None else None
+    listed = set(table["path"]) if table is not None else set()
+    candidates, unlisted = [], 0
+    for rel in _files(root):
+        if not readers.is_candidate(rel):
+            counts["skipped_sidecars"] += 1
+        elif table is None:
+            candidates.append(rel)
+        else:
+            unlisted += rel not in listed
+    if table is None:
+        return _listed_entries(params, candidates), counts
+    counts["unlisted"] = unlisted
+    if unlisted:
         log.info(
-            "%d files in %s are not listed in %s and were not read",
-            counts["unlisted"],
-            root,
-            labels_path,
+            "%d files in %s are not listed in %s and were not read", unlisted, root, labels_path
         )
-    return [_csv_entry(row) for _, row in table.iterrows()], counts
+    return Entries(len(table), lambda: _csv_entries(table)), counts
 
 
-def _csv_entry(row: pd.Series) -> Entry:
-    split = _cell(row, "split")
-    return Entry(
-        source=row["path"],
-        label=_cell(row, "label"),
-        patient=_cell(row, "patient_id"),
-        eye=readers.normalise_eye(_cell(row, "eye")),
-        split=_SPLIT_ALIASES[split.lower()] if split else None,
-    )
+def _csv_entries(table: pd.DataFrame) -> Iterator[Entry]:
+    keys = ("path", "label", "patient_id", "eye", "split")
+    columns = [table[k] if k in table.columns else itertools.repeat("") for k in keys]
+    for source, label, patient, eye, split in zip(*columns, strict=False):  # repeat: endless
+        split = _cell(split)
+        yield Entry(
+            source=source,
+            label=_cell(label),
+            patient=_cell(patient),
+            eye=readers.normalise_eye(_cell(eye)),
+            split=_SPLIT_ALIASES[split.lower()] if split else None,
+        )
 
 
-def _listed_entries(params: Params, root: Path, candidates: list[Path]) -> list[Entry]:
+def _listed_entries(params: Params, sources: list[str]) -> Entries:
     """Entries of a folder without a labels CSV: label = parent folder, patient from the name."""
     pattern = re.compile(params.ingest.patient_pattern)
-    entries = []
-    for p in candidates:
-        rel = p.relative_to(root)
-        match = pattern.match(p.name)
-        folder = (
-            rel.parent.name if params.ingest.folder_labels and rel.parent != Path(".") else None
-        )
-        entries.append(Entry(rel.as_posix(), folder, match.group(1) if match else None, None, None))
-    return entries
+    by_folder = params.ingest.folder_labels
+
+    def entries() -> Iterator[Entry]:
+        for source in sources:
+            *folders, name = source.split("/")
+            match = pattern.match(name)
+            folder = folders[-1] if by_folder and folders else None
+            yield Entry(source, folder, match.group(1) if match else None, None, None)
+
+    return Entries(len(sources), entries)
 
 
 def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
@@ -276,23 +397,26 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
     spec = pixel_cache.prepare_spec(params) if cache is not None else None
-    tasks = [
-        (str(root / e.source), central, ing.min_size, ing.max_pixels, salt, spec) for e in entries
-    ]
+    top = str(root)  # os.path.join, not pathlib: no interned string per file name
+    tasks = (
+        (os.path.join(top, e.source), central, ing.min_size, ing.max_pixels, salt, spec)
+        for e in entries
+    )
     if ray_data.engine(params) == "ray":
         with ray_data.session(params):
-            results = ray_data.inspect_files(tasks, inspect)
+            results = ray_data.inspect_files(list(tasks), inspect)
     else:
-        results = parallel_imap(inspect, tasks, ing.workers, desc="ingest")
-    images, quarantine = [], []
+        results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
+    found, quarantine = Found(), []
     for e, r in zip(entries, results, strict=True):
         if r.get("prepared") is not None:
             cache.add(e.source, [i for i, _ in r["frames"]], r["stat"], r["prepared"])
         if "reason" in r:
             quarantine.append(_refused(root, e, r))
         else:
-            images += _rows(e, r, salt)
-    return Scan(images, quarantine, {**counts, "files": len(entries)})
+            for row in _rows(e, r, salt):
+                found.add(row)
+    return Scan(found, quarantine, {**counts, "files": len(entries)})
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
@@ -301,13 +425,13 @@ def _refused(root: Path, e: Entry, result: dict) -> Refused:
     return Refused(e.source, result["reason"], result["kind"])
 
 
-def _rows(e: Entry, result: dict, salt: bytes) -> list[ManifestRow]:
+def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
     """The manifest rows of one inspected file, one per frame kept."""
     if e.patient:
         subject = deid.subject_id(e.patient, salt)
     else:
         subject = result["subject_id"] or deid.subject_id("file:" + e.source, salt)
-    return [
+    return (
         ManifestRow(
             image_id=deid.image_id(e.source, frame, salt),
             source=e.source,
@@ -322,7 +446,7 @@ def _rows(e: Entry, result: dict, salt: bytes) -> list[ManifestRow]:
             own_subject=not (e.patient or result["subject_id"]),
         )
         for frame, digest in result["frames"]
-    ]
+    )
 
 
 def _npz_labels(path: Path, data: np.lib.npyio.NpzFile, split: str, n: int) -> np.ndarray | None:
@@ -350,18 +474,17 @@ def _scan_npz(params: Params, path: Path, salt: bytes) -> Scan:
         keys = [s for s in SPLITS if npz_key(s) in data.files]
         if not keys:
             raise UserError(f"{path}: no train_images/val_images/test_images arrays")
-        images, quarantine = [], []
+        found, quarantine = Found(), []
         for split in keys:
-            found, refused = _scan_npz_split(params, path, data, split, salt)
-            images += found
-            quarantine += refused
-    return Scan(images, quarantine, {"files": len(images) + len(quarantine)})
+            quarantine += _scan_npz_split(params, path, data, split, salt, found)
+    return Scan(found, quarantine, {"files": found.total + len(quarantine)})
 
 
 def _scan_npz_split(
-    params: Params, path: Path, data: np.lib.npyio.NpzFile, split: str, salt: bytes
-) -> tuple[list[ManifestRow], list[Refused]]:
-    """One split's array of an .npz: its rows, or all of them refused when too small."""
+    params: Params, path: Path, data: np.lib.npyio.NpzFile, split: str, salt: bytes, found: Found
+) -> list[Refused]:
+    """One split's array of an .npz: its rows into ``found``, or all of them refused when too
+    small."""
     arr = data[npz_key(split)]
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
         raise UserError(
@@ -372,11 +495,10 @@ def _scan_npz_split(
     min_size = params.ingest.min_size
     if min(h, w) < min_size:  # one size per array: all its rows are refused
         reason = f"too small: {w}x{h} is below ingest.min_size ({min_size})"
-        return [], [Refused(npz_source(split, i), reason, "too small") for i in range(len(arr))]
-    rows = []
+        return [Refused(npz_source(split, i), reason, "too small") for i in range(len(arr))]
     for i in range(len(arr)):
         source = npz_source(split, i)
-        rows.append(
+        found.add(
             ManifestRow(
                 image_id=deid.image_id(source, 0, salt),
                 source=source,
@@ -390,31 +512,7 @@ def _scan_npz_split(
                 split=split,
             )
         )
-    return rows, []
-
-
-def _deduplicate(images: list[ManifestRow]) -> tuple[list[ManifestRow], list[dict]]:
-    """Keep the first image of each content hash; list the rest with the copy kept."""
-    first: dict[str, ManifestRow] = {}
-    kept, dups = [], []
-    for img in images:
-        k = first.get(img.content_hash)
-        if k is None:
-            first[img.content_hash] = img
-            kept.append(img)
-        else:
-            dups.append(
-                {
-                    "path": img.source,
-                    "frame": img.frame,
-                    "label": img.label,
-                    "duplicate_of": k.source,
-                    "duplicate_of_frame": k.frame,
-                    "duplicate_of_label": k.label,
-                }
-            )
-    _warn_conflicts([d for d in dups if d["label"] != d["duplicate_of_label"]])
-    return kept, dups
+    return []
 
 
 def _warn_conflicts(conflicts: list[dict]) -> None:
@@ -456,27 +554,26 @@ def _source_kind(params: Params, root: Path) -> str:
     return "csv" if params.ingest.labels else "folder"
 
 
-def _manifest(kept: list[ManifestRow], modality: str) -> pd.DataFrame:
+def _manifest(found: Found, modality: str) -> pa.Table:
     """The manifest table of the images kept (MANIFEST_COLUMNS, integer sizes and frames)."""
-    own = sum(img.own_subject for img in kept)
-    if own:
+    if found.own_subjects:
         log.warning(
             "%d images have no patient ID (no CSV patient_id, DICOM PatientID or "
             "ingest.patient_pattern match): each is its own subject",
-            own,
+            found.own_subjects,
         )
-    manifest = pd.DataFrame([asdict(img) for img in kept], columns=MANIFEST_COLUMNS)
-    manifest["modality"] = modality
-    for col in ("frame", "width", "height"):
-        manifest[col] = manifest[col].astype("int64")
-    return manifest
+    return found.manifest(modality)
 
 
-def _report(
-    params: Params, root: Path, scan: Scan, manifest: pd.DataFrame, dups: list[dict]
-) -> dict:
+def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
+    """How often each value occurs (None: missing)."""
+    return {v["values"]: v["counts"] for v in column.value_counts().to_pylist()}
+
+
+def _report(params: Params, root: Path, scan: Scan, manifest: pa.Table, dups: list[dict]) -> dict:
     """The stage's counts (``paths.ingest_report``): found = ingested + quarantined + duplicates."""
-    labels = manifest["label"].value_counts(dropna=False)
+    labels = _value_counts(manifest.column("label"))  # a few labels: as Python values
+    subjects = manifest.column("subject_id")  # one per image, often: counted in Arrow
     reasons = Counter(q.kind for q in scan.quarantine)
     return {
         "source_kind": _source_kind(params, root),
@@ -488,7 +585,7 @@ def _report(
         "files": scan.counts.get("files", 0),
         "skipped_sidecars": scan.counts.get("skipped_sidecars", 0),
         "unlisted": scan.counts.get("unlisted", 0),
-        "subjects": int(manifest["subject_id"].nunique()),
+        "subjects": pc.count_distinct(subjects).as_py() if len(subjects) else 0,
         "labels": {str(k) if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
         "quarantine_reasons": dict(sorted(reasons.items())),
         "duplicate_label_conflicts": sum(d["label"] != d["duplicate_of_label"] for d in dups),
@@ -500,13 +597,15 @@ def ingest(params: Params) -> dict:
     the stage then refuses the result); return the report."""
     root, p = source_root(params), params.paths
     scan, cache = _scan(params, root, deid.resolve_salt(params.ingest.salt))
-    kept, dups = _deduplicate(scan.images)
+    scan.found.seal()
+    dups = scan.found.duplicates
+    _warn_conflicts([d for d in dups if d["label"] != d["duplicate_of_label"]])
     quarantine = pd.DataFrame(
         [(q.path, q.reason) for q in scan.quarantine], columns=["path", "reason"]
     )
     write_table(p.quarantine, quarantine)
     write_table(p.duplicates, pd.DataFrame(dups, columns=DUPLICATE_COLUMNS))
-    manifest = _manifest(kept, params.ingest.modality)
+    manifest = _manifest(scan.found, params.ingest.modality)
     write_table(p.manifest, manifest)
     if cache is not None:
         cache.close(p.manifest)  # bound to this manifest: preprocess checks its hash
@@ -519,7 +618,7 @@ def ingest(params: Params) -> dict:
         report["quarantined"],
         report["duplicates"],
         report["subjects"],
-        manifest["label"].nunique(),
+        sum(k is not None for k in _value_counts(manifest.column("label"))),
     )
     _refuse_if_bad(root, params, report)
     return report

@@ -1,4 +1,5 @@
-"""Atomic output writing: every file appears complete under its final name, or not at all."""
+"""Atomic output writing: every file appears complete under its final name, or not at all; and
+:class:`ArrowRows`, a table built row by row in little memory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 @contextmanager
@@ -44,12 +48,56 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_table(path: str | Path, df: Any) -> None:
-    """Write a pandas DataFrame to ``.parquet``, ``.csv`` or ``.tsv`` by suffix, atomically."""
+    """Write a pandas DataFrame to ``.parquet``, ``.csv`` or ``.tsv`` by suffix, atomically; or
+    an Arrow table to ``.parquet`` (the same bytes as pandas' ``to_parquet`` of that table)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        if path.suffix == ".parquet":
+        if path.suffix == ".parquet" and isinstance(df, pa.Table):
+            pq.write_table(df, tmp, compression="snappy")  # pandas' to_parquet default
+        elif path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         elif path.suffix in (".csv", ".tsv"):
             df.to_csv(tmp, index=False, sep="\t" if path.suffix == ".tsv" else ",")
         else:
             raise ValueError(f"{path}: unsupported table format {path.suffix!r}")
+
+
+class ArrowRows:
+    """A table appended to row by row and held as Arrow record batches of :attr:`CHUNK` rows
+    (a few bytes per value; only the last rows as Python tuples): N rows cost about their
+    Arrow size, not a Python object per value, so a stage's memory stays flat in N."""
+
+    CHUNK = 4096
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._batches: list[pa.RecordBatch] = []
+        self._open: list[tuple] = []
+
+    def __len__(self) -> int:
+        return len(self._batches) * self.CHUNK + len(self._open)
+
+    def append(self, row: tuple) -> None:
+        """One row: a value per schema field, in order."""
+        self._open.append(row)
+        if len(self._open) == self.CHUNK:
+            self._batches.append(self._batch())
+            self._open = []
+
+    def value(self, row: int, name: str) -> Any:
+        """The value of field ``name`` in row ``row``."""
+        k, i = divmod(row, self.CHUNK)
+        if k == len(self._batches):
+            return self._open[i][self.schema.get_field_index(name)]
+        return self._batches[k].column(name)[i].as_py()
+
+    def table(self) -> pa.Table:
+        """Every row so far (chunked as held, not copied)."""
+        return pa.Table.from_batches([*self._batches, self._batch()], schema=self.schema)
+
+    def _batch(self) -> pa.RecordBatch:
+        columns = zip(*self._open, strict=True) if self._open else [[] for _ in self.schema]
+        return pa.RecordBatch.from_arrays(
+            [pa.array(list(c), type=f.type) for c, f in zip(columns, self.schema, strict=True)],
+            schema=self.schema,
+        )

@@ -36,11 +36,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from pipeline.io import ArrowRows, write_table
 from pipeline.params import Params
 from pipeline.processed import CHANNELS
 
 FORMAT = 1
+INDEX_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("frames", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("row", pa.int64()),
+    ]
+)
 LIBRARIES = ("pillow", "numpy", "scipy", "scikit-image", "pydicom")
 _CODE = ("pixels.py", "readers.py")
 
@@ -105,7 +116,7 @@ class CacheWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self._bin = open(self.tmp / "pixels.bin", "wb")  # noqa: SIM115 (closed in close/abort)
-        self._rows: list[dict] = []
+        self._rows = ArrowRows(INDEX_SCHEMA)
         self._n = 0
 
     def add(self, source: str, frames: list[int], stat: tuple[int, int], pixels: np.ndarray):
@@ -113,22 +124,13 @@ class CacheWriter:
         if pixels.dtype != np.uint8 or pixels.shape != (len(frames), *self.shape):
             return  # not what preprocess would make: leave this file to preprocess
         self._bin.write(np.ascontiguousarray(pixels).tobytes())
-        self._rows.append(
-            {
-                "source": source,
-                "frames": ",".join(str(int(f)) for f in frames),
-                "size": stat[0],
-                "mtime_ns": stat[1],
-                "row": self._n,
-            }
-        )
+        frames_text = ",".join(str(int(f)) for f in frames)
+        self._rows.append((source, frames_text, int(stat[0]), int(stat[1]), self._n))
         self._n += len(frames)
 
     def close(self, manifest: str | Path) -> None:
         self._bin.close()
-        pd.DataFrame(
-            self._rows, columns=["source", "frames", "size", "mtime_ns", "row"]
-        ).to_parquet(self.tmp / "index.parquet", index=False)
+        write_table(self.tmp / "index.parquet", self._rows.table())
         meta = {
             "key": self.key,
             "shape": list(self.shape),

@@ -169,13 +169,12 @@ def prepare_file(
     ]
 
 
-def prepare_frames(task: tuple, data: bytes | None = None) -> list[np.ndarray] | str:
+def prepare_frames(task: tuple) -> list[np.ndarray] | str:
     """Worker: the listed frames of one file -> (C, H, W) uint8 arrays, or the one-line reason
-    it failed. ``task``: (path, frames, modality, image_size, oct_aspect, illumination);
-    ``data``: the file's bytes when already read (the Ray Data engine)."""
+    it failed. ``task``: (path, frames, modality, image_size, oct_aspect, illumination)."""
     path, frames, modality, image_size, oct_aspect, illumination = task
     try:
-        d = readers.read_image(path, draft=draft_size(image_size), frames=frames, data=data)
+        d = readers.read_image(path, draft=draft_size(image_size), frames=frames)
     except readers.BadImage as exc:
         return str(exc)
     return [

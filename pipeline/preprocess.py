@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,17 @@ def assign_splits(
     return df["subject_id"].map(subject_split)
 
 
+def _by_file(df: pd.DataFrame) -> Iterator[tuple[str, np.ndarray]]:
+    """Each source file with its manifest row positions (ascending), files in first-seen order:
+    ``df.groupby("source", sort=False).indices``, one file at a time instead of a dict of all."""
+    codes, sources = pd.factorize(df["source"], sort=False)
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes, minlength=len(sources))
+    ends = np.cumsum(counts)
+    for source, start, end in zip(sources, ends - counts, ends, strict=True):
+        yield source, order[start:end]
+
+
 def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     """Every manifest row's training pixels -> ``put(row, (C, H, W) uint8)``, as they come.
 
@@ -89,13 +101,13 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     cache = pixel_cache.PreparedCache.open(
         pixel_cache.cache_dir(params), pixel_cache.prepare_spec(params), params.paths.manifest
     )
-    groups = df.groupby("source", sort=False).indices  # source -> row positions, first-seen order
     frame_of = df["frame"].to_numpy()
+    top = str(root)  # os.path.join, not pathlib: no interned string per file name
     todo = []
     cached = 0
-    for src, rows in groups.items():
+    for src, rows in _by_file(df):
         frames = [int(f) for f in frame_of[rows]]
-        hit = cache.lookup(src, frames, root / src) if cache is not None else None
+        hit = cache.lookup(src, frames, os.path.join(top, src)) if cache is not None else None
         if hit is None:
             todo.append((src, rows, frames))
             continue
@@ -144,7 +156,7 @@ def _fill_on_ray(df: pd.DataFrame, params: Params, write, split_of, position) ->
     pp, root = params.preprocess, source_root(params)
     groups = []
     frame_of = df["frame"].to_numpy()
-    for src, rows in df.groupby("source", sort=False).indices.items():
+    for src, rows in _by_file(df):
         frames = [int(f) for f in frame_of[rows]]
         slots = [write.slot(split_of[r], position[r]) for r in rows]  # (file, byte offset)
         groups.append((os.path.abspath(root / src), frames, [(str(f), o) for f, o in slots]))

@@ -1,9 +1,10 @@
 """The Ray Data engine of ingest and preprocess (``data.engine: ray``).
 
 Same stages, same semantics, same outputs row for row as the local process pool; only where
-the decoding runs changes. Both stages read the files with ``ray.data.read_binary_files`` and
-decode them in ``map_batches`` tasks spread over the cluster (Pillow / pydicom, through the very
-functions the local engine uses), while the driver keeps everything that needs the whole
+the decoding runs changes. Both stages make a dataset of the file paths and read and decode each
+file in ``map_batches`` tasks spread over the cluster (Pillow / pydicom, through the very
+functions the local engine uses, so a file that cannot be read or decoded gets the same
+reason), while the driver keeps everything that needs the whole
 collection at once: the listing, quarantine and duplicate decisions, pseudonymisation, the
 subject split, the tables. Pixels never pass through the driver: preprocess's tasks write each
 image straight into its place in the output shards (``{split}_images/00000.npy`` ...,
@@ -35,7 +36,7 @@ from pipeline.params import Params
 log = logging.getLogger("retina_vae.ray_data")
 
 REPO = Path(__file__).resolve().parents[1]
-FILES_PER_BATCH = 8
+FILES_PER_BATCH = 32  # files per map_batches call: each call costs ~20 ms of Ray overhead
 
 
 def engine(params: Params) -> str:
@@ -97,14 +98,17 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _read(paths: list[str], cpus: int):
-    """The files' bytes as a dataset (columns ``bytes``, ``path``), split across the cluster."""
+def _files(rows: list[dict], cpus: int):
+    """One dataset row per file (``i``: its place in the caller's list, ``path``, ...), split
+    across the cluster. The tasks read each file themselves, as the local engine's workers do:
+    a file that cannot be read is that file's error (quarantined, or the stage's one line),
+    never a failed read task that stops the whole dataset."""
     import ray.data
 
     _context()
-    # enough read tasks to keep every CPU busy, and at scale ~200 files each, not a few huge ones
-    blocks = max(1, min(len(paths), max(8 * cpus, len(paths) // 200)))
-    return ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=blocks)
+    # enough blocks to keep every CPU busy, and at scale ~200 files each, not a few huge ones
+    blocks = max(1, min(len(rows), max(8 * cpus, len(rows) // 200)))
+    return ray.data.from_items(rows, override_num_blocks=blocks)
 
 
 def _log_nodes(stage: str, nodes: Counter) -> None:
@@ -124,69 +128,58 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _key(path: str) -> str:
-    """Ray Data reports local paths without a scheme and normalised: match them that way."""
-    return os.path.normpath(os.path.abspath(path))
-
-
 # ----------------------------------------------------------------------------- ingest
 
 
-Inspect = Callable[..., dict]  # ingest's worker: (task, data=bytes) -> JSON-able result
+Inspect = Callable[[tuple], dict]  # ingest's worker: task -> JSON-able result
 
 
 def _inspect_batch(batch: dict, inspect: Inspect, args: tuple) -> dict:
     """map_batches: each file's ingest result (``inspect``) as JSON."""
-    results = []
-    for path, data in zip(batch["path"], batch["bytes"], strict=True):
-        results.append(json.dumps(inspect((str(path), *args, None), data=bytes(data))))
+    results = [json.dumps(inspect((str(path), *args))) for path in batch["path"]]
     return {
-        "path": np.asarray(batch["path"], dtype=object),
+        "i": batch["i"],
         "result": np.asarray(results, dtype=object),
         "node": np.asarray([_node()] * len(results), dtype=object),
     }
 
 
 def inspect_files(tasks: list[tuple], inspect: Inspect) -> list[dict]:
-    """ingest's ``inspect(task, data=bytes)`` for every task, on Ray Data; results in task order.
+    """ingest's ``inspect(task)`` for every task, on Ray Data; results in task order, the same
+    as the local engine's (a file that cannot be read or decoded gets its reason there).
 
-    Tasks share everything but the path (oct_central, min_size, max_pixels, salt). A file
-    that is gone gets a reason here (the caller names it "listed but file not found").
+    Tasks share everything but the path (oct_central, min_size, max_pixels, salt, spec).
     """
     if not tasks:
         return []
-    args = tuple(tasks[0][1:5])
-    present = [t[0] for t in tasks if os.path.isfile(t[0])]
-    found: dict[str, dict] = {}
+    rows = [{"i": i, "path": t[0]} for i, t in enumerate(tasks)]
+    ds = _files(rows, _cpus()).map_batches(
+        _inspect_batch,
+        batch_size=FILES_PER_BATCH,
+        batch_format="numpy",
+        fn_args=(inspect, tuple(tasks[0][1:])),
+    )
+    results: list[dict | None] = [None] * len(tasks)
     nodes: Counter = Counter()
-    if present:
-        ds = _read(present, _cpus()).map_batches(
-            _inspect_batch,
-            batch_size=FILES_PER_BATCH,
-            batch_format="numpy",
-            fn_args=(inspect, args),
-        )
-        for row in ds.iter_rows():
-            found[_key(row["path"])] = json.loads(row["result"])
-            nodes[row["node"]] += 1
+    for row in ds.iter_rows():
+        results[int(row["i"])] = json.loads(row["result"])
+        nodes[row["node"]] += 1
     _log_nodes("ingest", nodes)
-    gone = {"reason": "file not found", "kind": "file not found"}
-    return [found.get(_key(t[0]), gone) for t in tasks]
+    return results
 
 
 # ----------------------------------------------------------------------------- preprocess
 
 
-def _prepare_batch(batch: dict, plan: dict, spec: tuple) -> dict:
+def _prepare_batch(batch: dict, spec: tuple) -> dict:
     """map_batches: decode each file's listed frames, write each image into its shard slot."""
     errors = []
-    for path, data in zip(batch["path"], batch["bytes"], strict=True):
-        frames, slots = plan[_key(str(path))]
-        res = pixels.prepare_frames((str(path), frames, *spec), data=bytes(data))
+    for path, frames, slots in zip(batch["path"], batch["frames"], batch["slots"], strict=True):
+        res = pixels.prepare_frames((str(path), json.loads(frames), *spec))
         if isinstance(res, str):
-            errors.append(f"{path}\t{res}")
+            errors.append(res)
             continue
-        for (target, offset), arr in zip(slots, res, strict=True):
+        for (target, offset), arr in zip(json.loads(slots), res, strict=True):
             fd = os.open(target, os.O_WRONLY)
             try:
                 os.pwrite(fd, np.ascontiguousarray(arr, dtype=np.uint8).tobytes(), offset)
@@ -194,7 +187,7 @@ def _prepare_batch(batch: dict, plan: dict, spec: tuple) -> dict:
                 os.close(fd)
         errors.append("")
     return {
-        "path": np.asarray(batch["path"], dtype=object),
+        "i": batch["i"],
         "error": np.asarray(errors, dtype=object),
         "node": np.asarray([_node()] * len(errors), dtype=object),
     }
@@ -205,25 +198,25 @@ def prepare_files(groups: list[tuple[str, list[int], list[tuple[str, int]]]], sp
 
     ``groups``: (absolute path, frames, [(shard file, byte offset) per frame]); ``spec``: the
     rest of :func:`pipeline.pixels.prepare_frames`'s task (modality, size, aspect,
-    illumination). A file that cannot be decoded stops the stage, as with the local engine.
+    illumination). A file that cannot be read or decoded stops the stage with one line, as
+    with the local engine.
     """
-    plan = {_key(path): (frames, slots) for path, frames, slots in groups}
-    missing = [path for path, _, _ in groups if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"{missing[0]}: not found (changed since ingest? re-run retina-vae ingest)")
-    ds = _read([g[0] for g in groups], _cpus()).map_batches(
-        _prepare_batch,
-        batch_size=FILES_PER_BATCH,
-        batch_format="numpy",
-        fn_kwargs={"plan": plan, "spec": spec},
+    rows = [
+        {"i": i, "path": path, "frames": json.dumps(frames), "slots": json.dumps(slots)}
+        for i, (path, frames, slots) in enumerate(groups)
+    ]
+    ds = _files(rows, _cpus()).map_batches(
+        _prepare_batch, batch_size=FILES_PER_BATCH, batch_format="numpy", fn_args=(spec,)
     )
     nodes: Counter = Counter()
     done = 0
     for row in ds.iter_rows():
         nodes[row["node"]] += 1
         if row["error"]:
-            path, reason = row["error"].split("\t", 1)
-            raise UserError(f"{path}: {reason} (changed since ingest? re-run retina-vae ingest)")
+            path = groups[int(row["i"])][0]
+            raise UserError(
+                f"{path}: {row['error']} (changed since ingest? re-run retina-vae ingest)"
+            )
         done += 1
     _log_nodes("preprocess", nodes)
     return done

@@ -16,8 +16,8 @@ Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays:
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,19 +79,14 @@ def is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _is_dicom_bytes(path: Path, data: bytes) -> bool:
-    """:func:`is_dicom` for a file already read into memory."""
-    return path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM"
-
-
-def is_candidate(path: Path) -> bool:
+def is_candidate(path: str | Path) -> bool:
     """Whether a file found in a source folder should be tried as an image at all."""
-    name = path.name
+    name = os.path.basename(path)  # os.path, not pathlib: no interned string per file name
     return not (
         name.startswith(".")
         or name.upper() == DICOMDIR
         or name.lower() in ("thumbs.db", "desktop.ini")
-        or path.suffix.lower() in SIDECAR_SUFFIXES
+        or os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES
     )
 
 
@@ -245,7 +240,6 @@ def read_image(
     draft: tuple[int, int] | None = None,
     oct_central: bool = False,
     frames: list[int] | None = None,
-    data: bytes | None = None,
 ) -> Decoded:
     """Decode ``path`` (photo or DICOM) into uint8 frames; raise :class:`BadImage` if unusable.
 
@@ -255,22 +249,25 @@ def read_image(
         draft: (width, height) lower bound for JPEG DCT-scaled decoding; None = full size.
         oct_central: keep only the central frame of a multi-frame file.
         frames: decode exactly these frame indices (overrides ``oct_central``).
-        data: the file's bytes when already read (Ray Data's ``read_binary_files``); ``path``
-            then only names it (its suffix counts for DICOM detection, as for a file).
+
+    Whatever goes wrong with the file is a :class:`BadImage`: the file cannot be read (missing,
+    a folder, no permission: "unreadable file (<why>)", no path in it), or its decoder fails
+    in any way ("undecodable image (...)": Pillow raises OSError on a truncated stream and
+    ValueError, SyntaxError, TypeError ... on some malformed headers).
     """
     path = Path(path)
     try:
-        if (len(data) if data is not None else path.stat().st_size) == 0:
+        if path.stat().st_size == 0:
             raise BadImage("empty file")
-        source = path if data is None else io.BytesIO(data)
-        dicom = is_dicom(path) if data is None else _is_dicom_bytes(path, data)
-        if dicom:
-            return _read_dicom(source, min_size, max_pixels, oct_central, frames)
-        return _read_photo(source, min_size, max_pixels, draft, oct_central, frames)
+        if is_dicom(path):
+            return _read_dicom(path, min_size, max_pixels, oct_central, frames)
+        return _read_photo(path, min_size, max_pixels, draft, oct_central, frames)
     except BadImage:
         raise
-    except OSError as exc:  # truncated or corrupt photo streams surface as OSError
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error, not the decoder's
+            raise BadImage(f"unreadable file ({exc.strerror})", "unreadable file") from None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadImage(f"undecodable image ({msg})", "undecodable image") from None
-    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- any other decoder failure on a malformed file
         raise BadImage(f"undecodable image ({type(exc).__name__})", "undecodable image") from None

@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+import pyarrow as pa
+
 from pipeline.errors import UserError
 from pipeline.params import Params, load_params
 
@@ -40,6 +42,9 @@ def run_stage(
         add_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    # Arrow (tables, parquet) from the system allocator, which gives freed buffers back: Arrow's
+    # default pool (mimalloc) keeps them, and a stage's peak memory then grows with its tables
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
         body(load_params(args.params), args)
     except UserError as exc:

@@ -9,6 +9,7 @@ reference encoder below (pydicom has no encoder for those three).
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,18 @@ def gradient(h: int = 48, w: int = 64, rgb: bool = False, seed: int = 0) -> np.n
     if not rgb:
         return base.astype(np.uint8)
     return np.stack([base, 255 - base, (base // 2 + 60)], axis=-1).astype(np.uint8)
+
+
+def malformed_tiff(image: Image.Image) -> bytes:
+    """A TIFF whose next-page pointer points past its end: Pillow raises TypeError on it (not
+    the OSError of a truncated stream)."""
+    buf = io.BytesIO()
+    image.save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, ifd)[0]
+    struct.pack_into("<I", data, ifd + 2 + 12 * entries, 0x00CB0000)
+    return bytes(data)
 
 
 def _sof_to_extended(data: bytes) -> bytes:

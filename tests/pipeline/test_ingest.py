@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipeline import ingest
+from pipeline.io import ArrowRows
 from pipeline.manifest import MANIFEST_COLUMNS
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, PHI, gradient, make_dicom, write_params
@@ -268,3 +272,37 @@ def test_npz_text_labels_are_kept_as_text(tmp_path):
     rc, paths = _run(tmp_path, ingest={"source": str(npz), "modality": "fundus"})
     assert rc == 0
     assert pd.read_parquet(paths.manifest)["label"].tolist() == ["normal", "drusen", "normal"]
+
+
+def _plain_manifest(path: str) -> bytes:
+    """The manifest ingest writes, as the DataFrame of one dict per row writes it."""
+    rows = pq.read_table(path).to_pylist()
+    df = pd.DataFrame(
+        [{k: v for k, v in r.items() if k != "modality"} for r in rows], columns=MANIFEST_COLUMNS
+    )
+    df["modality"] = rows[0]["modality"]
+    df = df.astype({"frame": "int64", "width": "int64", "height": "int64"})
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("folder_labels", [True, False])
+def test_manifest_is_the_dataframe_of_its_rows_byte_for_byte(tmp_path, monkeypatch, folder_labels):
+    monkeypatch.setattr(ArrowRows, "CHUNK", 2)  # the rows are held over several chunks
+    src = tmp_path / "mixed"
+    (src / "CNV").mkdir(parents=True)
+    (src / "NORMAL").mkdir()
+    for k in range(5):
+        Image.fromarray(gradient(seed=k)).save(src / "CNV" / f"CNV-{k}-1.png")
+    volume = np.stack([gradient(64, 64, seed=10 + i) for i in range(3)])
+    make_dicom(src / "NORMAL" / "IM1", volume, sop_class=OCT_TOMOGRAPHY, laterality="L")
+    Image.fromarray(gradient(seed=1)).save(src / "NORMAL" / "z-copy.png")  # of a flushed row
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "folder_labels": folder_labels})
+    assert rc == 0
+    manifest = pd.read_parquet(paths.manifest)
+    assert len(manifest) == 8 and manifest["eye"].tolist().count("L") == 3  # eye: L or missing
+    assert manifest["label"].isna().all() != folder_labels  # labels: text, or all missing
+    assert Path(paths.manifest).read_bytes() == _plain_manifest(paths.manifest)
+    d = pd.read_csv(paths.duplicates)
+    assert d[["path", "duplicate_of"]].values.tolist() == [["NORMAL/z-copy.png", "CNV/CNV-1-1.png"]]

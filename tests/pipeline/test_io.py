@@ -3,9 +3,10 @@
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from pipeline.io import atomic_path, write_json, write_table
+from pipeline.io import ArrowRows, atomic_path, write_json, write_table
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -40,3 +41,16 @@ def test_write_table_round_trips(tmp_path, suffix):
     )
     assert back["image_id"].tolist() == ["a", "b"]
     assert back["label"].isna().tolist() == [False, True]
+
+
+def test_arrow_rows_keep_every_row_across_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(ArrowRows, "CHUNK", 3)
+    rows = ArrowRows(pa.schema([("n", pa.int64()), ("text", pa.large_string())]))
+    values = [(i, None if i % 4 == 1 else f"t{i}") for i in range(8)]  # 2 full chunks + 2
+    for row in values:
+        rows.append(row)
+    assert len(rows) == 8
+    assert [rows.value(i, "text") for i in range(8)] == [t for _, t in values]
+    assert rows.table().to_pylist() == [{"n": n, "text": t} for n, t in values]
+    write_table(tmp_path / "rows.parquet", rows.table())
+    assert pd.read_parquet(tmp_path / "rows.parquet")["n"].tolist() == list(range(8))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline import demo, evaluate, ingest, preprocess, processed, train
 from pipeline.params import load_params
-from tests.pipeline.dicom_factory import write_params
+from tests.pipeline.dicom_factory import malformed_tiff, write_params
 from vae_core.distributed import make_loaders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,8 @@ finally:
 
 def _source(tmp_path: Path) -> Path:
     """The demo collection (PNG, JPEG, DICOM volumes, a labels CSV) plus every kind of file
-    ingest refuses: a truncated one, an empty one, a listed-but-missing one, an exact copy."""
+    ingest refuses: a truncated one, an empty one, a listed-but-missing one, one that cannot
+    be read (a folder), one that breaks the decoder (a malformed TIFF), an exact copy."""
     (tmp_path / "demo").mkdir()
     params = write_params(tmp_path / "demo", demo={"patients": 6, "images_per_eye": 2})
     assert demo.main(["--params", str(params)]) == 0
@@ -62,10 +63,14 @@ def _source(tmp_path: Path) -> Path:
     (src / "images" / "trunc.png").write_bytes(first.read_bytes()[:200])
     (src / "images" / "empty.png").write_bytes(b"")
     Image.open(first).save(src / "images" / "copy.png")
+    (src / "images" / "folder.png").mkdir()
+    (src / "images" / "pages.tif").write_bytes(malformed_tiff(Image.open(first)))
     extra = [
         ("images/trunc.png", "DME", "999", "R"),
         ("images/empty.png", "DME", "998", "L"),
         ("images/missing.png", "DME", "997", "L"),
+        ("images/folder.png", "DME", "995", "L"),
+        ("images/pages.tif", "DME", "994", "R"),
         ("images/copy.png", "NORMAL", "996", "R"),
     ]
     table = pd.concat([table, pd.DataFrame(extra, columns=table.columns)], ignore_index=True)
@@ -104,14 +109,23 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # the tasks ran on the worker nodes, none on the driver's (the stages log where)
-    for stage, files in (("ingest", 18), ("preprocess", 15)):
+    for stage, files in (("ingest", 21), ("preprocess", 15)):
         line = re.search(
             rf"{stage} on Ray Data: (\d+) files over (\d) node\(s\) \((\d+) on", done.stderr
         )
         assert line and line.groups()[0] == str(files) and line.groups()[2] == "0", done.stderr
     a, b = load_params(local).paths, load_params(on_ray).paths
     report = json.loads(Path(b.ingest_report).read_text())
-    assert (report["quarantined"], report["duplicates"]) == (3, 1)
+    assert (report["quarantined"], report["duplicates"]) == (5, 1)
+    reasons = dict(pd.read_csv(b.quarantine).itertuples(index=False))
+    assert reasons == {
+        "images/trunc.png": reasons["images/trunc.png"],
+        "images/empty.png": "empty file",
+        "images/missing.png": "listed but file not found",
+        "images/folder.png": "unreadable file (Is a directory)",
+        "images/pages.tif": "undecodable image (TypeError)",
+    }
+    assert reasons["images/trunc.png"].startswith("undecodable image")
     for name in ("manifest", "quarantine", "duplicates", "ingest_report", "preprocess_report"):
         assert Path(getattr(a, name)).read_bytes() == Path(getattr(b, name)).read_bytes(), name
     assert not (Path(b.manifest).parent / "prepared").exists()  # no cache on the Ray engine

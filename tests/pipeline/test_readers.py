@@ -17,6 +17,7 @@ from tests.pipeline.dicom_factory import (
     SECONDARY_CAPTURE,
     gradient,
     make_dicom,
+    malformed_tiff,
 )
 
 
@@ -201,6 +202,17 @@ def test_bad_photos(tmp_path):
         with pytest.raises(BadImage, match=reason) as caught:
             read_image(tmp_path / name, draft=(64, 64))
         assert caught.value.kind == reason  # the class of reason, without its detail
+    # a decoder that fails otherwise than by OSError, and a file that cannot be read at all
+    (tmp_path / "pages.tif").write_bytes(malformed_tiff(Image.fromarray(gradient())))
+    (tmp_path / "folder.png").mkdir()
+    for name, reason, kind in (
+        ("pages.tif", "undecodable image (TypeError)", "undecodable image"),
+        ("folder.png", "unreadable file (Is a directory)", "unreadable file"),
+        ("gone.png", "unreadable file (No such file or directory)", "unreadable file"),
+    ):
+        with pytest.raises(BadImage) as caught:
+            read_image(tmp_path / name)
+        assert (str(caught.value), caught.value.kind) == (reason, kind)
     small = tmp_path / "small.png"
     Image.fromarray(gradient(20, 30)).save(small)
     with pytest.raises(BadImage, match="too small: 30x20") as caught:
