@@ -230,6 +230,40 @@ class _SplitWriter:
 def preprocess(params: Params) -> dict:
     """Run the stage; return the report."""
     p, pp = params.paths, params.preprocess
+    df = read_manifest(params)
+    modality = df["modality"].iloc[0]
+    channels = CHANNELS[modality]
+    df["split"] = assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
+    report = {
+        "image_size": list(pp.image_size),
+        "channels": channels,
+        "modality": modality,
+        "classes": sorted(df["label"].dropna().unique().tolist()),
+        "splits": {},
+    }
+    with atomic_path(p.processed) as tmp:
+        tmp.mkdir()
+        write_images(df, params, tmp, channels)
+        for split in SPLITS:
+            part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]
+            part[TABLE_COLUMNS].to_parquet(processed.table_path(tmp, split), index=False)
+            report["splits"][split] = split_summary(part)
+    write_json(p.preprocess_report, report)
+    sizes = ", ".join(f"{s} {report['splits'][s]['images']}" for s in SPLITS)
+    log.info(
+        "wrote %s (%d channel%s, %dx%d): %s",
+        p.processed,
+        channels,
+        "s" if channels > 1 else "",
+        *pp.image_size,
+        sizes,
+    )
+    return report
+
+
+def read_manifest(params: Params) -> pd.DataFrame:
+    """Ingest's manifest (index 0..N-1), checked against the params; UserError if unusable."""
+    p, pp = params.paths, params.preprocess
     try:
         df = pd.read_parquet(p.manifest)
     except (FileNotFoundError, OSError) as exc:
@@ -247,49 +281,32 @@ def preprocess(params: Params) -> dict:
         )
     if pp.val_fraction + pp.test_fraction >= 1.0:
         raise UserError("preprocess.val_fraction + preprocess.test_fraction must be below 1")
-    channels = CHANNELS[modality]
-    df = df.reset_index(drop=True)
-    df["split"] = assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
-    report = {
-        "image_size": list(pp.image_size),
-        "channels": channels,
-        "modality": modality,
-        "classes": sorted(df["label"].dropna().unique().tolist()),
-        "splits": {},
+    return df.reset_index(drop=True)
+
+
+def write_images(df: pd.DataFrame, params: Params, folder: Path, channels: int) -> None:
+    """Every manifest row's pixels into its split's array (or shards, on Ray) in ``folder``."""
+    split_of = df["split"].to_numpy()
+    position = df.groupby("split", sort=False).cumcount().to_numpy()  # row within its split
+    on_ray = ray_data.engine(params) == "ray"
+    shard = params.data.shard_size if on_ray else None
+    size = params.preprocess.image_size
+    with _SplitWriter(folder, split_of, channels, size, shard) as write:
+        if on_ray and not is_npz(source_root(params)):
+            _fill_on_ray(df, params, write, split_of, position)
+        else:
+            used = _fill(df, params, lambda row, arr: write(split_of[row], position[row], arr))
+            log.info("pixels: %(cached)d from ingest's decode, %(decoded)d decoded here", used)
+
+
+def split_summary(part: pd.DataFrame) -> dict:
+    """One split's entry in the report: images, subjects, images per label (missing: "null")."""
+    labels = part["label"].value_counts(dropna=False)
+    return {
+        "images": len(part),
+        "subjects": int(part["subject_id"].nunique()),
+        "labels": {k if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
     }
-    with atomic_path(p.processed) as tmp:
-        tmp.mkdir()
-        split_of = df["split"].to_numpy()
-        position = df.groupby("split", sort=False).cumcount().to_numpy()
-        on_ray = ray_data.engine(params) == "ray"
-        shard = params.data.shard_size if on_ray else None
-        with _SplitWriter(tmp, split_of, channels, pp.image_size, shard) as write:
-            if on_ray and not is_npz(source_root(params)):
-                _fill_on_ray(df, params, write, split_of, position)
-            else:
-                used = _fill(df, params, lambda row, arr: write(split_of[row], position[row], arr))
-                log.info("pixels: %(cached)d from ingest's decode, %(decoded)d decoded here", used)
-        for split in SPLITS:
-            rows = np.flatnonzero(split_of == split)
-            part = df.iloc[rows]
-            part[TABLE_COLUMNS].to_parquet(processed.table_path(tmp, split), index=False)
-            labels = part["label"].value_counts(dropna=False)
-            report["splits"][split] = {
-                "images": len(part),
-                "subjects": int(part["subject_id"].nunique()),
-                "labels": {k if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
-            }
-    write_json(p.preprocess_report, report)
-    sizes = ", ".join(f"{s} {report['splits'][s]['images']}" for s in SPLITS)
-    log.info(
-        "wrote %s (%d channel%s, %dx%d): %s",
-        p.processed,
-        channels,
-        "s" if channels > 1 else "",
-        *pp.image_size,
-        sizes,
-    )
-    return report
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:
