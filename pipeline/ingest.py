@@ -404,13 +404,15 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     )
     if ray_data.engine(params) == "ray":
         with ray_data.session(params):
-            results = ray_data.inspect_files(list(tasks), inspect)
+            results = ray_data.inspect_files(list(tasks), inspect, cache and cache.tmp)
     else:
         results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
     found, quarantine = Found(), []
     for e, r in zip(entries, results, strict=True):
         if r.get("prepared") is not None:
             cache.add(e.source, [i for i, _ in r["frames"]], r["stat"], r["prepared"])
+        elif r.get("part") is not None:
+            cache.add_part(e.source, [i for i, _ in r["frames"]], r["stat"], *r["part"])
         if "reason" in r:
             quarantine.append(_refused(root, e, r))
         else:
@@ -532,12 +534,11 @@ def _warn_conflicts(conflicts: list[dict]) -> None:
 
 
 def _scan(params: Params, root: Path, salt: bytes) -> tuple[Scan, pixel_cache.CacheWriter | None]:
-    """Scan the source; with the local engine on a folder, fill the prepared-pixel cache too
-    (returned open: it is bound to the manifest once that is written)."""
-    if is_npz(root) or ray_data.engine(params) == "ray":  # no cache: preprocess decodes
+    """Scan the source; on a folder, fill the prepared-pixel cache too (on either engine;
+    returned open: it is bound to the manifest once that is written)."""
+    if is_npz(root):  # no cache: preprocess reads the arrays
         shutil.rmtree(pixel_cache.cache_dir(params), ignore_errors=True)
-        scan = _scan_npz(params, root, salt) if is_npz(root) else _scan_folder(params, root, salt)
-        return scan, None
+        return _scan_npz(params, root, salt), None
     cache = pixel_cache.CacheWriter(pixel_cache.cache_dir(params), pixel_cache.prepare_spec(params))
     try:
         return _scan_folder(params, root, salt, cache), cache

@@ -21,8 +21,11 @@ same bytes with or without the cache:
 - the frames: the frame list preprocess needs for that file equals the one ingest decoded.
 
 Layout (``<folder of paths.manifest>/prepared/``): ``pixels.bin`` (rows of (C, H, W) uint8,
-appended as they are decoded, so ingest never holds them in memory), ``index.parquet`` (one row
-per file: source, frames, size, mtime_ns, first row) and ``meta.json``.
+appended by the local engine's driver as they are decoded, so ingest never holds them in
+memory), ``part-<uuid>.bin`` (the same rows, one file per Ray Data ingest task batch, written by
+the task itself: :func:`write_part`; on a cluster the folder must be on storage every node
+mounts, else those entries are misses), ``index.parquet`` (one row per file: source, frames,
+size, mtime_ns, pixel file, first row) and ``meta.json`` (with each pixel file's row count).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from importlib import metadata
 from pathlib import Path
 
@@ -42,13 +46,15 @@ from pipeline.io import ArrowRows, write_table
 from pipeline.params import Params
 from pipeline.processed import CHANNELS
 
-FORMAT = 1
+FORMAT = 2
+MAIN = "pixels.bin"
 INDEX_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("frames", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("file", pa.string()),
         ("row", pa.int64()),
     ]
 )
@@ -104,6 +110,35 @@ def shape_of(spec: dict) -> tuple[int, int, int]:
     return (CHANNELS[spec["modality"]], *spec["image_size"])
 
 
+def fits(pixels: np.ndarray, frames: list, shape: tuple[int, int, int]) -> bool:
+    """True when ``pixels`` are what preprocess makes of ``frames``: (F, C, H, W) uint8."""
+    return pixels.dtype == np.uint8 and pixels.shape == (len(frames), *shape)
+
+
+def write_part(folder: Path, shape: tuple[int, int, int], results: list[dict]) -> None:
+    """In a Ray ingest task: move each result's ``prepared`` pixels into one new part file in
+    ``folder`` (the writer's :attr:`CacheWriter.tmp`), leaving ``part`` = [file, first row] in
+    the result for :meth:`CacheWriter.add_part`; pixels that do not fit are dropped (a miss).
+    Published by rename when whole: a failed (retried) task leaves no part file."""
+    name, row, out = f"part-{uuid.uuid4().hex}.bin", 0, None
+    tmp = Path(folder) / f".{name}.tmp"
+    try:
+        for r in results:
+            px = r.pop("prepared", None)
+            if px is None or "frames" not in r or not fits(px, r["frames"], shape):
+                continue
+            if out is None:
+                out = open(tmp, "wb")  # noqa: SIM115 (closed below)
+            out.write(np.ascontiguousarray(px).tobytes())
+            r["part"] = [name, row]
+            row += len(px)
+    finally:
+        if out is not None:
+            out.close()
+    if out is not None:
+        os.replace(tmp, Path(folder) / name)
+
+
 class CacheWriter:
     """Appends prepared frames file by file; :meth:`close` publishes the cache atomically."""
 
@@ -115,26 +150,34 @@ class CacheWriter:
         self.tmp = self.folder.with_name(f".{self.folder.name}.tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self._bin = open(self.tmp / "pixels.bin", "wb")  # noqa: SIM115 (closed in close/abort)
+        self._bin = open(self.tmp / MAIN, "wb")  # noqa: SIM115 (closed in close/abort)
         self._rows = ArrowRows(INDEX_SCHEMA)
         self._n = 0
 
     def add(self, source: str, frames: list[int], stat: tuple[int, int], pixels: np.ndarray):
-        """``pixels`` (len(frames), C, H, W) uint8, in ``frames`` order."""
-        if pixels.dtype != np.uint8 or pixels.shape != (len(frames), *self.shape):
+        """``pixels`` (len(frames), C, H, W) uint8, in ``frames`` order, into ``pixels.bin``."""
+        if not fits(pixels, frames, self.shape):
             return  # not what preprocess would make: leave this file to preprocess
         self._bin.write(np.ascontiguousarray(pixels).tobytes())
-        frames_text = ",".join(str(int(f)) for f in frames)
-        self._rows.append((source, frames_text, int(stat[0]), int(stat[1]), self._n))
+        self.add_part(source, frames, stat, MAIN, self._n)
         self._n += len(frames)
+
+    def add_part(self, source: str, frames: list[int], stat: tuple[int, int], file: str, row: int):
+        """Index a file's frames already written at ``row`` of pixel file ``file`` in
+        :attr:`tmp` (by :meth:`add`, or by a Ray task's :func:`write_part`)."""
+        frames_text = ",".join(str(int(f)) for f in frames)
+        self._rows.append((source, frames_text, int(stat[0]), int(stat[1]), file, int(row)))
 
     def close(self, manifest: str | Path) -> None:
         self._bin.close()
         write_table(self.tmp / "index.parquet", self._rows.table())
+        row_bytes = int(np.prod(self.shape))
+        files = {f.name: f.stat().st_size // row_bytes for f in self.tmp.glob("*.bin")}
         meta = {
             "key": self.key,
             "shape": list(self.shape),
-            "rows": self._n,
+            "rows": sum(files.values()),
+            "files": files,
             "manifest_sha256": file_sha256(manifest),
         }
         (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
@@ -151,10 +194,10 @@ class PreparedCache:
     def __init__(self, folder: Path, meta: dict, index: pd.DataFrame) -> None:
         self.shape = tuple(meta["shape"])
         self.row_bytes = int(np.prod(self.shape))
-        self.path = folder / "pixels.bin"
-        self._fd: int | None = None
+        self.folder = folder
+        self._fds: dict[str, int] = {}
         self.index = {
-            r.source: (r.frames, int(r.size), int(r.mtime_ns), int(r.row))
+            r.source: (r.frames, int(r.size), int(r.mtime_ns), r.file, int(r.row))
             for r in index.itertuples(index=False)
         }
 
@@ -167,9 +210,10 @@ class PreparedCache:
                 return None
             if meta.get("manifest_sha256") != file_sha256(manifest):
                 return None
-            size = (Path(folder) / "pixels.bin").stat().st_size
-            if size != int(meta["rows"]) * int(np.prod(meta["shape"])):
-                return None
+            row_bytes = int(np.prod(meta["shape"]))
+            for name, rows in meta["files"].items():  # every pixel file whole, as written
+                if (Path(folder) / name).stat().st_size != int(rows) * row_bytes:
+                    return None
             return cls(Path(folder), meta, pd.read_parquet(Path(folder) / "index.parquet"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -185,14 +229,18 @@ class PreparedCache:
                 return None
         except OSError:
             return None
-        if self._fd is None:  # positioned reads, not a map: nothing stays resident
-            self._fd = os.open(self.path, os.O_RDONLY)
-        data = os.pread(self._fd, self.row_bytes * len(frames), self.row_bytes * entry[3])
+        fd = self._fds.get(entry[3])
+        if fd is None:  # positioned reads, not a map: nothing stays resident
+            try:
+                fd = self._fds[entry[3]] = os.open(self.folder / entry[3], os.O_RDONLY)
+            except OSError:
+                return None
+        data = os.pread(fd, self.row_bytes * len(frames), self.row_bytes * entry[4])
         if len(data) != self.row_bytes * len(frames):
             return None
         return np.frombuffer(data, np.uint8).reshape(len(frames), *self.shape)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -98,24 +98,7 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     root = source_root(params)
     if is_npz(root):
         return _fill_npz(df, params, root, put)
-    cache = pixel_cache.PreparedCache.open(
-        pixel_cache.cache_dir(params), pixel_cache.prepare_spec(params), params.paths.manifest
-    )
-    frame_of = df["frame"].to_numpy()
-    top = str(root)  # os.path.join, not pathlib: no interned string per file name
-    todo = []
-    cached = 0
-    for src, rows in _by_file(df):
-        frames = [int(f) for f in frame_of[rows]]
-        hit = cache.lookup(src, frames, os.path.join(top, src)) if cache is not None else None
-        if hit is None:
-            todo.append((src, rows, frames))
-            continue
-        for r, arr in zip(rows, hit, strict=True):
-            put(r, arr)
-        cached += len(rows)
-    if cache is not None:
-        cache.close()
+    todo, cached = _from_cache(df, params, put)
     tasks = [
         (str(root / src), frames, modality, (height, width), aspect, light)
         for src, _, frames in todo
@@ -129,6 +112,31 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
         for r, arr in zip(rows, res, strict=True):
             put(r, arr)
     return {"cached": cached, "decoded": len(df) - cached}
+
+
+def _from_cache(df: pd.DataFrame, params: Params, put) -> tuple[list[tuple], int]:
+    """``put(row, pixels)`` for every row whose file's pixels ingest prepared (an exact key,
+    manifest, file and frame match in :mod:`pipeline.pixel_cache`); return the files left to
+    decode, (source, rows, frames) each, and how many rows were put."""
+    cache = pixel_cache.PreparedCache.open(
+        pixel_cache.cache_dir(params), pixel_cache.prepare_spec(params), params.paths.manifest
+    )
+    frame_of = df["frame"].to_numpy()
+    top = str(source_root(params))  # os.path.join, not pathlib: no interned string per file
+    todo = []
+    cached = 0
+    for src, rows in _by_file(df):
+        frames = [int(f) for f in frame_of[rows]]
+        hit = cache.lookup(src, frames, os.path.join(top, src)) if cache is not None else None
+        if hit is None:
+            todo.append((src, rows, frames))
+            continue
+        for r, arr in zip(rows, hit, strict=True):
+            put(r, arr)
+        cached += len(rows)
+    if cache is not None:
+        cache.close()
+    return todo, cached
 
 
 def _fill_npz(df: pd.DataFrame, params: Params, root: Path, put) -> dict[str, int]:
@@ -150,19 +158,22 @@ def _fill_npz(df: pd.DataFrame, params: Params, root: Path, put) -> dict[str, in
     return {"cached": 0, "decoded": len(df)}
 
 
-def _fill_on_ray(df: pd.DataFrame, params: Params, write, split_of, position) -> None:
-    """:func:`_fill` on Ray Data: tasks decode the files and write each image into its slot
-    of ``write``'s files (:mod:`pipeline.ray_data`)."""
+def _fill_on_ray(df: pd.DataFrame, params: Params, write, split_of, position) -> dict[str, int]:
+    """:func:`_fill` on Ray Data: rows whose pixels ingest's tasks prepared are copied here from
+    the cache (small: (C, H, W) at the training size, streamed, never all held); Ray tasks
+    decode the other files and write each image into its slot of ``write``'s files
+    (:mod:`pipeline.ray_data`; no Ray at all when nothing is left). Returns the counts."""
     pp, root = params.preprocess, source_root(params)
+    todo, cached = _from_cache(df, params, lambda r, arr: write(split_of[r], position[r], arr))
     groups = []
-    frame_of = df["frame"].to_numpy()
-    for src, rows in _by_file(df):
-        frames = [int(f) for f in frame_of[rows]]
+    for src, rows, frames in todo:
         slots = [write.slot(split_of[r], position[r]) for r in rows]  # (file, byte offset)
         groups.append((os.path.abspath(root / src), frames, [(str(f), o) for f, o in slots]))
     spec = (df["modality"].iloc[0], tuple(pp.image_size), pp.oct_aspect, pp.illumination)
-    with ray_data.session(params):
-        ray_data.prepare_files(groups, spec)
+    if groups:
+        with ray_data.session(params):
+            ray_data.prepare_files(groups, spec)
+    return {"cached": cached, "decoded": len(df) - cached}
 
 
 class _SplitWriter:
@@ -293,10 +304,10 @@ def write_images(df: pd.DataFrame, params: Params, folder: Path, channels: int) 
     size = params.preprocess.image_size
     with _SplitWriter(folder, split_of, channels, size, shard) as write:
         if on_ray and not is_npz(source_root(params)):
-            _fill_on_ray(df, params, write, split_of, position)
+            used = _fill_on_ray(df, params, write, split_of, position)
         else:
             used = _fill(df, params, lambda row, arr: write(split_of[row], position[row], arr))
-            log.info("pixels: %(cached)d from ingest's decode, %(decoded)d decoded here", used)
+        log.info("pixels: %(cached)d from ingest's decode, %(decoded)d decoded here", used)
 
 
 def split_summary(part: pd.DataFrame) -> dict:

@@ -6,7 +6,10 @@ file in ``map_batches`` tasks spread over the cluster (Pillow / pydicom, through
 functions the local engine uses, so a file that cannot be read or decoded gets the same
 reason), while the driver keeps everything that needs the whole
 collection at once: the listing, quarantine and duplicate decisions, pseudonymisation, the
-subject split, the tables. Pixels never pass through the driver: preprocess's tasks write each
+subject split, the tables. Decoded pixels never pass through the driver: ingest's tasks write
+the training pixels they make from their own decode into part files of the prepared-pixel cache
+(:mod:`pipeline.pixel_cache`; the driver only merges the index), preprocess copies those
+(small, at the training size) into place and its tasks decode only the rest, writing each
 image straight into its place in the output shards (``{split}_images/00000.npy`` ...,
 ``data.shard_size`` images each, see :mod:`pipeline.processed`), which on a multi-node cluster must
 be on storage every node mounts at the same path (as ``paths.processed`` already must be for
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import pixels
+from pipeline import pixel_cache, pixels
 from pipeline.errors import UserError
 from pipeline.params import Params
 
@@ -134,9 +137,13 @@ def _cpus() -> int:
 Inspect = Callable[[tuple], dict]  # ingest's worker: task -> JSON-able result
 
 
-def _inspect_batch(batch: dict, inspect: Inspect, args: tuple) -> dict:
-    """map_batches: each file's ingest result (``inspect``) as JSON."""
-    results = [json.dumps(inspect((str(path), *args))) for path in batch["path"]]
+def _inspect_batch(batch: dict, inspect: Inspect, args: tuple, cache: str | None) -> dict:
+    """map_batches: each file's ingest result (``inspect``) as JSON; its prepared pixels, if
+    any, go to a part file of the prepared-pixel cache being written in folder ``cache``."""
+    found = [inspect((str(path), *args)) for path in batch["path"]]
+    if cache is not None:
+        pixel_cache.write_part(Path(cache), pixel_cache.shape_of(args[-1]), found)
+    results = [json.dumps(r) for r in found]
     return {
         "i": batch["i"],
         "result": np.asarray(results, dtype=object),
@@ -144,11 +151,14 @@ def _inspect_batch(batch: dict, inspect: Inspect, args: tuple) -> dict:
     }
 
 
-def inspect_files(tasks: list[tuple], inspect: Inspect) -> list[dict]:
+def inspect_files(tasks: list[tuple], inspect: Inspect, cache: Path | None = None) -> list[dict]:
     """ingest's ``inspect(task)`` for every task, on Ray Data; results in task order, the same
     as the local engine's (a file that cannot be read or decoded gets its reason there).
 
-    Tasks share everything but the path (oct_central, min_size, max_pixels, salt, spec).
+    Tasks share everything but the path (oct_central, min_size, max_pixels, salt, spec). With
+    ``cache`` (a :class:`pipeline.pixel_cache.CacheWriter`'s folder) and a spec, each task
+    writes its files' prepared pixels there (:func:`pipeline.pixel_cache.write_part`) and its
+    results carry ``part`` instead of ``prepared``.
     """
     if not tasks:
         return []
@@ -157,7 +167,7 @@ def inspect_files(tasks: list[tuple], inspect: Inspect) -> list[dict]:
         _inspect_batch,
         batch_size=FILES_PER_BATCH,
         batch_format="numpy",
-        fn_args=(inspect, tuple(tasks[0][1:])),
+        fn_args=(inspect, tuple(tasks[0][1:]), str(cache) if cache and tasks[0][-1] else None),
     )
     results: list[dict | None] = [None] * len(tasks)
     nodes: Counter = Counter()

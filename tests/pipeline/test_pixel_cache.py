@@ -49,6 +49,12 @@ def _collection(root: Path) -> None:
     Image.fromarray(_photo(1100, 1300, 0)).save(root / "B" / "copy-7.png")  # not a JPEG copy
 
 
+def _change_big_1(root: Path) -> None:
+    """Change a file ingest prepared, after ingest: other pixels, another modification time."""
+    Image.fromarray(_photo(1100, 1300, 9)).save(root / "A" / "big-1.jpeg", quality=90)
+    os.utime(root / "A" / "big-1.jpeg", ns=(1, 1))
+
+
 def _params(tmp_path: Path, src: Path, **pre) -> Path:
     return write_params(
         tmp_path,
@@ -151,8 +157,7 @@ def test_any_mismatch_decodes_again_with_the_same_result(tmp_path, decodes, capl
 
     # a source file changed after ingest: that file is decoded again (its new pixels), the
     # rest still come from the cache
-    Image.fromarray(_photo(1100, 1300, 9)).save(src / "A" / "big-1.jpeg", quality=90)
-    os.utime(src / "A" / "big-1.jpeg", ns=(1, 1))
+    _change_big_1(src)
     decodes.clear()
     assert preprocess.main(["--params", str(params)]) == 0
     assert decodes["big-1.jpeg"] == 1 and decodes["mid-3.png"] == 0
@@ -192,3 +197,42 @@ def test_an_npz_source_leaves_no_cache(tmp_path):
     )
     assert ingest.main(["--params", str(params)]) == 0
     assert not cache.exists()
+
+
+def _same_on_ray(out: Path, reference: Path) -> None:
+    """The Ray engine's shards hold the reference arrays; the tables are the same bytes."""
+    for split in processed.SPLITS:
+        table = processed.table_path(out, split)
+        assert table.read_bytes() == processed.table_path(reference, split).read_bytes()
+        shards = [np.load(f) for f in processed.image_files(out, split)]
+        expected = np.load(reference / f"{split}_images.npy")
+        assert np.array_equal(np.concatenate(shards), expected), split
+
+
+def test_ray_ingest_feeds_ray_preprocess_and_a_stale_entry_is_not_used(
+    ray_session, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    src = tmp_path / "photos"
+    _collection(src)
+    params = _params(tmp_path, src)
+    raw = yaml.safe_load(params.read_text())
+    raw["data"].update(engine="ray")
+    params.write_text(yaml.safe_dump(raw))
+    p = load_params(params).paths
+    assert ingest.main(["--params", str(params)]) == 0
+    cache = pixel_cache.cache_dir(load_params(params))
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["rows"] == 9 and meta["files"]["pixels.bin"] == 0  # all in the tasks' parts
+    assert preprocess.main(["--params", str(params)]) == 0
+    assert "pixels: 6 from ingest's decode, 3 decoded here" in caplog.text  # as the local one
+    _reference(params, tmp_path / "reference")
+    _same_on_ray(Path(p.processed), tmp_path / "reference")
+
+    # a source file changed after ingest: its entry is stale, so that file is decoded afresh
+    _change_big_1(src)
+    caplog.clear()
+    assert preprocess.main(["--params", str(params)]) == 0
+    assert "pixels: 5 from ingest's decode, 4 decoded here" in caplog.text
+    _reference(params, tmp_path / "ref-changed")
+    _same_on_ray(Path(p.processed), tmp_path / "ref-changed")

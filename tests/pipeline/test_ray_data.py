@@ -4,6 +4,7 @@ real two-node Ray cluster (ray.cluster_utils), and training reads its shards."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -89,7 +90,8 @@ def _params(root: Path, src: Path, **data) -> Path:
 
 
 @pytest.mark.slow
-def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path):
+def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     src = _source(tmp_path)
     local = _params(tmp_path / "local", src)
     for stage in (ingest, preprocess):
@@ -108,8 +110,12 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    # the tasks ran on the worker nodes, none on the driver's (the stages log where)
-    for stage, files in (("ingest", 21), ("preprocess", 15)):
+    # the tasks ran on the worker nodes, none on the driver's (the stages log where); ingest's
+    # tasks prepared the training pixels from their own decode (pipeline.pixel_cache) and
+    # preprocess's decode only the 4 files that cache does not cover, as the local engine
+    used = "pixels: 20 from ingest's decode, 4 decoded here"
+    assert used in caplog.text and used in done.stderr, done.stderr
+    for stage, files in (("ingest", 21), ("preprocess", 4)):
         line = re.search(
             rf"{stage} on Ray Data: (\d+) files over (\d) node\(s\) \((\d+) on", done.stderr
         )
@@ -128,7 +134,7 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path):
     assert reasons["images/trunc.png"].startswith("undecodable image")
     for name in ("manifest", "quarantine", "duplicates", "ingest_report", "preprocess_report"):
         assert Path(getattr(a, name)).read_bytes() == Path(getattr(b, name)).read_bytes(), name
-    assert not (Path(b.manifest).parent / "prepared").exists()  # no cache on the Ray engine
+    assert list((Path(b.manifest).parent / "prepared").glob("part-*.bin"))  # the tasks' parts
     for split in processed.SPLITS:
         pa, pb = Path(a.processed), Path(b.processed)
         assert (pa / f"{split}.parquet").read_bytes() == (pb / f"{split}.parquet").read_bytes()
