@@ -356,7 +356,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
         check_shared_storage(storage, processed)
         run_id = _open_run(params, uri, run_dir, extra)
         try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
-            result = _train_and_log(params, shape, extra, uri, (storage, name), processed)
+            result = _train_and_log(params, shape, extra, uri, storage, name, processed)
         except BaseException as exc:
             killed = isinstance(exc, KeyboardInterrupt)
             tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
@@ -413,14 +413,16 @@ def _train_and_log(
     shape: tuple[int, int, int],
     extra: dict[str, str],
     uri: str,
-    checkpoints: tuple[Path, str],
+    storage: Path,
+    name: str,
     processed: Path,
 ) -> distributed.FitResult:
-    """Fit, write the stage outputs, then log the data, model and checkpoint to the run."""
+    """:func:`_fit` (same arguments), write the stage outputs, then log the data, model and
+    checkpoint to the run."""
     run_id = extra["mlflow_run_id"]
     sizes = split_sizes(processed)  # the run's Datasets panel: what it learns from
     tracking.log_training_data(uri, run_id, params.paths.processed, extra["data_hash"], sizes)
-    result = _fit(params, shape, extra, uri, *checkpoints, processed)
+    result = _fit(params, shape, extra, uri, storage, name, processed)
     write_outputs(params, result, extra)
     tracking.log_model(
         uri,
