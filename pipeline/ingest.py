@@ -58,7 +58,11 @@ from pipeline.stage import run_stage
 
 log = logging.getLogger("retina_vae.ingest")
 
-CHECK_SIZE = (128, 128)  # JPEG draft bound for validation/hashing: >= 128 px each side
+# JPEG draft bound for validation and the duplicate hash: >= 64 px each side. Any scale decodes
+# the whole entropy stream (so truncation is caught alike); 64 is preprocess's draft at the
+# default 64 px image size, so there ingest's decode is the one preprocess uses, for JPEGs of
+# every size (at 128 the demo's 256 px and 1024 px photos were decoded twice).
+CHECK_SIZE = (64, 64)
 DUPLICATE_COLUMNS = [
     "path",
     "frame",

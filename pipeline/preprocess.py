@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,35 +42,58 @@ def assign_splits(
     """Split per subject, stratified by each subject's majority label; ``split`` overrides.
 
     Returns one split name per row (index of ``df``). A subject given explicit splits takes
-    its most common one for all its rows (a warning says how many rows moved).
+    its most common one for all its rows (a warning says how many rows moved). Array work
+    over subject codes: no Python object per subject, so memory stays flat at 10^5 images.
     """
-    fixed = df["split"] if "split" in df.columns else pd.Series(None, index=df.index)
-    subject_split: dict[str, str] = {}
-    moved = 0
-    for subject, splits in fixed.dropna().groupby(df["subject_id"]):
-        counts = Counter(splits)
-        best = max(SPLITS, key=lambda s: (counts[s], -SPLITS.index(s)))
-        subject_split[subject] = best
-        moved += len(splits) - counts[best]
+    subject, ids = pd.factorize(df["subject_id"])  # (N,) row -> subject, (S,) subject ids
+    chosen = _explicit_splits(df, subject, len(ids))  # (S,) index into SPLITS, -1 = free
+    majority = _majority_labels(df["label"], subject, len(ids))  # (S,) label code
+    ids = np.asarray(ids, dtype=object)
+    rng = np.random.default_rng(seed)
+    for label in np.unique(majority[chosen < 0]):  # labels in sorted order, unlabelled first
+        group = np.flatnonzero((chosen < 0) & (majority == label))
+        group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled
+        n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
+        chosen[group] = SPLITS.index("train")
+        chosen[group[:n_test]] = SPLITS.index("test")
+        chosen[group[n_test : n_test + n_val]] = SPLITS.index("val")
+    return pd.Series(np.asarray(SPLITS, dtype=object)[chosen[subject]], index=df.index)
+
+
+def _explicit_splits(df: pd.DataFrame, subject: np.ndarray, n: int) -> np.ndarray:
+    """(n,) each subject's most common explicit split (ties: the earlier in SPLITS) as an
+    index into SPLITS, -1 for a subject with none."""
+    if "split" not in df.columns:
+        return np.full(n, -1)
+    given = pd.Categorical(df["split"], categories=SPLITS).codes  # (N,), -1 where none
+    rows = given >= 0
+    counts = np.zeros((n, len(SPLITS)), dtype=np.int64)  # (S, 3) explicit rows per split
+    np.add.at(counts, (subject[rows], given[rows]), 1)
+    has = counts.sum(axis=1) > 0
+    moved = int((counts.sum(axis=1) - counts.max(axis=1)).sum())
     if moved:
         log.warning(
             "%d rows with an explicit split were moved to their subject's split "
             "(a subject must not appear in two splits)",
             moved,
         )
-    free = df[~df["subject_id"].isin(subject_split)]
-    majority = free.groupby("subject_id")["label"].agg(
-        lambda s: Counter(s.fillna("\0unlabelled")).most_common(1)[0][0]
-    )
-    rng = np.random.default_rng(seed)
-    for _, subjects in sorted(majority.groupby(majority), key=lambda kv: kv[0]):
-        ids = rng.permutation(np.array(sorted(subjects.index), dtype=object))
-        n_test, n_val = round(len(ids) * test_fraction), round(len(ids) * val_fraction)
-        for i, subject in enumerate(ids):
-            subject_split[subject] = (
-                "test" if i < n_test else ("val" if i < n_test + n_val else "train")
-            )
-    return df["subject_id"].map(subject_split)
+    return np.where(has, counts.argmax(axis=1), -1)  # argmax: the first of equal counts
+
+
+def _majority_labels(label: pd.Series, subject: np.ndarray, n: int) -> np.ndarray:
+    """(n,) each subject's most common label (ties: the one its rows name first), as a rank in
+    sorted label order with unlabelled first (0)."""
+    names = np.asarray(sorted(label.dropna().unique()), dtype=object)
+    code = np.searchsorted(names, label.fillna(names[0] if len(names) else "").to_numpy())
+    code = np.where(label.isna().to_numpy(), 0, code + 1)  # (N,) 0 = unlabelled
+    pair = subject.astype(np.int64) * (len(names) + 1) + code  # (N,) one key per (subject, label)
+    keys, first, counts = np.unique(pair, return_index=True, return_counts=True)
+    owner = keys // (len(names) + 1)  # (P,) the subject of each pair
+    best = np.lexsort((first, -counts, owner))  # per subject: most rows, then first named
+    owner, start = np.unique(owner[best], return_index=True)
+    out = np.zeros(n, dtype=np.int64)
+    out[owner] = keys[best[start]] % (len(names) + 1)
+    return out
 
 
 def _by_file(df: pd.DataFrame) -> Iterator[tuple[str, np.ndarray]]:
@@ -125,9 +147,10 @@ def _from_cache(df: pd.DataFrame, params: Params, put) -> tuple[list[tuple], int
     top = str(source_root(params))  # os.path.join, not pathlib: no interned string per file
     todo = []
     cached = 0
-    for src, rows in _by_file(df):
+    entry = cache.entries(pd.unique(df["source"])) if cache is not None else None
+    for j, (src, rows) in enumerate(_by_file(df)):  # files in first-seen order, as pd.unique
         frames = [int(f) for f in frame_of[rows]]
-        hit = cache.lookup(src, frames, os.path.join(top, src)) if cache is not None else None
+        hit = cache.lookup(entry[j], frames, os.path.join(top, src)) if entry is not None else None
         if hit is None:
             todo.append((src, rows, frames))
             continue
@@ -256,8 +279,8 @@ def preprocess(params: Params) -> dict:
         tmp.mkdir()
         write_images(df, params, tmp, channels)
         for split in SPLITS:
-            part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]
-            part[TABLE_COLUMNS].to_parquet(processed.table_path(tmp, split), index=False)
+            part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]  # TABLE_COLUMNS
+            part.to_parquet(processed.table_path(tmp, split), index=False)
             report["splits"][split] = split_summary(part)
     write_json(p.preprocess_report, report)
     sizes = ", ".join(f"{s} {report['splits'][s]['images']}" for s in SPLITS)
@@ -275,12 +298,17 @@ def preprocess(params: Params) -> dict:
 def read_manifest(params: Params) -> pd.DataFrame:
     """Ingest's manifest (index 0..N-1), checked against the params; UserError if unusable."""
     p, pp = params.paths, params.preprocess
-    try:
-        df = pd.read_parquet(p.manifest)
+    try:  # only the columns the outputs carry: the content hashes alone were ~30% of it
+        df = pd.read_parquet(p.manifest, columns=TABLE_COLUMNS)
     except (FileNotFoundError, OSError) as exc:
         raise UserError(
             f"{p.manifest}: manifest not readable ({type(exc).__name__}); "
             "run retina-vae ingest first"
+        ) from None
+    except ValueError:  # pyarrow's "No match for FieldRef": a manifest from an older ingest
+        raise UserError(
+            f"{p.manifest}: manifest lacks columns of {', '.join(TABLE_COLUMNS)}; "
+            "re-run retina-vae ingest"
         ) from None
     if df.empty:
         raise UserError(f"{p.manifest}: manifest has no images")

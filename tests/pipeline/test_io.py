@@ -4,8 +4,10 @@ import json
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline import io
 from pipeline.io import ArrowRows, atomic_path, write_json, write_table
 
 
@@ -54,3 +56,15 @@ def test_arrow_rows_keep_every_row_across_chunks(tmp_path, monkeypatch):
     assert rows.table().to_pylist() == [{"n": n, "text": t} for n, t in values]
     write_table(tmp_path / "rows.parquet", rows.table())
     assert pd.read_parquet(tmp_path / "rows.parquet")["n"].tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("arrow", [False, True])
+def test_parquet_is_written_in_bounded_row_groups(tmp_path, monkeypatch, arrow):
+    monkeypatch.setattr(io, "ROW_GROUP", 3)
+    df = pd.DataFrame({"n": range(8), "text": [f"t{i}" for i in range(8)]})
+    write_table(
+        tmp_path / "t.parquet", pa.Table.from_pandas(df, preserve_index=False) if arrow else df
+    )
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3, 3, 2]
+    assert pd.read_parquet(tmp_path / "t.parquet").equals(df)

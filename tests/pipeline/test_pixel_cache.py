@@ -124,7 +124,7 @@ def test_one_decode_per_image_and_the_same_bytes(tmp_path, decodes, caplog):
         "mid-3.png": 1,  # no reduced decoding for PNG or DICOM: always one decode
         "vol-5.dcm": 1,
         "copy-7.png": 1,
-        "small-4.jpeg": 2,  # 200 px: 1/1 for ingest's check, 1/4 for 32 px -- two scales
+        "small-4.jpeg": 2,  # 200 px: 1/2 for ingest's check, 1/4 for 32 px -- two scales
         "vol-6.dcm": 2,  # a frame dropped as a duplicate: preprocess decodes the kept ones
     }
     assert "pixels: 6 from ingest's decode, 3 decoded here" in caplog.text
@@ -236,3 +236,16 @@ def test_ray_ingest_feeds_ray_preprocess_and_a_stale_entry_is_not_used(
     assert "pixels: 5 from ingest's decode, 4 decoded here" in caplog.text
     _reference(params, tmp_path / "ref-changed")
     _same_on_ray(Path(p.processed), tmp_path / "ref-changed")
+
+
+@pytest.mark.parametrize("side", [256, 600, 1024, 2000])
+def test_every_jpeg_is_decoded_once_at_the_default_size(tmp_path, decodes, side):
+    """The demo's 256 px photos and native 1024 px ones included: at the default 64 px target
+    ingest's check scale is preprocess's draft, whatever the JPEG's size."""
+    src = tmp_path / "photos"
+    (src / "A").mkdir(parents=True)
+    Image.fromarray(_photo(side, side + side // 3, side)).save(src / "A" / "p-1.jpg", quality=90)
+    params = _params(tmp_path, src, image_size=[64, 64])
+    assert ingest.main(["--params", str(params)]) == 0
+    assert preprocess.main(["--params", str(params)]) == 0
+    assert decodes == {"p-1.jpg": 1}

@@ -40,6 +40,28 @@ def test_split_by_subject_stratified_and_overridden():
     assert not split.equals(preprocess.assign_splits(df, 0.2, 0.2, seed=4))
 
 
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        # a subject's majority label picks its stratum; a tie goes to the label it names first:
+        # both subjects below land in stratum B, so with test_fraction 0.5 one of them is test
+        ([("s1", "B", None), ("s1", "A", None), ("s2", "B", None)], {"test": 1, "train": 1}),
+        # explicit splits: the most common wins, a tie goes to the earlier of train, val, test
+        ([("s1", "A", "test"), ("s1", "A", "val"), ("s1", "A", None)], {"val": 1}),
+        ([("s1", "A", "test"), ("s1", "A", "test"), ("s1", "A", "train")], {"test": 1}),
+        # unlabelled subjects form their own stratum
+        ([("s1", None, None), ("s2", None, None), ("s3", "A", None)], {"test": 1, "train": 2}),
+    ],
+)
+def test_split_ties_and_strata(rows, expected):
+    df = pd.DataFrame(rows, columns=["subject_id", "label", "split"])
+    split = preprocess.assign_splits(df, 0.0, 0.5, seed=0)
+    per_subject = df.assign(split=split).groupby("subject_id")["split"].agg(set)
+    assert all(len(s) == 1 for s in per_subject)  # one split per subject
+    counts = pd.Series([next(iter(s)) for s in per_subject]).value_counts().to_dict()
+    assert counts == expected
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
@@ -111,3 +133,15 @@ def test_missing_manifest_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("retina-vae preprocess: error: ") and "\n" not in err
     assert "run retina-vae ingest first" in err
+
+
+def test_manifest_of_an_older_ingest_is_one_line_error(tmp_path, capsys):
+    params = write_params(tmp_path)
+    manifest = Path(load_params(params).paths.manifest)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"image_id": ["i-1"], "source": ["a.png"], "modality": ["fundus"]}).to_parquet(
+        manifest
+    )
+    assert preprocess.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "manifest lacks columns" in err and "re-run retina-vae ingest" in err
