@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline import pixel_cache, pixels, processed, ray_data
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, write_json, write_table
 from pipeline.manifest import is_npz, npz_row, source_root
 from pipeline.parallel import parallel_imap
 from pipeline.params import Params
@@ -280,7 +280,7 @@ def preprocess(params: Params) -> dict:
         write_images(df, params, tmp, channels)
         for split in SPLITS:
             part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]  # TABLE_COLUMNS
-            part.to_parquet(processed.table_path(tmp, split), index=False)
+            write_table(processed.table_path(tmp, split), part)
             report["splits"][split] = split_summary(part)
     write_json(p.preprocess_report, report)
     sizes = ", ".join(f"{s} {report['splits'][s]['images']}" for s in SPLITS)
