@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline import pixel_cache, pixels, processed, ray_data
 from pipeline.errors import UserError
@@ -279,8 +280,8 @@ def preprocess(params: Params) -> dict:
         tmp.mkdir()
         write_images(df, params, tmp, channels)
         for split in SPLITS:
-            part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]  # TABLE_COLUMNS
-            write_table(processed.table_path(tmp, split), part)
+            part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]
+            write_table(processed.table_path(tmp, split), part[TABLE_COLUMNS])
             report["splits"][split] = split_summary(part)
     write_json(p.preprocess_report, report)
     sizes = ", ".join(f"{s} {report['splits'][s]['images']}" for s in SPLITS)
@@ -298,20 +299,28 @@ def preprocess(params: Params) -> dict:
 def read_manifest(params: Params) -> pd.DataFrame:
     """Ingest's manifest (index 0..N-1), checked against the params; UserError if unusable."""
     p, pp = params.paths, params.preprocess
-    try:  # only the columns the outputs carry: the content hashes alone were ~30% of it
-        df = pd.read_parquet(p.manifest, columns=TABLE_COLUMNS)
-    except (FileNotFoundError, OSError) as exc:
+    try:
+        names = pq.read_schema(p.manifest).names
+    except OSError as exc:
         raise UserError(
             f"{p.manifest}: manifest not readable ({type(exc).__name__}); "
             "run retina-vae ingest first"
         ) from None
-    except ValueError:  # pyarrow's "No match for FieldRef": a manifest from an older ingest
+    except ValueError:  # pyarrow: no Parquet magic bytes (empty, truncated, another format)
+        raise UserError(f"{p.manifest}: not a Parquet manifest; re-run retina-vae ingest") from None
+    missing = [c for c in TABLE_COLUMNS if c not in names]
+    if missing:
         raise UserError(
-            f"{p.manifest}: manifest lacks columns of {', '.join(TABLE_COLUMNS)}; "
-            "re-run retina-vae ingest"
-        ) from None
+            f"{p.manifest}: manifest lacks column(s) {', '.join(missing)}; re-run retina-vae ingest"
+        )
+    df = pd.read_parquet(p.manifest, columns=TABLE_COLUMNS)  # the content hashes were ~30%
     if df.empty:
         raise UserError(f"{p.manifest}: manifest has no images")
+    if df["subject_id"].isna().any():  # the split is per subject: every row needs one
+        raise UserError(
+            f"{p.manifest}: {int(df['subject_id'].isna().sum())} rows have no subject_id; "
+            "re-run retina-vae ingest"
+        )
     modality = df["modality"].iloc[0]
     if modality != params.ingest.modality:
         raise UserError(

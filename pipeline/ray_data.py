@@ -94,8 +94,8 @@ def _context() -> None:
     ctx.print_on_execution_start = False
     # Each stage is one map over a list of paths whose results are small (JSON rows, error
     # strings: the pixels go to files), so per-operator reservations have nothing to protect;
-    # they held a 2-CPU node to one task for the first ~1 s of every stage (1.45x -> 1.0x the
-    # local engine, bench/bench_preprocess.py --ray).
+    # they held a 2-CPU node to one task for the first ~1 s of every stage (1.45x -> 1.05x the
+    # local engine's wall time, bench/bench_preprocess.py --ray).
     ctx.op_resource_reservation_enabled = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # the stage logs its own summary
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,55 @@ def test_split_ties_and_strata(rows, expected):
     assert all(len(s) == 1 for s in per_subject)  # one split per subject
     counts = pd.Series([next(iter(s)) for s in per_subject]).value_counts().to_dict()
     assert counts == expected
+
+
+def _reference_splits(df: pd.DataFrame, val: float, test: float, seed: int) -> list[str]:
+    """The split rule written out plainly, one subject at a time (the oracle for the
+    vectorised one): explicit splits by majority (ties: train, val, test order); the rest
+    stratified by majority label (ties: the label named first; unlabelled its own stratum,
+    first), strata in sorted order, subject ids sorted then shuffled by one seeded generator."""
+    order = ("train", "val", "test")
+    chosen = {}
+    for subject, rows in df.groupby("subject_id", sort=False):
+        given = Counter(v for v in rows["split"] if isinstance(v, str))
+        if given:
+            chosen[subject] = max(order, key=lambda s: (given[s], -order.index(s)))
+    strata: dict = {}
+    for subject, rows in df.groupby("subject_id", sort=False):
+        if subject not in chosen:
+            names = [v if isinstance(v, str) else "" for v in rows["label"]]
+            best = max(Counter(names).items(), key=lambda kv: (kv[1], -names.index(kv[0])))[0]
+            strata.setdefault(best, []).append(subject)
+    rng = np.random.default_rng(seed)
+    for label in sorted(strata):  # "" (unlabelled) sorts first
+        ids = rng.permutation(np.array(sorted(strata[label]), dtype=object))
+        n_test, n_val = round(len(ids) * test), round(len(ids) * val)
+        for i, subject in enumerate(ids):
+            chosen[subject] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return [chosen[s] for s in df["subject_id"]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_split_matches_the_rule_written_out(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    labels = np.array([None, "A", "B", "C", "10", "9"], dtype=object)
+    df = pd.DataFrame(
+        {
+            "subject_id": [f"s{int(i):03d}" for i in rng.integers(0, 60, n)],
+            "label": labels[rng.integers(0, 6, n)],
+            "split": np.array([None] * 4 + ["train", "val", "test"], dtype=object)[
+                rng.integers(0, 7, n)
+            ]
+            if seed % 2
+            else None,
+        },
+        index=rng.permutation(n) + 100,  # not a RangeIndex: the result follows df's index
+    )
+    val, test = rng.uniform(0, 0.4, 2)
+    split = preprocess.assign_splits(df, val, test, seed)
+    assert split.index.equals(df.index)
+    assert split.tolist() == _reference_splits(df, val, test, seed)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -144,4 +194,17 @@ def test_manifest_of_an_older_ingest_is_one_line_error(tmp_path, capsys):
     )
     assert preprocess.main(["--params", str(params)]) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "manifest lacks columns" in err and "re-run retina-vae ingest" in err
+    assert "\n" not in err and "re-run retina-vae ingest" in err
+    assert "lacks column(s) label, subject_id, eye, split, frame;" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet", b"image_id,source\n"])
+def test_a_manifest_that_is_not_parquet_is_one_line_error(tmp_path, capsys, content):
+    params = write_params(tmp_path)
+    manifest = Path(load_params(params).paths.manifest)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_bytes(content)
+    assert preprocess.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retina-vae preprocess: error: ") and "\n" not in err
+    assert "not a Parquet manifest; re-run retina-vae ingest" in err
