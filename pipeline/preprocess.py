@@ -121,7 +121,7 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     root = source_root(params)
     if is_npz(root):
         return _fill_npz(df, params, root, put)
-    todo, cached = _from_cache(df, params, put)
+    todo, cached = _from_cache(df, params, root, put)
     tasks = [
         (str(root / src), frames, modality, (height, width), aspect, light)
         for src, _, frames in todo
@@ -137,7 +137,7 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     return {"cached": cached, "decoded": len(df) - cached}
 
 
-def _from_cache(df: pd.DataFrame, params: Params, put) -> tuple[list[tuple], int]:
+def _from_cache(df: pd.DataFrame, params: Params, root: Path, put) -> tuple[list[tuple], int]:
     """``put(row, pixels)`` for every row whose file's pixels ingest prepared (an exact key,
     manifest, file and frame match in :mod:`pipeline.pixel_cache`); return the files left to
     decode, (source, rows, frames) each, and how many rows were put."""
@@ -145,7 +145,7 @@ def _from_cache(df: pd.DataFrame, params: Params, put) -> tuple[list[tuple], int
         pixel_cache.cache_dir(params), pixel_cache.prepare_spec(params), params.paths.manifest
     )
     frame_of = df["frame"].to_numpy()
-    top = str(source_root(params))  # os.path.join, not pathlib: no interned string per file
+    top = str(root)  # os.path.join, not pathlib: no interned string per file
     todo = []
     cached = 0
     entry = cache.entries(pd.unique(df["source"])) if cache is not None else None
@@ -188,7 +188,9 @@ def _fill_on_ray(df: pd.DataFrame, params: Params, write, split_of, position) ->
     decode the other files and write each image into its slot of ``write``'s files
     (:mod:`pipeline.ray_data`; no Ray at all when nothing is left). Returns the counts."""
     pp, root = params.preprocess, source_root(params)
-    todo, cached = _from_cache(df, params, lambda r, arr: write(split_of[r], position[r], arr))
+    todo, cached = _from_cache(
+        df, params, root, lambda r, arr: write(split_of[r], position[r], arr)
+    )
     groups = []
     for src, rows, frames in todo:
         slots = [write.slot(split_of[r], position[r]) for r in rows]  # (file, byte offset)
