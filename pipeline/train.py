@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -355,8 +356,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
         check_resources(params)
         check_shared_storage(storage, processed)
         run_id = _open_run(params, uri, run_dir, extra)
+        job = _Job(shape, extra, uri, storage, name, processed)  # extra has the run id now
         try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
-            result = _train_and_log(params, shape, extra, uri, storage, name, processed)
+            result = _train_and_log(params, job)
         except BaseException as exc:
             killed = isinstance(exc, KeyboardInterrupt)
             tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
@@ -408,58 +410,58 @@ def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) ->
     return run_id
 
 
-def _train_and_log(
-    params: Params,
-    shape: tuple[int, int, int],
-    extra: dict[str, str],
-    uri: str,
-    storage: Path,
-    name: str,
-    processed: Path,
-) -> distributed.FitResult:
-    """:func:`_fit` (same arguments), write the stage outputs, then log the data, model and
-    checkpoint to the run."""
-    run_id = extra["mlflow_run_id"]
-    sizes = split_sizes(processed)  # the run's Datasets panel: what it learns from
-    tracking.log_training_data(uri, run_id, params.paths.processed, extra["data_hash"], sizes)
-    result = _fit(params, shape, extra, uri, storage, name, processed)
-    write_outputs(params, result, extra)
+@dataclass(frozen=True)
+class _Job:
+    """What :func:`run` settles before training: the data, its hashes, MLflow and the run's
+    Ray Train storage (``storage / name``)."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of the training images
+    extra: dict[str, str]  # params_hash, data_hash, mlflow_run_id
+    uri: str
+    storage: Path
+    name: str
+    processed: Path
+
+
+def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
+    """:func:`_fit`, write the stage outputs, then log the data, model and checkpoint to the
+    run."""
+    run_id = job.extra["mlflow_run_id"]
+    sizes = split_sizes(job.processed)  # the run's Datasets panel: what it learns from
+    tracking.log_training_data(
+        job.uri, run_id, params.paths.processed, job.extra["data_hash"], sizes
+    )
+    examples = _examples(job.processed)  # (n,C,H,W) uint8: epoch grids, the model signature
+    result = _fit(params, job, examples)
+    write_outputs(params, result, job.extra)
     tracking.log_model(
-        uri,
+        job.uri,
         run_id,
         result.model,
-        _examples(processed)[:2],
+        examples[:2],
         code_paths=[REPO / "vae_core"],
         register_as=params.tracking.register_model,
     )
-    tracking.client(uri).log_artifact(run_id, params.paths.model, "checkpoint")
+    tracking.client(job.uri).log_artifact(run_id, params.paths.model, "checkpoint")
     return result
 
 
-def _fit(
-    params: Params,
-    shape: tuple[int, int, int],
-    extra: dict[str, str],
-    uri: str,
-    storage: Path,
-    name: str,
-    processed: Path,
-) -> distributed.FitResult:
+def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResult:
     """distributed.fit, its failure after ``train.max_failures`` restarts a UserError."""
     t = params.train
     spec = distributed.RunSpec(
-        model=model_config(params, shape),
+        model=model_config(params, job.shape),
         train=train_config(params),
-        data=ProcessedData(processed),
+        data=ProcessedData(job.processed),
         on_epoch=tracking.EpochLogger(
-            uri, extra["mlflow_run_id"], t.epochs, t.image_every, _examples(processed), t.seed
+            job.uri, job.extra["mlflow_run_id"], t.epochs, t.image_every, examples, t.seed
         ),
-        extra=dict(extra),
+        extra=dict(job.extra),
         loader_workers=t.loader_workers,
     )
     try:
         return distributed.fit(
-            spec, scaling(params), str(storage), name, {"MLFLOW_TRACKING_URI": uri}
+            spec, scaling(params), str(job.storage), job.name, {"MLFLOW_TRACKING_URI": job.uri}
         )
     except Exception as exc:
         if not distributed.is_training_failure(exc):
