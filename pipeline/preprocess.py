@@ -97,15 +97,15 @@ def _majority_labels(label: pd.Series, subject: np.ndarray, n: int) -> np.ndarra
     return out
 
 
-def _by_file(df: pd.DataFrame) -> Iterator[tuple[str, np.ndarray]]:
-    """Each source file with its manifest row positions (ascending), files in first-seen order:
-    ``df.groupby("source", sort=False).indices``, one file at a time instead of a dict of all."""
+def _by_file(df: pd.DataFrame) -> tuple[pd.Index, Iterator[np.ndarray]]:
+    """The source files in first-seen order, and each one's manifest row positions (ascending)
+    in that order: ``df.groupby("source", sort=False).indices``, one file at a time instead of
+    a dict of all."""
     codes, sources = pd.factorize(df["source"], sort=False)
     order = np.argsort(codes, kind="stable")
     counts = np.bincount(codes, minlength=len(sources))
     ends = np.cumsum(counts)
-    for source, start, end in zip(sources, ends - counts, ends, strict=True):
-        yield source, order[start:end]
+    return sources, (order[start:end] for start, end in zip(ends - counts, ends, strict=True))
 
 
 def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
@@ -148,8 +148,9 @@ def _from_cache(df: pd.DataFrame, params: Params, root: Path, put) -> tuple[list
     top = str(root)  # os.path.join, not pathlib: no interned string per file
     todo = []
     cached = 0
-    entry = cache.entries(pd.unique(df["source"])) if cache is not None else None
-    for j, (src, rows) in enumerate(_by_file(df)):  # files in first-seen order, as pd.unique
+    sources, rows_of = _by_file(df)
+    entry = cache.entries(sources) if cache is not None else None
+    for j, (src, rows) in enumerate(zip(sources, rows_of, strict=True)):
         frames = [int(f) for f in frame_of[rows]]
         hit = cache.lookup(entry[j], frames, os.path.join(top, src)) if entry is not None else None
         if hit is None:
