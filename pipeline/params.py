@@ -126,6 +126,15 @@ class TrainParams:
     augment_rotation: Annotated[float, Field(ge=0.0, le=180.0)]
     augment_jitter: Annotated[float, Field(ge=0.0, lt=1.0)]
     augment_hflip: bool
+    view_crop_scale: Annotated[float, Field(gt=0.0, le=1.0)]
+    view_rotation: Annotated[float, Field(ge=0.0, le=180.0)]
+    view_jitter: Annotated[float, Field(ge=0.0, lt=1.0)]
+    view_noise: Annotated[float, Field(ge=0.0)]
+    view_mask_ratio: Annotated[float, Field(ge=0.0, lt=1.0)]
+    view_mask_patch: Pos
+    consistency_weight: Annotated[float, Field(ge=0.0)]
+    contrastive_weight: Annotated[float, Field(ge=0.0)]
+    contrastive_temperature: Annotated[float, Field(gt=0.0)]
     seed: int
     num_workers: Pos
     cpus_per_worker: Annotated[float, Field(gt=0.0)]

@@ -51,6 +51,7 @@ from vae_core.augment import AugmentConfig
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import VAEConfig
 from vae_core.training import TrainConfig
+from vae_core.views import ViewConfig
 
 log = logging.getLogger("retina_vae.train")
 
@@ -83,6 +84,8 @@ HISTORY_COLUMNS = [
     "train_lr",
     "train_kl_weight",
     "train_images_per_s",
+    "train_consistency",  # view objectives only (train.consistency/contrastive_weight > 0)
+    "train_contrastive",
 ]
 RUN_STATE = "run.json"  # beside Ray's checkpoints: the MLflow run this Ray run logs into
 
@@ -200,6 +203,17 @@ def train_config(params: Params) -> TrainConfig:
         channels_last=t.channels_last,
         free_bits=t.free_bits,
         augment=AugmentConfig(t.augment_rotation, t.augment_jitter, t.augment_hflip),
+        view=ViewConfig(
+            crop_scale=t.view_crop_scale,
+            rotation=t.view_rotation,
+            jitter=t.view_jitter,
+            noise=t.view_noise,
+            mask_ratio=t.view_mask_ratio,
+            mask_patch=t.view_mask_patch,
+            consistency_weight=t.consistency_weight,
+            contrastive_weight=t.contrastive_weight,
+            contrastive_temperature=t.contrastive_temperature,
+        ),
     )
 
 
@@ -325,6 +339,17 @@ def write_outputs(params: Params, result: distributed.FitResult, extra: dict[str
     )
 
 
+def active_units_summary(active: float, latent_dim: int) -> str:
+    """'A of J latent units active', with a hint when under a quarter are (posterior collapse)."""
+    text = f"{int(active)} of {latent_dim} latent units active"
+    if active < latent_dim / 4:
+        text += (
+            " (few: the others copy the prior; try train.free_bits 0.1-0.5, "
+            "train.kl_warmup_epochs, or train.beta < 1)"
+        )
+    return text
+
+
 def _examples(processed: Path) -> np.ndarray:
     val = open_images(processed, "val")
     source = val if len(val) else open_images(processed, "train")
@@ -367,9 +392,10 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
         write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
         last = result.history[-1]
         log.info(
-            "done: %d epochs, val -ELBO %.2f; wrote %s",
+            "done: %d epochs, val -ELBO %.2f, %s; wrote %s",
             int(last["epoch"]) + 1,
             last["val_neg_elbo"],
+            active_units_summary(last["val_active_units"], params.model.latent_dim),
             params.paths.model,
         )
         log.info("MLflow run page (model-training view): %s", tracking.run_url(uri, run_id))

@@ -27,19 +27,32 @@ class AugmentConfig:
         return self.rotation > 0 or self.jitter > 0 or self.hflip
 
 
-def _uniform(n: int, half_width: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
+def uniform(n: int, half_width: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
     """n draws from U(-half_width, half_width) on x's device, float32."""
     u = torch.rand(n, generator=generator, device=generator.device if generator else x.device)
     return ((2.0 * u - 1.0) * half_width).to(x.device)
 
 
-def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Rotate each image of x (B,C,H,W) by its angle (B,) about the centre; black fill."""
     theta = degrees * (math.pi / 180.0)
     cos, sin, zero = torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)
     affine = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(-1, 2, 3)  # (B,6) -> (B,2,3)
     grid = F.affine_grid(affine.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def jitter(x: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
+    """Per-image brightness and contrast factors in [1 - amount, 1 + amount]: (B,C,H,W) -> same.
+
+    Not clamped: the caller clamps (and, for training targets, re-quantises).
+    """
+    b = x.shape[0]
+    # (B,) -> (B,1,1,1): one factor per image
+    brightness = 1.0 + uniform(b, amount, x, generator).view(-1, 1, 1, 1)
+    contrast = 1.0 + uniform(b, amount, x, generator).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B,1,1,1) per-image mean grey level
+    return (x - mean) * contrast + mean * brightness
 
 
 def augment(
@@ -56,15 +69,11 @@ def augment(
         return x, eye
     b = x.shape[0]
     if cfg.rotation > 0:
-        x = _rotate(x, _uniform(b, cfg.rotation, x, generator))
+        x = rotate(x, uniform(b, cfg.rotation, x, generator))
     if cfg.jitter > 0:
-        # (B,) -> (B,1,1,1): one factor per image
-        brightness = 1.0 + _uniform(b, cfg.jitter, x, generator).view(-1, 1, 1, 1)
-        contrast = 1.0 + _uniform(b, cfg.jitter, x, generator).view(-1, 1, 1, 1)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B,1,1,1) per-image mean grey level
-        x = (x - mean) * contrast + mean * brightness
+        x = jitter(x, cfg.jitter, generator)
     if cfg.hflip:
-        flip = _uniform(b, 1.0, x, generator) > 0  # (B,) bool, half of the images
+        flip = uniform(b, 1.0, x, generator) > 0  # (B,) bool, half of the images
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if eye is not None:
             eye = torch.where(flip.to(eye.device), -eye, eye)

@@ -13,7 +13,7 @@ least ``free_bits`` nats, so the optimiser gains nothing by collapsing a dim bel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ class ELBOTerms:
     kl_per_dim: Tensor  # (B,J) eq. 40 per dim
     mu: Tensor  # (B,J) posterior means (for active-unit statistics)
     logvar: Tensor  # (B,J) posterior log-variances
+    extras: dict[str, Tensor] = field(default_factory=dict)  # () batch means of extra terms
 
 
 def _repeat(x: Tensor, n: int) -> Tensor:
@@ -61,14 +62,18 @@ def elbo_terms(
     n_samples: int = 1,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
+    x_view: Tensor | None = None,
 ) -> ELBOTerms:
     """Per-image ELBO terms for x (B,C,H,W) in [0, 1] with L = n_samples samples per image.
 
     ``kl_weight`` and ``free_bits`` shape ``loss`` only; ``neg_elbo`` is always the true bound.
+    ``x_view`` (B,C,H,W), when given, is what the encoder sees instead of x (the denoising
+    criterion, vae_core.views); the likelihood is always of x, so the bound stays one on log p(x).
     ``model`` may be DDP-wrapped: the forward pass goes through the wrapper (so DDP syncs
     gradients); only the likelihood is read from the bare model.
     """
-    params, mu, logvar = model(x, n_samples=n_samples)  # params (L*B,K*C,H,W)
+    encoded = x if x_view is None else x_view
+    params, mu, logvar = model(encoded, n_samples=n_samples)  # params (L*B,K*C,H,W)
     log_px = unwrap(model).likelihood.log_prob(_repeat(x, n_samples), params)  # (L*B,)
     # (L*B,) -> (L,B) -> (B,): eq. 42's reconstruction term 1/L sum_l log p(x|z^(l))
     recon = log_px.view(n_samples, x.shape[0]).mean(0)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vae_core.augment import AugmentConfig, augment
 from vae_core.elbo import ELBOTerms, elbo_terms
 from vae_core.model import unwrap
+from vae_core.views import ViewConfig, view_terms
 
 # A latent dim is "active" when Var_x(E_q[z_j]) = Var_x(mu_j) exceeds this (Burda et al. 2015).
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -41,6 +42,7 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format, CUDA only
     free_bits: float = 0.0  # nats per latent dim below which the KL is not penalised (training)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training batches only
+    view: ViewConfig = field(default_factory=ViewConfig)  # encoder's view in training only
 
 
 def _on_cuda(device: torch.device | str) -> bool:
@@ -112,17 +114,22 @@ def _autocast(cfg: TrainConfig, device: torch.device | str) -> torch.autocast:
 class _Sums:
     """Per-image sums on the device (float64), kept without host syncs until the epoch ends.
 
-    Layout (length 5 + 3J): images, neg_elbo, recon, kl, loss, kl_per_dim (J), mu (J), mu^2 (J).
+    Layout (length 5 + E + 3J): images, neg_elbo, recon, kl, loss, the E ``extras`` (batch
+    means of extra objective terms, weighted by images), kl_per_dim (J), mu (J), mu^2 (J).
     """
 
-    def __init__(self, latent_dim: int, device: torch.device | str) -> None:
-        self.latent_dim = latent_dim
-        self.total = torch.zeros(5 + 3 * latent_dim, dtype=torch.float64, device=device)
+    def __init__(
+        self, latent_dim: int, device: torch.device | str, extras: tuple[str, ...] = ()
+    ) -> None:
+        self.latent_dim, self.extras = latent_dim, extras
+        size = 5 + len(extras) + 3 * latent_dim
+        self.total = torch.zeros(size, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, t: ELBOTerms) -> None:
         n = t.neg_elbo.new_tensor(float(t.neg_elbo.shape[0]))
-        scalars = torch.stack([n, t.neg_elbo.sum(), t.recon.sum(), t.kl.sum(), t.loss * n])
+        extras = [t.extras[name].to(n.dtype) * n for name in self.extras]
+        scalars = torch.stack([n, t.neg_elbo.sum(), t.recon.sum(), t.kl.sum(), t.loss * n, *extras])
         mu = t.mu.double()
         per_dim = [t.kl_per_dim.double().sum(0), mu.sum(0), mu.square().sum(0)]
         self.total += torch.cat([scalars.double(), *per_dim])
@@ -133,10 +140,11 @@ class _Sums:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.total)
             dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank sets the epoch time
-        total, j = self.total.cpu(), self.latent_dim
+        total, j, e = self.total.cpu(), self.latent_dim, len(self.extras)
         n = total[0].item()
         means = total[1:] / max(n, 1.0)  # an empty split gives zeros, not NaN
-        kl_dims, mu, mu_sq = means[4 : 4 + j], means[4 + j : 4 + 2 * j], means[4 + 2 * j :]
+        per_dim = means[4 + e :]  # (3J,): kl_per_dim, mu, mu^2
+        kl_dims, mu, mu_sq = per_dim[:j], per_dim[j : 2 * j], per_dim[2 * j :]
         variance = mu_sq - mu.square()  # Var_x(mu_j) over all images seen
         metrics = {
             "neg_elbo": means[0].item(),
@@ -147,6 +155,7 @@ class _Sums:
             "images_per_s": n / wall.item() if wall.item() > 0 else 0.0,
             "active_units": float((variance > ACTIVE_UNIT_THRESHOLD).sum().item()) if n else 0.0,
         }
+        metrics.update({name: means[4 + i].item() for i, name in enumerate(self.extras)})
         metrics.update({f"kl_dim_{i}": kl_dims[i].item() for i in range(j)})
         return metrics
 
@@ -191,20 +200,23 @@ def train_epoch(
     """One pass over ``loader`` (0-based ``epoch``); returns global per-image metrics.
 
     ``model`` may be DDP-wrapped: the loss goes through the wrapper's forward.
-    Extra keys beyond evaluate_epoch's: ``lr`` and ``kl_weight`` at the last step.
+    Extra keys beyond evaluate_epoch's: ``lr`` and ``kl_weight`` at the last step, and the
+    view objective's own terms (``cfg.view.metrics``: consistency, contrastive) when paired.
+    Under a view objective the reported neg_elbo is the bound with q(z|t(x)) (denoising only)
+    or the clean image's (paired); evaluate_epoch always reports the clean q(z|x) bound.
     """
     model.train()
     _set_epoch(loader, epoch)
     steps = len(loader)
     channels_last = cfg.channels_last and _on_cuda(device)
-    sums = _Sums(unwrap(model).config.latent_dim, device)
+    sums = _Sums(unwrap(model).config.latent_dim, device, cfg.view.metrics)
     weight, pending = kl_weight(cfg, epoch, 0, steps), None
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         x, _ = augment(to_input(batch, device, channels_last), cfg.augment)
         weight = kl_weight(cfg, epoch, step, steps)
         with _autocast(cfg, device):
-            terms = elbo_terms(model, x, cfg.samples, weight, cfg.free_bits)
+            terms = view_terms(model, x, cfg.view, cfg.samples, weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         norm = _grad_norm(model, cfg.grad_clip)

@@ -186,6 +186,35 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
 
 
 @pytest.mark.slow
+def test_view_objective_trains_under_ray_train_with_two_workers(
+    ray_session, processed, params_file
+):
+    """Both views on each worker, DDP across two ranks: the extra terms reach the history and
+    MLflow per epoch; validation (clean q(z|x)) reports no view term."""
+    views = {"view_mask_ratio": 0.5, "view_noise": 0.05, "consistency_weight": 1.0}
+    path = params_file(train={"epochs": 2, "num_workers": 2, "contrastive_weight": 0.5, **views})
+    assert train.main(["--params", str(path)]) == 0
+    params = load_params(path)
+    history = pd.read_csv(params.paths.train_history)
+    terms = history[["train_consistency", "train_contrastive"]].to_numpy()
+    assert terms.shape == (2, 2) and np.isfinite(terms).all() and (terms >= 0).all()
+    assert not any(c.startswith("val_con") for c in history.columns)
+    (run,) = _runs(path)
+    assert run.data.params["train.consistency_weight"] == "1.0"
+    assert _steps(path, run.info.run_id, "train_contrastive") == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("active", "latent_dim", "hint"),
+    [(16, 16, False), (4, 16, False), (3, 16, True), (0, 8, True), (2, 8, False)],
+)
+def test_active_units_summary_counts_and_hints_at_collapse(active, latent_dim, hint):
+    text = train.active_units_summary(float(active), latent_dim)
+    assert text.startswith(f"{active} of {latent_dim} latent units active")
+    assert ("free_bits" in text) is hint
+
+
+@pytest.mark.slow
 def test_killed_worker_is_restored_from_the_last_checkpoint(
     ray_session, processed, params_file, tmp_path, monkeypatch
 ):

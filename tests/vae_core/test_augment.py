@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vae_core.augment import AugmentConfig, _rotate, augment
+from vae_core.augment import AugmentConfig, augment, rotate
 
 
 def _grid_images(n: int = 16, c: int = 3, size: int = 12) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_results_stay_in_range_and_on_the_8_bit_grid(cfg):
 def test_a_quarter_turn_moves_the_bright_left_half_to_top_or_bottom():
     x = torch.zeros(1, 1, 20, 20)
     x[..., :10] = 1.0  # bright left half
-    out = _rotate(x, torch.tensor([90.0]))[0, 0]
+    out = rotate(x, torch.tensor([90.0]))[0, 0]
     top, bottom = out[:10].mean(), out[10:].mean()
     left, right = out[:, :10].mean(), out[:, 10:].mean()
     assert abs(top - bottom) > 0.8  # one of them is now bright, the other dark

@@ -24,6 +24,7 @@ from vae_core.training import (
     to_input,
     train_epoch,
 )
+from vae_core.views import ViewConfig
 
 CPU = torch.device("cpu")
 
@@ -282,9 +283,17 @@ def single_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_ddp_wrapped_model_trains_like_the_bare_model(single_rank_group, tmp_path):
+@pytest.mark.parametrize(
+    "view",
+    [
+        ViewConfig(),
+        # both views in one pass through the DDP wrapper, every extra term on
+        ViewConfig(mask_ratio=0.25, noise=0.05, consistency_weight=1.0, contrastive_weight=0.5),
+    ],
+)
+def test_ddp_wrapped_model_trains_like_the_bare_model(single_rank_group, tmp_path, view):
     images = _blobs(8)
-    cfg = _cfg(samples=2)
+    cfg = _cfg(samples=2, view=view)
     results = []
     for wrap in (False, True):
         model = _model()
@@ -302,7 +311,7 @@ def test_ddp_wrapped_model_trains_like_the_bare_model(single_rank_group, tmp_pat
         )
         results.append((metrics, model.state_dict()))
     (plain, plain_state), (ddp, ddp_state) = results
-    for key in ("neg_elbo", "recon", "kl", "images", "active_units"):
+    for key in ("neg_elbo", "recon", "kl", "images", "active_units", *view.metrics):
         assert ddp[key] == pytest.approx(plain[key], rel=1e-5)
     for key, value in plain_state.items():
         torch.testing.assert_close(ddp_state[key], value)
