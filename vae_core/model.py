@@ -173,6 +173,14 @@ class ConvVAE(nn.Module):
         logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
         return mu, logvar
 
+    def features(self, x: Tensor) -> Tensor:
+        """x (B,C,H,W) -> the encoder's last feature map averaged over space (B, widths[-1]).
+
+        What the bottleneck (``to_latent``) reads, pooled: a probe on it beside a probe on mu
+        shows whether label information reaches the encoder and is lost at the bottleneck.
+        """
+        return fp32(self.encoder(x)).mean(dim=(2, 3))  # (B,c,h,w) -> (B,c)
+
     def reparameterize(self, mu: Tensor, logvar: Tensor, n_samples: int = 1) -> Tensor:
         """mu, logvar (B,J) -> z = mu + sigma * eps, eps ~ N(0, I), shape (L,B,J)."""
         eps = torch.randn((n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)

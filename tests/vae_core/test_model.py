@@ -40,6 +40,7 @@ def test_shapes(height, width, channels, arch, likelihood, k):
     assert model.reparameterize(mu, logvar, 4).shape == (4, 2, 5)
     assert model.decode(torch.randn(7, 5)).shape == (7, k * channels, height, width)
     assert model.likelihood.log_prob(x, params).shape == (2,)
+    assert model.features(x).shape == (2, SMALL[-1])  # pooled map the bottleneck reads
     for images in (model.reconstruct(x), model.sample(3)):
         assert images.shape[1:] == x.shape[1:]
         assert images.min() >= 0 and images.max() <= 1
@@ -205,3 +206,14 @@ def test_latent_means_serves_the_encoder_mean():
     vae = ConvVAE(VAEConfig(1, 28, 28, (8,), 3)).eval()
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(LatentMeans(vae)(x), vae.encode(x)[0])  # (4,3)
+
+
+def test_features_are_the_spatial_mean_of_the_map_the_bottleneck_reads():
+    model = ConvVAE(VAEConfig(1, 20, 20, (4, 6), 3)).eval()
+    x = torch.rand(3, 1, 20, 20)
+    maps = []
+    model.encoder.register_forward_hook(lambda m, i, out: maps.append(out))
+    mu, _ = model.encode(x)
+    (feature_map,) = maps  # (3,6,5,5)
+    expected = torch.stack([f.reshape(6, -1).mean(1) for f in feature_map])  # (3,6)
+    torch.testing.assert_close(model.features(x), expected)
