@@ -49,7 +49,7 @@ from pipeline.io import ArrowRows, write_table
 from pipeline.params import Params
 from pipeline.processed import CHANNELS
 
-FORMAT = 2
+FORMAT = 3  # 3: upright, palette, alpha and Bits Stored decoding (issue 17)
 MAIN = "pixels.bin"
 INDEX_SCHEMA = pa.schema(
     [

@@ -79,11 +79,17 @@ def test_dicom_16bit_scaled_to_uint8(tmp_path):
         assert px.dtype == np.uint8 and np.abs(px - expected).max() <= 0.5, syntax
 
 
-def test_monochrome1_inverted(tmp_path):
-    img = smooth()
-    path = make_dicom(tmp_path / "m1.dcm", img[None], photometric="MONOCHROME1")
+@pytest.mark.parametrize("bits", [8, 12])
+def test_monochrome1_inverted(tmp_path, bits):
+    """0 is white in MONOCHROME1: an 8-bit image is 255 - x (inverted over its Bits Stored
+    range, not mirrored within its own min..max); a 12-bit one is inverted, then scaled."""
+    img = smooth() if bits == 8 else smooth().astype(np.uint16) * 16
+    path = make_dicom(tmp_path / "m1.dcm", img[None], photometric="MONOCHROME1", bits_stored=bits)
     ((_, px),) = read_image(path).frames
-    assert np.array_equal(px.astype(int), int(img.max()) + int(img.min()) - img.astype(int))
+    inverted = (2**bits - 1) - img.astype(float)
+    lo, hi = inverted.min(), inverted.max()
+    expected = inverted if bits == 8 else np.round((inverted - lo) * 255 / (hi - lo))
+    assert np.array_equal(px, expected.astype(np.uint8))
 
 
 def test_rescale_and_window_applied(tmp_path):
