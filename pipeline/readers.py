@@ -232,9 +232,17 @@ def _pages(im: Image.Image) -> list[tuple[int, int, int, str]]:
     for i in range(n):
         im.seek(i)
         turn = _orientation(im)
-        w, h = im.size
+        w, h = _stored_size(im)
         pages.append((*((h, w) if turn >= 5 else (w, h)), turn, im.mode))
     return pages
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored. A TIFF's from its tags: recent Pillow turns a TIFF page
+    upright itself while loading it, and reports that size before."""
+    if im.format == "TIFF":
+        return int(im.tag_v2.get(256, im.size[0])), int(im.tag_v2.get(257, im.size[1]))
+    return im.size
 
 
 def jpeg_draft_size(path: str | Path, draft: tuple[int, int]) -> tuple[int, int] | None:
@@ -269,7 +277,10 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             im.seek(i)
             if draft is not None and im.format in ("JPEG", "MPO"):
                 _draft(im, draft, pages[i][2])
-            out.append((i, upright(_photo_array(im), pages[i][2])))
+            px = _photo_array(im)  # loads the page
+            # orientation read after loading: where Pillow turned the page itself (TIFF, in
+            # recent versions) it has dropped the tag, and the page is not turned twice
+            out.append((i, upright(px, _orientation(im))))
         decoded_size = im.size  # the stored size after any draft (the DCT scale decoded)
         if any(a.dtype != np.uint8 for _, a in out):
             lo, hi = _photo_range(im, pages, out)
@@ -372,10 +383,7 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndar
     arr = stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)  # (F, H, W, 3) uint8 or uint16 (8/16-bit palette)
-        if rgb.dtype == np.uint8:
-            return rgb
-        return ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # full range
+        return _palette_rgb(arr, ds)
     if ds.get("SamplesPerPixel", 1) != 1:
         return arr
     lo, hi = _display_range(ds)
@@ -385,6 +393,20 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndar
         exact = arr.dtype == np.uint8 and (lo, hi) == (0, 255)
         arr = flipped.astype(np.uint8) if exact else flipped
     return arr
+
+
+def _palette_rgb(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Palette indices (F, H, W) -> (F, H, W, 3) uint8 through the Palette Color LUTs
+    (pydicom's ``apply_color_lut``, segmented LUTs too). Entries are scaled by their nominal
+    depth's full range (a palette names colours, not a data range: never min..max); an alpha
+    LUT is composited onto black."""
+    lut = apply_color_lut(arr, ds)  # (F, H, W, 3 or 4): 8-bit entries may come in uint16
+    full = 2 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1
+    full = full if lut.max(initial=0) <= full else 65535  # 16-bit entries labelled 8-bit
+    colour = lut[..., :3].astype(np.float64)
+    if lut.shape[-1] == 4:
+        colour *= lut[..., 3:] / full
+    return np.round(colour * (255.0 / full)).astype(np.uint8)
 
 
 def stored_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
