@@ -359,8 +359,7 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
         )
     eye = normalise_eye(ds.get("ImageLaterality") or ds.get("Laterality"))
     pid = str(ds.get("PatientID", "") or "").strip() or None
-    mono = ds.get("SamplesPerPixel", 1) == 1 and arr.ndim == 3
-    info = {"format": "DICOM", "sop_class": str(ds.get("SOPClassUID", "")), "mono": mono}
+    info = {"format": "DICOM", "sop_class": str(ds.get("SOPClassUID", "")), "mono": arr.ndim == 3}
     out = [(i, a) for i, a in zip(frames, arr, strict=True)]
     sizes = [(cols, rows)] * len(out)
     return Decoded(out, cols, rows, n, pid, eye, info, sizes)
