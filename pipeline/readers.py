@@ -178,7 +178,7 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _UPRIGHT else 1
 
 
-def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     """(H, W[, C]) stored pixels -> the picture as it should be seen (EXIF orientation)."""
     turn = _UPRIGHT.get(orientation)
     return arr if turn is None else np.ascontiguousarray(turn(arr))
@@ -280,7 +280,7 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             px = _photo_array(im)  # loads the page
             # orientation read after loading: where Pillow turned the page itself (TIFF, in
             # recent versions) it has dropped the tag, and the page is not turned twice
-            out.append((i, upright(px, _orientation(im))))
+            out.append((i, _upright(px, _orientation(im))))
         decoded_size = im.size  # the stored size after any draft (the DCT scale decoded)
         if any(a.dtype != np.uint8 for _, a in out):
             lo, hi = _photo_range(im, pages, out)
@@ -379,7 +379,7 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndar
         arr = arr[None] if n == 1 else arr
     else:
         arr = np.stack([pydicom.pixels.pixel_array(ds, index=i) for i in frames])
-    arr = stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+    arr = _stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
         return _palette_rgb(arr, ds)
@@ -408,7 +408,7 @@ def _palette_rgb(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return np.round(colour * (255.0 / full)).astype(np.uint8)
 
 
-def stored_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+def _stored_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
     """Integer pixel values cut to their low ``bits_stored`` bits, sign-extended when signed.
 
     Bits above Bits Stored may hold anything (overlays, junk from the modality). pydicom clears
