@@ -292,10 +292,12 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
 
 
 def _pixels_text(pages: list) -> str:
+    """The pixel count of a file's pages for the decompression-bomb reason: WxHxN, or the
+    total where pages differ in size."""
     w, h = pages[0][:2]
     if all(p[:2] == (w, h) for p in pages):
         return f"{w}x{h}x{len(pages)}"
-    return f"{sum(p[0] * p[1] for p in pages)} ({len(pages)} pages)"
+    return f"{len(pages)} pages totalling {sum(p[0] * p[1] for p in pages)}"
 
 
 def _photo_range(im: Image.Image, pages: list, out: list) -> tuple[float, float]:
