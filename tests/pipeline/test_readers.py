@@ -534,6 +534,12 @@ SYNTAX_KINDS = {
     # kind: (frames, make_dicom kwargs, modality, the clean values the file means)
     "grey 8-bit": (smooth()[None], {}, "oct", smooth()[None]),
     "RGB 8-bit": (smooth(rgb=True)[None], {}, "fundus", smooth(rgb=True)[None]),
+    "MONOCHROME1 8-bit": (
+        smooth()[None],
+        {"photometric": "MONOCHROME1"},
+        "oct",
+        255 - smooth()[None],
+    ),
     "grey 12-bit, junk above Bits Stored": (
         _junk(TWELVE)[None],
         {"label_bits_stored": 12, "sop_class": OPHTHALMIC_PHOTO_16},
