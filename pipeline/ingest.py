@@ -45,7 +45,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from pipeline import deid, pixel_cache, pixels, ray_data, readers
 from pipeline.errors import UserError
@@ -224,11 +223,10 @@ def _prepared(path: str, d: readers.Decoded, spec: dict) -> np.ndarray | None:
     decode when preprocess's decode would give the same pixels (:mod:`pipeline.pixel_cache`);
     else None (preprocess then decodes the file itself)."""
     size, light = tuple(spec["image_size"]), spec["illumination"]
-    if d.info.get("format") in ("JPEG", "MPO"):  # the only formats Pillow decodes reduced
-        with Image.open(path) as im:  # header only: the DCT scale preprocess's draft picks
-            im.draft(im.mode, pixels.draft_size(size))
-            if im.size != d.info.get("decoded_size"):
-                return None
+    jpeg = d.info.get("format") in ("JPEG", "MPO")  # the only formats Pillow decodes reduced
+    # header only: the DCT scale preprocess's draft picks, against the one decoded here
+    if jpeg and readers.jpeg_draft_size(path, pixels.draft_size(size)) != d.info["decoded_size"]:
+        return None
     try:
         return np.stack(
             [
@@ -262,8 +260,7 @@ def inspect(task: tuple) -> dict:
         "frames": [(i, pixel_hash(px)) for i, px in d.frames],
         "prepared": _prepared(path, d, spec) if (spec and stat) else None,
         "stat": stat,
-        "width": d.width,
-        "height": d.height,
+        "sizes": d.sizes,  # each kept frame's upright (width, height): TIFF pages differ
         # the raw header patient ID never leaves the worker: only its keyed hash does
         "subject_id": deid.subject_id(d.patient_id, salt) if d.patient_id else None,
         "eye": d.eye,
@@ -445,13 +442,13 @@ def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
             label=e.label,
             subject_id=subject,
             eye=e.eye or result["eye"],
-            width=result["width"],
-            height=result["height"],
+            width=width,
+            height=height,
             content_hash=digest,
             split=e.split,
             own_subject=not (e.patient or result["subject_id"]),
         )
-        for frame, digest in result["frames"]
+        for (frame, digest), (width, height) in zip(result["frames"], result["sizes"], strict=True)
     )
 
 

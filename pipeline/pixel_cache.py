@@ -16,7 +16,9 @@ only when all of these match, and otherwise decodes the file itself, so its outp
 same bytes with or without the cache:
 - the cache key: modality, ``preprocess.image_size``, ``oct_aspect``, ``illumination``, the
   source of :mod:`pipeline.pixels` and :mod:`pipeline.readers`, the decoder library
-  versions (a params or code change without re-running ingest is a miss, not a stale hit);
+  versions and :data:`FORMAT` (raised whenever decoding changes what pixels mean, as when
+  photos were first turned upright) -- a params or code change without re-running ingest is
+  a miss, not a stale hit;
 - the manifest: the SHA-256 of the manifest file this cache was written with;
 - the file: its size and modification time at ingest;
 - the frames: the frame list preprocess needs for that file equals the one ingest decoded.
@@ -49,7 +51,7 @@ from pipeline.io import ArrowRows, write_table
 from pipeline.params import Params
 from pipeline.processed import CHANNELS
 
-FORMAT = 2
+FORMAT = 3  # 3: upright, palette, alpha and Bits Stored decoding (issue 17)
 MAIN = "pixels.bin"
 INDEX_SCHEMA = pa.schema(
     [

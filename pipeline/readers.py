@@ -1,17 +1,25 @@
 """Decoding any accepted image file into uint8 frames (Pillow for photos, pydicom for DICOM).
 
-One entry point, :func:`read_image`, used by ingest (validation and hashing), preprocess and
-``retina-vae encode``, so every stage sees the same pixels. A bad file raises :class:`BadImage`
-with a one-line reason that never quotes a header value (no PHI in reasons).
+One entry point, :func:`read_image`, used by ingest (validation and hashing), preprocess (both
+engines) and ``retina-vae encode``, so every stage sees the same pixels. A bad file raises
+:class:`BadImage` with a one-line reason that never quotes a header value (no PHI in reasons).
 
-Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays:
-- 8-bit photos keep their pixels; 16-bit and float images are scaled from their own min..max.
-- DICOM: rescale slope/intercept and the VOI LUT or window are applied, MONOCHROME1 is
-  inverted, YBR is converted to RGB; non-8-bit results are scaled from the file's min..max
-  (over all frames, so a volume keeps one intensity scale).
-- ``draft``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose size stays at or
-  above ``draft`` (width, height) -- several times faster than a full decode when the target is
-  small. Truncation is still detected: the whole entropy-coded stream is read either way.
+Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays, the right way up, as they
+are meant to be seen (README, "Your own data", lists each decision):
+- photos: the EXIF/TIFF orientation (all eight, mirrored ones too) is applied first, so sizes,
+  hashes and training pixels are of the upright picture; palettes are looked up; transparent
+  pixels (alpha, transparent palette entries, colour keys) are composited onto black; 8-bit
+  pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
+  (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale).
+- DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
+  syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
+  modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
+  non-8-bit results are scaled from the min..max of the whole file (all frames, also when only
+  some are kept).
+- ``draft``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose upright size
+  stays at or above ``draft`` (width, height) -- several times faster than a full decode when
+  the target is small. Truncation is still detected: the whole entropy-coded stream is read
+  either way.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +35,7 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 
 from pipeline.errors import UserError
 
@@ -54,8 +63,9 @@ class Decoded:
     """Frames of one file plus what ingest needs from its header.
 
     ``frames`` maps the frame index in the file to (H, W) or (H, W, 3) uint8 pixels;
-    ``width``/``height`` are the native size (before any draft reduction). ``patient_id`` and
-    ``eye`` come from a DICOM header (raw values: callers pseudonymise, never store them).
+    ``sizes`` is each of those frames' native upright (width, height) (before any draft
+    reduction; pages of a TIFF may differ), ``width``/``height`` the first one's. ``patient_id``
+    and ``eye`` come from a DICOM header (raw values: callers pseudonymise, never store them).
     """
 
     frames: list[tuple[int, np.ndarray]]
@@ -65,6 +75,7 @@ class Decoded:
     patient_id: str | None = None
     eye: str | None = None
     info: dict = field(default_factory=dict)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def is_dicom(path: Path) -> bool:
@@ -100,43 +111,104 @@ def normalise_eye(value: object) -> str | None:
     return None
 
 
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """uint8 as is; anything else linearly scaled from its min..max to 0..255."""
+def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """uint8 as is; anything else linearly scaled from ``lo..hi`` (default: its own min..max)
+    to 0..255. A volume passes the range of the whole file, so every page keeps one scale."""
     if arr.dtype == np.uint8:
         return arr
     arr = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    lo = float(np.nanmin(arr)) if lo is None else lo
+    hi = float(np.nanmax(arr)) if hi is None else hi
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise BadImage("pixel values are not finite")
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return np.round((arr - lo) * scale).astype(np.uint8)
 
 
-def _check_size(width: int, height: int, frames: int, min_size: int, max_pixels: int | None):
-    if max_pixels is not None and width * height * frames > max_pixels:
+def _value_range(arrays: Iterable[np.ndarray]) -> tuple[float, float]:
+    """(min, max) over several arrays: the one intensity scale of a multi-page file."""
+    lows, highs = zip(*((float(np.nanmin(a)), float(np.nanmax(a))) for a in arrays), strict=True)
+    return min(lows), max(highs)
+
+
+def _check_size(width: int, height: int, min_size: int, page: int | None = None) -> None:
+    if min(width, height) < min_size:
+        where = "" if page is None else f" (page {page})"
         raise BadImage(
-            f"decompression bomb: {width}x{height}x{frames} pixels exceeds ingest.max_pixels "
-            f"({max_pixels})",
+            f"too small: {width}x{height}{where} is below ingest.min_size ({min_size})",
+            "too small",
+        )
+
+
+def _check_pixels(total: int, detail: str, max_pixels: int | None) -> None:
+    if max_pixels is not None and total > max_pixels:
+        raise BadImage(
+            f"decompression bomb: {detail} pixels exceeds ingest.max_pixels ({max_pixels})",
             "decompression bomb",
         )
-    if min(width, height) < min_size:
-        raise BadImage(
-            f"too small: {width}x{height} is below ingest.min_size ({min_size})", "too small"
-        )
+
+
+# ----------------------------------------------------------------------------- photos
+
+HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the file to uint8
+ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
+ORIENTATION = 0x0112  # EXIF/TIFF tag: how the stored pixels must be turned to stand upright
+# EXIF orientation -> the numpy transform that undoes it on (H, W[, C]) pixels (EXIF 2.32,
+# 4.6.4 A): 2 mirrored, 3 upside down, 4 flipped, 5-8 stored transposed (width and height swap)
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),  # stored turned 90 degrees anticlockwise: turn it clockwise
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The page's EXIF (or TIFF, XMP) orientation, 1..8; 1 when absent or unreadable (a
+    broken EXIF block says nothing reliable about the pixels, which may still be fine)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": the page's decode may still work
+            value = int(im.getexif().get(ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 -- Pillow raises many kinds on malformed EXIF
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W[, C]) stored pixels -> the picture as it should be seen (EXIF orientation)."""
+    turn = _UPRIGHT.get(orientation)
+    return arr if turn is None else np.ascontiguousarray(turn(arr))
+
+
+def _on_black(im: Image.Image) -> np.ndarray:
+    """A page with transparency (alpha channel, transparent palette entries or colour key)
+    composited onto black, the background of a fundus photo: (H, W) or (H, W, 3) uint8."""
+    grey = im.mode in ("1", "L", "LA", "La")
+    rgba = np.asarray(im.convert("LA" if grey else "RGBA"), dtype=np.uint16)
+    colour, alpha = rgba[..., :-1], rgba[..., -1:]
+    out = ((colour * alpha + 127) // 255).astype(np.uint8)  # colour * alpha/255, rounded
+    return out[..., 0] if grey else out
 
 
 def _photo_array(im: Image.Image) -> np.ndarray:
-    """A loaded Pillow image -> (H, W) or (H, W, 3) uint8."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return to_uint8(np.asarray(im))
+    """A Pillow page -> (H, W) or (H, W, 3): uint8, or the page's own 16/32-bit or float values
+    for a high-depth grey page (the caller scales those over the whole file)."""
+    if im.mode in HIGH_DEPTH:
+        return np.asarray(im)
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
+        return _on_black(im)
     if im.mode in ("L", "RGB"):
         return np.asarray(im)
-    if im.mode in ("1", "LA", "La"):
+    if im.mode == "1":
         return np.asarray(im.convert("L"))
-    return np.asarray(im.convert("RGB"))  # P, RGBA, CMYK, YCbCr, ...
+    return np.asarray(im.convert("RGB"))  # P (palette), CMYK, YCbCr, LAB, HSV
 
 
-def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
+def _open_photo(path: Path) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -147,14 +219,55 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             raise BadImage(
                 "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
             ) from None
-    with im:
-        if im.format not in PHOTO_FORMATS:
-            raise BadImage(f"unsupported image format {im.format}")
-        width, height = im.size
-        n = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
-        _check_size(width, height, n, min_size, max_pixels)
-        if draft is not None and im.format in ("JPEG", "MPO"):
-            im.draft(im.mode, draft)  # smallest DCT scale still >= draft (width, height)
+    if im.format not in PHOTO_FORMATS:
+        im.close()
+        raise BadImage(f"unsupported image format {im.format}")
+    return im
+
+
+def _pages(im: Image.Image) -> list[tuple[int, int, int, str]]:
+    """(width, height, orientation, mode) of every page, upright sizes (headers only)."""
+    n = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
+    pages = []
+    for i in range(n):
+        im.seek(i)
+        turn = _orientation(im)
+        w, h = _stored_size(im)
+        pages.append((*((h, w) if turn >= 5 else (w, h)), turn, im.mode))
+    return pages
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored. A TIFF's from its tags: recent Pillow turns a TIFF page
+    upright itself while loading it, and reports that size before."""
+    if im.format == "TIFF":
+        return int(im.tag_v2.get(256, im.size[0])), int(im.tag_v2.get(257, im.size[1]))
+    return im.size
+
+
+def jpeg_draft_size(path: str | Path, draft: tuple[int, int]) -> tuple[int, int] | None:
+    """The stored (width, height) at which :func:`read_image` with ``draft`` decodes the JPEG
+    at ``path`` (the DCT scale it picks); None for any other format."""
+    with Image.open(path) as im:  # header only
+        if im.format not in ("JPEG", "MPO"):
+            return None
+        _draft(im, draft, _orientation(im))
+        return im.size
+
+
+def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
+    """Smallest DCT scale whose UPRIGHT size stays >= ``draft`` (width, height): the bound is
+    turned with the picture, since a sideways-stored photo's width is its upright height."""
+    im.draft(im.mode, draft if orientation < 5 else (draft[1], draft[0]))
+
+
+def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
+    with _open_photo(path) as im:
+        pages = _pages(im)
+        n = len(pages)
+        _check_pixels(sum(w * h for w, h, _, _ in pages), _pixels_text(pages), max_pixels)
+        for i, (w, h, _, _) in enumerate(pages):  # every page of a volume is an image
+            _check_size(w, h, min_size, i if n > 1 else None)
         if frames is None:  # a multi-page TIFF is a volume, like a multi-frame DICOM
             frames = [n // 2] if (oct_central and n > 1) else list(range(n))
         out = []
@@ -162,12 +275,45 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             if i >= n:
                 raise BadImage(f"frame {i} not in file ({n} frames)", "frame not in file")
             im.seek(i)
-            out.append((i, _photo_array(im)))
-    # decoded_size: the size after any draft reduction (the DCT scale actually decoded)
-    return Decoded(out, width, height, n, info={"format": im.format, "decoded_size": im.size})
+            if draft is not None and im.format in ("JPEG", "MPO"):
+                _draft(im, draft, pages[i][2])
+            px = _photo_array(im)  # loads the page
+            # orientation read after loading: where Pillow turned the page itself (TIFF, in
+            # recent versions) it has dropped the tag, and the page is not turned twice
+            out.append((i, _upright(px, _orientation(im))))
+        decoded_size = im.size  # the stored size after any draft (the DCT scale decoded)
+        if any(a.dtype != np.uint8 for _, a in out):
+            lo, hi = _photo_range(im, pages, out)
+            out = [(i, to_uint8(a, lo, hi)) for i, a in out]
+    sizes = [pages[i][:2] for i, _ in out]
+    info = {"format": im.format, "decoded_size": decoded_size}
+    first = sizes[0] if sizes else pages[0][:2]
+    return Decoded(out, *first, n_frames=n, sizes=sizes, info=info)
 
 
-def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, frames) -> Decoded:
+def _pixels_text(pages: list) -> str:
+    """The pixel count of a file's pages for the decompression-bomb reason: WxHxN, or the
+    total where pages differ in size."""
+    w, h = pages[0][:2]
+    if all(p[:2] == (w, h) for p in pages):
+        return f"{w}x{h}x{len(pages)}"
+    return f"{len(pages)} pages totalling {sum(p[0] * p[1] for p in pages)}"
+
+
+def _photo_range(im: Image.Image, pages: list, out: list) -> tuple[float, float]:
+    """min..max over every high-depth page of the file, so a dim page of a volume stays dim."""
+    have = {i: a for i, a in out if a.dtype != np.uint8}
+    for i, (*_, mode) in enumerate(pages):
+        if i not in have and mode in HIGH_DEPTH:
+            im.seek(i)
+            have[i] = np.asarray(im)
+    return _value_range(have.values())
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _open_dicom(path: Path) -> pydicom.Dataset:
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings become our reasons
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -181,38 +327,27 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
         raise BadImage("truncated DICOM (file ends inside an element)", "truncated DICOM")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise BadImage("DICOM without pixel data (not an image object)", "DICOM without pixel data")
+    return ds
+
+
+def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, frames) -> Decoded:
+    ds = _open_dicom(path)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise BadImage("DICOM image without valid Rows/Columns/NumberOfFrames") from None
-    _check_size(cols, rows, n, min_size, max_pixels)
+    _check_pixels(cols * rows * n, f"{cols}x{rows}x{n}", max_pixels)
+    _check_size(cols, rows, min_size)
     if frames is None:
         frames = [n // 2] if (oct_central and n > 1) else list(range(n))
     if any(i >= n for i in frames):
         raise BadImage(f"frame index not in file ({n} frames)", "frame index not in file")
     try:
-        if frames == list(range(n)):
-            arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
-            arr = arr[None] if n == 1 else arr
-        else:
-            arr = np.stack([pydicom.pixels.pixel_array(ds, index=i) for i in frames])
-        mono = ds.get("SamplesPerPixel", 1) == 1
-        raw8 = arr.dtype == np.uint8
-        if mono:
-            arr = apply_rescale(arr, ds)  # modality LUT / rescale slope and intercept
-            arr = apply_voi_lut(arr, ds)  # VOI LUT or window centre/width
-            if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-                # 0 means white in MONOCHROME1; mirroring within min..max keeps uint8 exact
-                wide = arr.astype(np.float64)
-                arr = wide.max() + wide.min() - wide
-                arr = (
-                    arr.astype(np.uint8)
-                    if raw8 and arr.dtype != np.uint8 and (arr.min() >= 0 and arr.max() <= 255)
-                    else arr
-                )
-        unchanged = raw8 and arr.dtype == np.uint8
-        arr = arr if unchanged else to_uint8(np.asarray(arr))
+        arr = _dicom_values(ds, frames, n)  # (F, H, W[, 3])
+        if arr.dtype != np.uint8:  # one scale for the whole file, whichever frames are kept
+            whole = arr if set(frames) == set(range(n)) else _dicom_values(ds, range(n), n)
+            arr = to_uint8(arr, *_value_range([whole]))
     except BadImage:
         raise
     except Exception as exc:  # any decoder failure: corrupt stream, missing plugin, ...
@@ -226,10 +361,92 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
         )
     eye = normalise_eye(ds.get("ImageLaterality") or ds.get("Laterality"))
     pid = str(ds.get("PatientID", "") or "").strip() or None
-    info = {"format": "DICOM", "sop_class": str(ds.get("SOPClassUID", "")), "mono": mono}
-    return Decoded(
-        [(i, a) for i, a in zip(frames, arr, strict=True)], cols, rows, n, pid, eye, info
-    )
+    info = {"format": "DICOM", "sop_class": str(ds.get("SOPClassUID", "")), "mono": arr.ndim == 3}
+    out = [(i, a) for i, a in zip(frames, arr, strict=True)]
+    sizes = [(cols, rows)] * len(out)
+    return Decoded(out, cols, rows, n, pid, eye, info, sizes)
+
+
+def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndarray:
+    """The listed frames as they are meant to be seen, (F, H, W) or (F, H, W, 3): uint8, or
+    the display values (16-bit, rescaled, windowed) that the caller scales over the file.
+
+    Stored values are cut to Bits Stored first (whatever the transfer syntax), then: a palette
+    is looked up (PALETTE COLOR -> RGB); grey images get the modality rescale or LUT, the VOI
+    LUT or window, and MONOCHROME1 is inverted within the range those give; YBR comes from
+    pydicom already converted to RGB."""
+    frames = list(frames)
+    if frames == list(range(n)):
+        arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
+        arr = arr[None] if n == 1 else arr
+    else:
+        arr = np.stack([pydicom.pixels.pixel_array(ds, index=i) for i in frames])
+    arr = _stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "PALETTE COLOR":
+        return _palette_rgb(arr, ds)
+    if ds.get("SamplesPerPixel", 1) != 1:
+        return arr
+    lo, hi = _display_range(ds)
+    arr = apply_voi_lut(apply_rescale(arr, ds), ds)  # modality rescale/LUT, then VOI
+    if photometric == "MONOCHROME1":  # the lowest value is white
+        flipped = lo + hi - arr.astype(np.float64)
+        exact = arr.dtype == np.uint8 and (lo, hi) == (0, 255)
+        arr = flipped.astype(np.uint8) if exact else flipped
+    return arr
+
+
+def _palette_rgb(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Palette indices (F, H, W) -> (F, H, W, 3) uint8 through the Palette Color LUTs
+    (pydicom's ``apply_color_lut``, segmented LUTs too). Entries are scaled by their nominal
+    depth's full range (a palette names colours, not a data range: never min..max); an alpha
+    LUT is composited onto black."""
+    lut = apply_color_lut(arr, ds)  # (F, H, W, 3 or 4): 8-bit entries may come in uint16
+    full = 2 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1
+    full = full if lut.max(initial=0) <= full else 65535  # 16-bit entries labelled 8-bit
+    colour = lut[..., :3].astype(np.float64)
+    if lut.shape[-1] == 4:
+        colour *= lut[..., 3:] / full
+    return np.round(colour * (255.0 / full)).astype(np.uint8)
+
+
+def _stored_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Integer pixel values cut to their low ``bits_stored`` bits, sign-extended when signed.
+
+    Bits above Bits Stored may hold anything (overlays, junk from the modality). pydicom clears
+    them for native, RLE and JPEG data but returns JPEG-LS and JPEG 2000 values as the
+    codestream holds them, so a stream encoded at 16-bit precision keeps them: cut here,
+    for every syntax alike."""
+    width = arr.dtype.itemsize * 8
+    if arr.dtype.kind not in "iu" or not 0 < bits_stored < width:
+        return arr
+    shift = width - bits_stored
+    if arr.dtype.kind == "i":
+        return (arr << shift) >> shift  # arithmetic shift back: sign-extended from the top bit
+    return arr & ((1 << bits_stored) - 1)
+
+
+def _display_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The (lowest, highest) value a grey image can take after its modality and VOI
+    transforms (the range a MONOCHROME1 image is inverted within): the VOI LUT's entries, the
+    modality LUT's, or the Bits Stored range through rescale slope and intercept (the output
+    range pydicom's windowing maps to)."""
+    voi = ds.get("VOILUTSequence")
+    modality = ds.get("ModalityLUTSequence")
+    if voi:
+        return 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
+    if modality:
+        return 0.0, float(2 ** int(modality[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        lo, hi = 0.0, 2.0**bits - 1
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        slope, intercept = float(slope), float(intercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return lo, hi
 
 
 def read_image(

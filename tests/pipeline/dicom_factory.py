@@ -145,11 +145,21 @@ def make_dicom(
     laterality: str | None = "R",
     rescale: tuple[float, float] | None = None,
     window: tuple[float, float] | None = None,
+    palette: np.ndarray | None = None,
+    label_bits_stored: int | None = None,
+    signed: bool = False,
 ) -> Path:
     """Write (F, H, W[, 3]) uint8/uint16 ``frames`` as a DICOM file in ``syntax``.
 
     syntax: explicit | implicit | rle | jpeg | jpeg_extended | jpeg_lossless | jpegls | j2k |
     j2k_lossless. ``photometric`` defaults to MONOCHROME2 or RGB.
+
+    ``palette``: (N, 3) uint8/uint16 lookup table: the frames are its indices, written as
+    PALETTE COLOR with 8/16-bit Red/Green/Blue Palette Color LUTs. ``label_bits_stored``:
+    Bits Stored (and High Bit) written to the header after encoding, the codestream keeping
+    the full precision it was encoded at, as some encoders do: values above Bits Stored then
+    travel through every syntax. ``signed``: Pixel Representation 1 in the header (the
+    frames, uint16, hold the two's-complement bit patterns; encoded as unsigned).
     """
     frames = np.asarray(frames)
     n, h, w = frames.shape[:3]
@@ -202,8 +212,24 @@ def make_dicom(
         ds.compress(uid, frames if n > 1 else frames[0], **kwargs)
     if "PixelData" in ds and ds.file_meta.TransferSyntaxUID.is_encapsulated:
         ds["PixelData"].VR = "OB"
+    if palette is not None:
+        _add_palette(ds, np.asarray(palette))
+    if label_bits_stored is not None:
+        ds.BitsStored, ds.HighBit = label_bits_stored, label_bits_stored - 1
+    if signed:
+        ds.PixelRepresentation = 1
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _add_palette(ds: Dataset, lut: np.ndarray) -> None:
+    """PALETTE COLOR with ``lut`` (N, 3) as the Red/Green/Blue Palette Color LUTs."""
+    bits = 16 if lut.dtype == np.uint16 else 8
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for k, colour in enumerate(("Red", "Green", "Blue")):
+        # (entries, first index mapped, bits per entry); 8-bit entries still fill 16-bit words
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(lut), 0, bits])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut[:, k].astype("<u2").tobytes())
 
 
 def write_params(tmp_path: Path, **groups: dict) -> Path:

@@ -306,3 +306,34 @@ def test_manifest_is_the_dataframe_of_its_rows_byte_for_byte(tmp_path, monkeypat
     assert Path(paths.manifest).read_bytes() == _plain_manifest(paths.manifest)
     d = pd.read_csv(paths.duplicates)
     assert d[["path", "duplicate_of"]].values.tolist() == [["NORMAL/z-copy.png", "CNV/CNV-1-1.png"]]
+
+
+def test_images_are_checked_hashed_and_sized_upright(tmp_path):
+    """The EXIF orientation applies before ingest's check and hash: a photo stored sideways
+    (Orientation 6, as handheld fundus cameras write) is an exact duplicate of the same photo
+    stored upright, and the manifest has its upright size; each page of a multi-page TIFF
+    has its own size."""
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    for name, seed in (("b_sideways.png", 1), ("c_only_sideways.png", 2)):
+        upright = gradient(40, 70, rgb=True, seed=seed)  # (H, W, 3): 70 wide, 40 tall
+        stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # anticlockwise
+        stored.save(src / name, exif=exif)
+    Image.fromarray(gradient(40, 70, rgb=True, seed=1)).save(src / "a_upright.png")
+    pages = [Image.fromarray(gradient(40, 50)), Image.fromarray(gradient(60, 36))]
+    pages[0].save(src / "d_volume.tif", save_all=True, append_images=pages[1:])
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    assert rc == 0
+    d = pd.read_csv(paths.duplicates)
+    pairs = list(zip(d["path"], d["duplicate_of"], strict=True))
+    assert pairs == [("b_sideways.png", "a_upright.png")]
+    m = pd.read_parquet(paths.manifest)
+    sizes = {(s, f): (w, h) for s, f, w, h in m[["source", "frame", "width", "height"]].values}
+    assert sizes == {
+        ("a_upright.png", 0): (70, 40),
+        ("c_only_sideways.png", 0): (70, 40),
+        ("d_volume.tif", 0): (50, 40),
+        ("d_volume.tif", 1): (36, 60),
+    }

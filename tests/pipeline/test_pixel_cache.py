@@ -249,3 +249,25 @@ def test_every_jpeg_is_decoded_once_at_the_default_size(tmp_path, decodes, side)
     assert ingest.main(["--params", str(params)]) == 0
     assert preprocess.main(["--params", str(params)]) == 0
     assert decodes == {"p-1.jpg": 1}
+
+
+def test_a_cache_written_by_the_previous_decoding_is_not_used(tmp_path, monkeypatch):
+    """Decoding changed (issue 17: upright, palette, alpha, Bits Stored): the key's format
+    component changed with it, so pixels prepared by the old decoding are a miss, never a hit."""
+    spec = {"modality": "oct", "image_size": [8, 8], "oct_aspect": "pad", "illumination": "none"}
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"any manifest")
+    assert pixel_cache.FORMAT >= 3
+
+    def write(fmt: int) -> Path:
+        monkeypatch.setattr(pixel_cache, "FORMAT", fmt)
+        folder = tmp_path / f"prepared-{fmt}"
+        writer = pixel_cache.CacheWriter(folder, spec)
+        writer.add("a.png", [0], (1, 1), np.zeros((1, 1, 8, 8), np.uint8))
+        writer.close(manifest)
+        monkeypatch.undo()
+        return folder
+
+    old, new = write(2), write(pixel_cache.FORMAT)
+    assert pixel_cache.PreparedCache.open(old, spec, manifest) is None
+    assert pixel_cache.PreparedCache.open(new, spec, manifest) is not None

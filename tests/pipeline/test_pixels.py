@@ -109,3 +109,34 @@ def test_illumination_is_ignored_for_oct():
     np.testing.assert_array_equal(
         pixels.prepare_pixels(img, "oct", (32, 32), "pad", illumination="graham"), plain
     )
+
+
+# EXIF orientation -> the Pillow transpose that stores an upright picture so that a viewer
+# applying that orientation shows it upright (EXIF 2.32 4.6.4 A; 5 and 7 mirrored)
+STORE_FOR = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # viewed after turning 90 degrees clockwise
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", STORE_FOR)
+@pytest.mark.parametrize("modality", ["fundus", "oct"])
+def test_training_pixels_are_of_the_upright_picture(tmp_path, orientation, modality):
+    """What preprocess (both engines) and ``retina-vae encode`` make of a photo stored turned
+    or mirrored with its EXIF orientation equals what they make of the upright photo."""
+    upright = Image.fromarray(_fundus_like(60, 90, 28) + gradient(60, 90, rgb=True) // 4)
+    upright.save(tmp_path / "upright.png")
+    op = STORE_FOR[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (upright if op is None else upright.transpose(op)).save(tmp_path / "stored.png", exif=exif)
+    args = (modality, (24, 40), "crop", "all")
+    (want,) = pixels.prepare_file(tmp_path / "upright.png", *args)
+    (got,) = pixels.prepare_file(tmp_path / "stored.png", *args)
+    assert np.array_equal(got, want)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline import demo, evaluate, ingest, preprocess, processed, train
 from pipeline.params import load_params
-from tests.pipeline.dicom_factory import malformed_tiff, write_params
+from tests.pipeline.dicom_factory import gradient, malformed_tiff, write_params
 from vae_core.distributed import make_loaders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,21 @@ def _source(tmp_path: Path) -> Path:
     Image.open(first).save(src / "images" / "copy.png")
     (src / "images" / "folder.png").mkdir()
     (src / "images" / "pages.tif").write_bytes(malformed_tiff(Image.open(first)))
+    # decoded the same on both engines: a photo stored sideways (EXIF Orientation 6) and a
+    # 16-bit multi-page TIFF whose pages differ in size (one scale for the file)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = Image.open(first).convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    turned.save(src / "images" / "sideways.jpg", exif=exif, quality=95)
+    pages = [
+        Image.fromarray(gradient(60, 80, seed=s).astype(np.uint16) * m)
+        for s, m in ((1, 200), (2, 20))
+    ]
+    pages[1] = pages[1].resize((70, 50))
+    pages[0].save(src / "images" / "volume.tif", save_all=True, append_images=pages[1:])
     extra = [
+        ("images/sideways.jpg", "CNV", "993", "R"),
+        ("images/volume.tif", "DME", "992", "L"),
         ("images/trunc.png", "DME", "999", "R"),
         ("images/empty.png", "DME", "998", "L"),
         ("images/missing.png", "DME", "997", "L"),
@@ -112,10 +126,10 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path, caplog):
     assert done.returncode == 0, done.stderr[-3000:]
     # the tasks ran on the worker nodes, none on the driver's (the stages log where); ingest's
     # tasks prepared the training pixels from their own decode (pipeline.pixel_cache) and
-    # preprocess's decode only the 4 files that cache does not cover, as the local engine
-    used = "pixels: 20 from ingest's decode, 4 decoded here"
+    # preprocess's decode only the 5 files that cache does not cover, as the local engine
+    used = "pixels: 22 from ingest's decode, 5 decoded here"
     assert used in caplog.text and used in done.stderr, done.stderr
-    for stage, files in (("ingest", 21), ("preprocess", 4)):
+    for stage, files in (("ingest", 23), ("preprocess", 5)):
         line = re.search(
             rf"{stage} on Ray Data: (\d+) files over (\d) node\(s\) \((\d+) on", done.stderr
         )
@@ -132,6 +146,11 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path, caplog):
         "images/pages.tif": "undecodable image (TypeError)",
     }
     assert reasons["images/trunc.png"].startswith("undecodable image")
+    m = pd.read_parquet(b.manifest)
+    size = {(s, f): (w, h) for s, f, w, h in m[["source", "frame", "width", "height"]].values}
+    with Image.open(src / "images" / "copy.png") as upright:  # the picture stored sideways
+        assert size[("images/sideways.jpg", 0)] == upright.size  # recorded upright
+    assert (size[("images/volume.tif", 0)], size[("images/volume.tif", 1)]) == ((80, 60), (70, 50))
     for name in ("manifest", "quarantine", "duplicates", "ingest_report", "preprocess_report"):
         assert Path(getattr(a, name)).read_bytes() == Path(getattr(b, name)).read_bytes(), name
     assert list((Path(b.manifest).parent / "prepared").glob("part-*.bin"))  # the tasks' parts
