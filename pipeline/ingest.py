@@ -37,7 +37,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline import deid, labels, pixel_cache, pixels, ray_data, readers
+from pipeline import deid, labels, libwarn, pixel_cache, pixels, ray_data, readers
 from pipeline.errors import UserError
 from pipeline.io import ArrowRows, write_json, write_table
 from pipeline.manifest import (
@@ -194,6 +194,7 @@ class Scan:
     found: Found
     quarantine: list[Refused]
     counts: dict[str, int]
+    warnings: Counter = field(default_factory=Counter)  # library warning kind -> files
 
 
 class Entries:
@@ -240,7 +241,14 @@ def _prepared(path: str, d: readers.Decoded, spec: dict) -> np.ndarray | None:
 
 def inspect(task: tuple) -> dict:
     """Decode one file in a worker: frame sizes and hashes, or the quarantine reason and kind;
-    with a prepare spec, also the training pixels made from the same decode."""
+    with a prepare spec, also the training pixels made from the same decode; ``warnings``:
+    the kinds of library warnings the decode raised (:mod:`pipeline.libwarn`)."""
+    with libwarn.caught() as noted:
+        result = _inspect(task)
+    return {**result, "warnings": noted} if noted else result
+
+
+def _inspect(task: tuple) -> dict:
     path, oct_central, min_size, max_pixels, salt, spec = task
     try:
         stat = pixel_cache.file_stat(path)  # before decoding: a later change shows as a miss
@@ -376,8 +384,9 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
             results = ray_data.inspect_files(list(tasks), inspect, cache and cache.tmp)
     else:
         results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
-    found, quarantine = Found(), []
+    found, quarantine, warned = Found(), [], Counter()
     for e, r in zip(entries, results, strict=True):
+        warned.update(r.get("warnings", ()))
         if r.get("prepared") is not None:
             cache.add(e.source, [i for i, _ in r["frames"]], r["stat"], r["prepared"])
         elif r.get("part") is not None:
@@ -387,7 +396,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
         else:
             for row in _rows(e, r, salt):
                 found.add(row)
-    return Scan(found, quarantine, {**counts, "files": len(entries)})
+    return Scan(found, quarantine, {**counts, "files": len(entries)}, warned)
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
@@ -565,6 +574,7 @@ def _report(params: Params, root: Path, scan: Scan, manifest: pa.Table, dups: li
         "labels": {str(k) if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
         "quarantine_reasons": dict(sorted(reasons.items())),
         "duplicate_label_conflicts": sum(d["label"] != d["duplicate_of_label"] for d in dups),
+        "decode_warnings": dict(sorted(scan.warnings.items())),
     }
 
 
@@ -576,6 +586,7 @@ def ingest(params: Params) -> dict:
     scan.found.seal()
     dups = scan.found.duplicates
     _warn_conflicts([d for d in dups if d["label"] != d["duplicate_of_label"]])
+    libwarn.report(scan.warnings, log)
     quarantine = pd.DataFrame(
         [(q.path, q.reason) for q in scan.quarantine], columns=["path", "reason"]
     )
