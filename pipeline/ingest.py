@@ -3,22 +3,25 @@
 Sources (``ingest.source``):
 - ``demo``: the folder ``paths.demo`` written by ``retina-vae demo`` (with its labels.csv);
 - a folder: every file in the tree is tried (DICOM with or without a suffix; DICOMDIR, hidden
-  files and text sidecars are skipped). Labels come from ``ingest.labels`` (CSV/TSV with
-  ``path,label`` and optional ``patient_id,eye,split``; then only the listed files are read)
-  or, with ``ingest.folder_labels``, from each file's parent folder (class-per-folder layout
-  such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
+  files and text sidecars are skipped). Labels come from ``ingest.labels``, a label sheet read
+  by :mod:`pipeline.labels` (columns named by ``ingest.path_column`` etc.; then only the files
+  its rows name are read, rows naming no file counted as ``listed_missing``, files no row
+  names as ``unlisted``) or, with ``ingest.folder_labels``, from each file's parent folder
+  (class-per-folder layout such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
   ``{split}_labels`` (N,) or (N, 1), one label per image (a multi-label (N, k) array is
   refused); each row an image, the official split kept.
 
-Patient: CSV ``patient_id`` > DICOM PatientID > ``ingest.patient_pattern`` on the file name >
-none (the image is its own subject). It is stored only as a keyed hash (:mod:`pipeline.deid`).
+Patient, in every layout: the sheet's patient column > DICOM PatientID >
+``ingest.patient_pattern`` on the file name > none (the image is its own subject). It is
+stored only as a keyed hash (:mod:`pipeline.deid`).
 
 Each file is fully decoded (JPEGs at a reduced DCT scale, see :mod:`pipeline.readers`) to
 catch truncation; a bad file is quarantined with a one-line reason. ``content_hash`` is the
 SHA-256 of the decoded pixels at that check scale plus their shape: two images are duplicates
 when those pixels are identical (for JPEGs: identical at the reduced scale, i.e. identical
 low-frequency DCT content -- byte copies and lossless re-encodes always are).
+Library warnings raised while decoding are counted per kind (:mod:`pipeline.libwarn`).
 Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
 counts one per frame kept; a quarantined file counts one).
 
