@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipeline.demo", "write the built-in synthetic OCT/fundus demo collection"),
+    "sources": ("pipeline.sources", "fingerprint an external source folder and label sheet"),
     "ingest": ("pipeline.ingest", "find, decode, de-identify and check a folder of images"),
     "preprocess": ("pipeline.preprocess", "crop, resize and subject-split into uint8 arrays"),
     "train": ("pipeline.train", "train the conv-VAE with Ray Train, tracked in MLflow"),

@@ -11,13 +11,16 @@ here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib import colormaps
+from matplotlib import colormaps, font_manager
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.decomposition import PCA
@@ -27,6 +30,35 @@ from vae_core.model import ConvVAE
 
 UNLABELLED = "(unlabelled)"
 TRAVERSAL_SPAN = 3.0  # traversals run z_j over [-3, 3]: +-3 prior standard deviations
+# Text is set in DejaVu Sans (matplotlib's own); a glyph it lacks (ODIR's full-width comma,
+# CJK labels) is taken from IPAexGothic, a font file the matplotlib-fontja wheel installs.
+# A glyph neither has is drawn as a box, with matplotlib's "Glyph ... missing" warning.
+FONTS = ("DejaVu Sans", "IPAexGothic")
+FALLBACK_FONT_FILE = ("matplotlib_fontja", "fonts/ipaexg.ttf")
+
+
+@functools.cache
+def font_family() -> list[str]:
+    """The font list for every figure's text, first font first; the fallback font file is
+    registered with matplotlib on the first call (found without importing its package, whose
+    import would switch every figure of the process to it)."""
+    package, rel = FALLBACK_FONT_FILE
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return list(FONTS[:1])  # not installed: labels outside DejaVu draw as boxes
+    font_manager.fontManager.addfont(str(Path(spec.submodule_search_locations[0]) / rel))
+    return list(FONTS)
+
+
+def _fonts(draw: Callable) -> Callable:
+    """Run a figure-drawing function with :func:`font_family` as the font list."""
+
+    @functools.wraps(draw)
+    def wrapped(*args, **kwargs):
+        with matplotlib.rc_context({"font.family": font_family()}):
+            return draw(*args, **kwargs)
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- image grids
@@ -103,6 +135,7 @@ def _hex(rgba: tuple[float, ...]) -> str:
 # ----------------------------------------------------------------------------- PNG maps
 
 
+@_fonts
 def plot_map(xy: np.ndarray, names: np.ndarray, axes: list[str], title: str, path: Path) -> None:
     """Scatter (N,2) coordinates coloured by label name into a PNG with a legend."""
     colours = label_colours(names)
@@ -155,6 +188,7 @@ def save_png(picture: np.ndarray, path: Path, scale: int = 1) -> None:
     Image.fromarray(picture).save(path)
 
 
+@_fonts
 def save_labelled_grid(
     grid: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, path: Path
 ) -> None:
@@ -175,6 +209,7 @@ def save_labelled_grid(
     fig.savefig(path, dpi=80)
 
 
+@_fonts
 def kl_figure(
     kl_per_dim: np.ndarray, mu_variance: np.ndarray, threshold: float, path: Path
 ) -> None:
@@ -200,6 +235,7 @@ def kl_figure(
 # ----------------------------------------------------------------------------- history
 
 
+@_fonts
 def history_figure(history: pd.DataFrame, path: Path) -> list[str]:
     """Training curves: one panel per metric with train_/val_ columns, against ``epoch``.
 

@@ -3,22 +3,25 @@
 Sources (``ingest.source``):
 - ``demo``: the folder ``paths.demo`` written by ``retina-vae demo`` (with its labels.csv);
 - a folder: every file in the tree is tried (DICOM with or without a suffix; DICOMDIR, hidden
-  files and text sidecars are skipped). Labels come from ``ingest.labels`` (CSV/TSV with
-  ``path,label`` and optional ``patient_id,eye,split``; then only the listed files are read)
-  or, with ``ingest.folder_labels``, from each file's parent folder (class-per-folder layout
-  such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
+  files and text sidecars are skipped). Labels come from ``ingest.labels``, a label sheet read
+  by :mod:`pipeline.labels` (columns named by ``ingest.path_column`` etc.; then only the files
+  its rows name are read, rows naming no file counted as ``listed_missing``, files no row
+  names as ``unlisted``) or, with ``ingest.folder_labels``, from each file's parent folder
+  (class-per-folder layout such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
   ``{split}_labels`` (N,) or (N, 1), one label per image (a multi-label (N, k) array is
   refused); each row an image, the official split kept.
 
-Patient: CSV ``patient_id`` > DICOM PatientID > ``ingest.patient_pattern`` on the file name >
-none (the image is its own subject). It is stored only as a keyed hash (:mod:`pipeline.deid`).
+Patient, in every layout: the sheet's patient column > DICOM PatientID >
+``ingest.patient_pattern`` on the file name > none (the image is its own subject). It is
+stored only as a keyed hash (:mod:`pipeline.deid`).
 
 Each file is fully decoded (JPEGs at a reduced DCT scale, see :mod:`pipeline.readers`) to
 catch truncation; a bad file is quarantined with a one-line reason. ``content_hash`` is the
 SHA-256 of the decoded pixels at that check scale plus their shape: two images are duplicates
 when those pixels are identical (for JPEGs: identical at the reduced scale, i.e. identical
 low-frequency DCT content -- byte copies and lossless re-encodes always are).
+Library warnings raised while decoding are counted per kind (:mod:`pipeline.libwarn`).
 Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
 counts one per frame kept; a quarantined file counts one).
 
@@ -31,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import logging
 import os
 import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +48,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import deid, pixel_cache, pixels, ray_data, readers
+from pipeline import deid, labels, libwarn, pixel_cache, pixels, ray_data, readers
 from pipeline.errors import UserError
 from pipeline.io import ArrowRows, write_json, write_table
-from pipeline.manifest import MANIFEST_COLUMNS, is_npz, npz_key, npz_source, source_root
+from pipeline.manifest import (
+    MANIFEST_COLUMNS,
+    is_npz,
+    npz_key,
+    npz_source,
+    source_files,
+    source_root,
+)
 from pipeline.parallel import parallel_imap
 from pipeline.params import Params
 from pipeline.processed import SPLITS
@@ -70,15 +79,6 @@ DUPLICATE_COLUMNS = [
     "duplicate_of_frame",
     "duplicate_of_label",
 ]
-_SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,10 @@ class Entry:
 
     source: str  # path relative to the source root
     label: str | None
-    patient: str | None  # raw patient ID: only its keyed hash is ever stored
+    patient: str | None  # raw patient ID from the sheet: only its keyed hash is ever stored
     eye: str | None
     split: str | None
+    name_patient: str | None = None  # ingest.patient_pattern's match in the file name
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class Scan:
     found: Found
     quarantine: list[Refused]
     counts: dict[str, int]
+    warnings: Counter = field(default_factory=Counter)  # library warning kind -> files
 
 
 class Entries:
@@ -240,7 +242,14 @@ def _prepared(path: str, d: readers.Decoded, spec: dict) -> np.ndarray | None:
 
 def inspect(task: tuple) -> dict:
     """Decode one file in a worker: frame sizes and hashes, or the quarantine reason and kind;
-    with a prepare spec, also the training pixels made from the same decode."""
+    with a prepare spec, also the training pixels made from the same decode; ``warnings``:
+    the kinds of library warnings the decode raised (:mod:`pipeline.libwarn`)."""
+    with libwarn.caught() as noted:
+        result = _inspect(task)
+    return {**result, "warnings": noted} if noted else result
+
+
+def _inspect(task: tuple) -> dict:
     path, oct_central, min_size, max_pixels, salt, spec = task
     try:
         stat = pixel_cache.file_stat(path)  # before decoding: a later change shows as a miss
@@ -267,121 +276,88 @@ def inspect(task: tuple) -> dict:
     }
 
 
-def _read_csv(path: Path, root: Path) -> pd.DataFrame:
-    """The labels manifest: columns path[,label,patient_id,eye,split]; paths inside ``root``."""
-    if not path.is_file():
-        raise UserError(f"{path}: labels file not found (ingest.labels)")
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"{path}: not a readable CSV/TSV ({type(exc).__name__})") from None
-    df.columns = [c.strip().lower() for c in df.columns]
-    if "path" not in df.columns:
-        raise UserError(f"{path}: needs a 'path' column (found {', '.join(df.columns)})")
-    top = root.resolve()
-    for n, rel in enumerate(df["path"], start=2):  # line 1 is the header
-        if not rel.strip():
-            raise UserError(f"{path}: line {n}: empty path")
-        full = (root / rel.strip()).resolve()
-        if full != top and top not in full.parents:
-            raise UserError(f"{path}: line {n}: path {rel!r} is outside the source folder {root}")
-    if "split" in df.columns:
-        for n, value in enumerate(df["split"], start=2):
-            if value.strip() and value.strip().lower() not in _SPLIT_ALIASES:
-                raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
-    df["path"] = [Path(p.strip()).as_posix() for p in df["path"]]
-    dup = df["path"].duplicated()
-    if dup.any():
-        log.warning("%s: %d paths listed twice; the first row of each is used", path, dup.sum())
-        df = df[~dup]
-    return df.reset_index(drop=True)
-
-
-def _cell(value: object) -> str | None:
-    return str(value or "").strip() or None
-
-
-def _files(root: Path) -> Iterator[str]:
-    """Every file under ``root`` as a posix path relative to it, in sorted path order (symlinks
-    to files included, symlinked folders not entered, unreadable folders skipped): what
-    ``sorted(p for p in root.rglob("*") if p.is_file())`` lists, one folder at a time."""
-
-    def walk(folder: str, prefix: str) -> Iterator[str]:
-        try:
-            with os.scandir(folder) as found:
-                names = sorted((e.name, _is_folder(e)) for e in found)
-        except PermissionError:
-            return
-        for name, is_folder in names:
-            path = os.path.join(folder, name)
-            if is_folder:
-                yield from walk(path, f"{prefix}{name}/")
-            elif os.path.isfile(path):
-                yield prefix + name
-
-    return walk(str(root), "")
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
-
-
 def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
-    """One entry per file to inspect (from the labels CSV, else the folder); listing counts."""
+    """One entry per file to inspect (from the label sheet, else the folder); listing counts."""
     ing = params.ingest
-    labels_path = Path(ing.labels) if ing.labels else None
-    if labels_path is None and ing.source == "demo":
-        labels_path = root / "labels.csv"
+    sheet = Path(ing.labels) if ing.labels else None
+    if sheet is None and ing.source == "demo":
+        sheet = root / "labels.csv"
     counts = {"skipped_sidecars": 0}
-    table = _read_csv(labels_path, root) if labels_path is not None else None
-    listed = set(table["path"]) if table is not None else set()
-    candidates, unlisted = [], 0
-    for rel in _files(root):
-        if not readers.is_candidate(rel):
-            counts["skipped_sidecars"] += 1
-        elif table is None:
+    candidates = []
+    for rel in source_files(root):
+        if readers.is_candidate(rel):
             candidates.append(rel)
         else:
-            unlisted += rel not in listed
-    if table is None:
-        return _listed_entries(params, candidates), counts
-    counts["unlisted"] = unlisted
-    if unlisted:
-        log.info(
-            "%d files in %s are not listed in %s and were not read", unlisted, root, labels_path
+            counts["skipped_sidecars"] += 1
+    pattern = re.compile(ing.patient_pattern)
+    if sheet is None:
+        return _listed_entries(params, candidates, pattern), counts
+    table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
+    listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
+    del candidates
+    _log_listing(sheet, root, listing)
+    counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
+    table = listing.table
+    return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts
+
+
+def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
+    """One line each: rows naming no file (with a hint when the name exists with another
+    suffix), files no row names, rows naming a file twice."""
+    if listing.missing:
+        shown = ", ".join(listing.missing[:3]) + (", ..." if len(listing.missing) > 3 else "")
+        hint = (
+            f"; {listing.other_suffix} of them exist with another suffix (list the file's "
+            "own suffix, or none: a name without suffix matches by stem)"
+            if listing.other_suffix
+            else ""
         )
-    return Entries(len(table), lambda: _csv_entries(table)), counts
+        log.warning(
+            "%d rows of %s are listed but missing from %s (%s)%s",
+            len(listing.missing),
+            sheet,
+            root,
+            shown,
+            hint,
+        )
+    if listing.unlisted:
+        log.info(
+            "%d image files in %s are on disk but unlisted in %s", listing.unlisted, root, sheet
+        )
+    if listing.repeated:
+        log.warning(
+            "%s: %d rows name a file again; the first row of each is used", sheet, listing.repeated
+        )
 
 
-def _csv_entries(table: pd.DataFrame) -> Iterator[Entry]:
-    keys = ("path", "label", "patient_id", "eye", "split")
-    columns = [table[k] if k in table.columns else itertools.repeat("") for k in keys]
-    for source, label, patient, eye, split in zip(*columns, strict=False):  # repeat: endless
-        split = _cell(split)
+def _sheet_entries(table: pd.DataFrame, pattern: re.Pattern) -> Iterator[Entry]:
+    columns = (table[k] for k in ("path", "label", "patient_id", "eye", "split"))
+    for source, label, patient, eye, split in zip(*columns, strict=True):
         yield Entry(
             source=source,
-            label=_cell(label),
-            patient=_cell(patient),
-            eye=readers.normalise_eye(_cell(eye)),
-            split=_SPLIT_ALIASES[split.lower()] if split else None,
+            label=label or None,
+            patient=patient or None,
+            eye=readers.normalise_eye(eye),
+            split=labels.SPLIT_ALIASES[split.lower()] if split else None,
+            name_patient=_name_patient(pattern, source),
         )
 
 
-def _listed_entries(params: Params, sources: list[str]) -> Entries:
-    """Entries of a folder without a labels CSV: label = parent folder, patient from the name."""
-    pattern = re.compile(params.ingest.patient_pattern)
+def _name_patient(pattern: re.Pattern, source: str) -> str | None:
+    """``ingest.patient_pattern``'s group 1 in the file name, or None."""
+    match = pattern.match(source.rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def _listed_entries(params: Params, sources: list[str], pattern: re.Pattern) -> Entries:
+    """Entries of a folder without a label sheet: label = parent folder, patient from the name."""
     by_folder = params.ingest.folder_labels
 
     def entries() -> Iterator[Entry]:
         for source in sources:
-            *folders, name = source.split("/")
-            match = pattern.match(name)
+            folders = source.split("/")[:-1]
             folder = folders[-1] if by_folder and folders else None
-            yield Entry(source, folder, match.group(1) if match else None, None, None)
+            yield Entry(source, folder, None, None, None, _name_patient(pattern, source))
 
     return Entries(len(sources), entries)
 
@@ -408,8 +384,9 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
             results = ray_data.inspect_files(list(tasks), inspect, cache and cache.tmp)
     else:
         results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
-    found, quarantine = Found(), []
+    found, quarantine, warned = Found(), [], Counter()
     for e, r in zip(entries, results, strict=True):
+        warned.update(r.get("warnings", ()))
         if r.get("prepared") is not None:
             cache.add(e.source, [i for i, _ in r["frames"]], r["stat"], r["prepared"])
         elif r.get("part") is not None:
@@ -419,7 +396,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
         else:
             for row in _rows(e, r, salt):
                 found.add(row)
-    return Scan(found, quarantine, {**counts, "files": len(entries)})
+    return Scan(found, quarantine, {**counts, "files": len(entries)}, warned)
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
@@ -430,10 +407,14 @@ def _refused(root: Path, e: Entry, result: dict) -> Refused:
 
 def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
     """The manifest rows of one inspected file, one per frame kept."""
+    # the patient: the sheet's > the DICOM header's > the file name's > none (own subject)
     if e.patient:
         subject = deid.subject_id(e.patient, salt)
+    elif result["subject_id"]:
+        subject = result["subject_id"]
     else:
-        subject = result["subject_id"] or deid.subject_id("file:" + e.source, salt)
+        subject = deid.subject_id(e.name_patient or "file:" + e.source, salt)
+    own = not (e.patient or result["subject_id"] or e.name_patient)
     return (
         ManifestRow(
             image_id=deid.image_id(e.source, frame, salt),
@@ -446,7 +427,7 @@ def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
             height=height,
             content_hash=digest,
             split=e.split,
-            own_subject=not (e.patient or result["subject_id"]),
+            own_subject=own,
         )
         for (frame, digest), (width, height) in zip(result["frames"], result["sizes"], strict=True)
     )
@@ -560,8 +541,9 @@ def _manifest(found: Found, modality: str) -> pa.Table:
     """The manifest table of the images kept (MANIFEST_COLUMNS, integer sizes and frames)."""
     if found.own_subjects:
         log.warning(
-            "%d images have no patient ID (no CSV patient_id, DICOM PatientID or "
-            "ingest.patient_pattern match): each is its own subject",
+            "%d images have no patient ID (none in the label sheet's patient column or the "
+            "DICOM PatientID, and the file name does not match ingest.patient_pattern): each "
+            "is its own subject",
             found.own_subjects,
         )
     return found.manifest(modality)
@@ -587,10 +569,12 @@ def _report(params: Params, root: Path, scan: Scan, manifest: pa.Table, dups: li
         "files": scan.counts.get("files", 0),
         "skipped_sidecars": scan.counts.get("skipped_sidecars", 0),
         "unlisted": scan.counts.get("unlisted", 0),
+        "listed_missing": scan.counts.get("listed_missing", 0),
         "subjects": pc.count_distinct(subjects).as_py() if len(subjects) else 0,
         "labels": {str(k) if isinstance(k, str) else "null": int(v) for k, v in labels.items()},
         "quarantine_reasons": dict(sorted(reasons.items())),
         "duplicate_label_conflicts": sum(d["label"] != d["duplicate_of_label"] for d in dups),
+        "decode_warnings": dict(sorted(scan.warnings.items())),
     }
 
 
@@ -602,6 +586,7 @@ def ingest(params: Params) -> dict:
     scan.found.seal()
     dups = scan.found.duplicates
     _warn_conflicts([d for d in dups if d["label"] != d["duplicate_of_label"]])
+    libwarn.report(scan.warnings, log)
     quarantine = pd.DataFrame(
         [(q.path, q.reason) for q in scan.quarantine], columns=["path", "reason"]
     )
@@ -622,6 +607,12 @@ def ingest(params: Params) -> dict:
         report["subjects"],
         sum(k is not None for k in _value_counts(manifest.column("label"))),
     )
+    if "listed_missing" in scan.counts:
+        log.info(
+            "label sheet: %d rows listed but missing, %d image files on disk but unlisted",
+            report["listed_missing"],
+            report["unlisted"],
+        )
     _refuse_if_bad(root, params, report)
     return report
 
@@ -634,9 +625,15 @@ def _refuse_if_bad(root: Path, params: Params, report: dict) -> None:
     if not report["ingested"]:
         reasons = Counter(report["quarantine_reasons"])
         why = f" (most common: {reasons.most_common(1)[0][0]})" if reasons else ""
+        listing = (
+            f"; {report['listed_missing']} label-sheet rows name no file and "
+            f"{report['unlisted']} image files are unlisted (ingest.path_column?)"
+            if report["listed_missing"]
+            else ""
+        )
         raise UserError(
             f"{root}: no usable image: {refused} of {found} quarantined"
-            f"{why}, {report['duplicates']} duplicates; see {params.paths.quarantine}"
+            f"{why}, {report['duplicates']} duplicates{listing}; see {params.paths.quarantine}"
         )
     share = refused / found
     if share > limit:

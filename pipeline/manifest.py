@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -30,6 +32,34 @@ MANIFEST_COLUMNS = [
 def source_root(params: Params) -> Path:
     """The folder (or .npz file) that manifest ``source`` paths are relative to."""
     return Path(params.paths.demo if params.ingest.source == "demo" else params.ingest.source)
+
+
+def source_files(root: Path) -> Iterator[str]:
+    """Every file under ``root`` as a posix path relative to it, in sorted path order (symlinks
+    to files included, symlinked folders not entered, unreadable folders skipped): what
+    ``sorted(p for p in root.rglob("*") if p.is_file())`` lists, one folder at a time."""
+
+    def walk(folder: str, prefix: str) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as found:
+                names = sorted((e.name, _is_folder(e)) for e in found)
+        except PermissionError:
+            return
+        for name, is_folder in names:
+            path = os.path.join(folder, name)
+            if is_folder:
+                yield from walk(path, f"{prefix}{name}/")
+            elif os.path.isfile(path):
+                yield prefix + name
+
+    return walk(str(root), "")
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def is_npz(root: Path) -> bool:

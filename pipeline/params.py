@@ -25,6 +25,8 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 REDACTED = "<redacted>"
+# Keys whose value is a secret: shown as REDACTED in every error message, log line and MLflow.
+SECRETS = frozenset({"ingest.salt"})
 
 
 class ParamsError(UserError):
@@ -38,6 +40,7 @@ class PathsParams:
     quarantine: str
     duplicates: str
     ingest_report: str
+    sources: str
     processed: str
     preprocess_report: str
     model: str
@@ -64,6 +67,10 @@ class DemoParams:
 class IngestParams:
     source: str
     labels: str | None
+    path_column: Annotated[str, Field(min_length=1)]
+    label_column: Annotated[str, Field(min_length=1)]
+    patient_column: Annotated[str, Field(min_length=1)]
+    eye_column: Annotated[str, Field(min_length=1)]
     folder_labels: bool
     modality: Literal["oct", "fundus"]
     patient_pattern: str
@@ -197,8 +204,9 @@ class Params:
             for group, values in asdict(self).items()
             for key, value in values.items()
         }
-        if flat["ingest.salt"] is not None:
-            flat["ingest.salt"] = REDACTED
+        for key in SECRETS:
+            if flat[key] is not None:
+                flat[key] = REDACTED
         return flat
 
 
@@ -219,7 +227,7 @@ def _one_line(path: Path, group: str, exc: ValidationError) -> str:
     elif err["type"] == "unexpected_keyword_argument":
         detail = "unknown key"
     else:
-        got = repr(err.get("input"))
+        got = REDACTED if key in SECRETS else repr(err.get("input"))
         got = got if len(got) <= 60 else got[:57] + "..."
         detail = f"{err['msg'].removeprefix('Value error, ')} (got {got})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline import pixel_cache, pixels, processed, ray_data
+from pipeline import libwarn, pixel_cache, pixels, processed, ray_data
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.manifest import is_npz, npz_row, source_root
@@ -126,15 +127,24 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
         (str(root / src), frames, modality, (height, width), aspect, light)
         for src, _, frames in todo
     ]
-    results = parallel_imap(
-        pixels.prepare_frames, tasks, params.preprocess.workers, desc="preprocess"
-    )
-    for (src, rows, _), res in zip(todo, results, strict=True):
+    results = parallel_imap(_prepare, tasks, params.preprocess.workers, desc="preprocess")
+    warned = Counter()
+    for (src, rows, _), (res, noted) in zip(todo, results, strict=True):
         if isinstance(res, str):
             raise UserError(f"{root / src}: {res} (changed since ingest? re-run retina-vae ingest)")
+        warned.update(noted)
         for r, arr in zip(rows, res, strict=True):
             put(r, arr)
+    libwarn.report(warned, log)
     return {"cached": cached, "decoded": len(df) - cached}
+
+
+def _prepare(task: tuple) -> tuple[list[np.ndarray] | str, list[str]]:
+    """:func:`pipeline.pixels.prepare_frames` in a worker, and the kinds of library warnings
+    it raised (reported once per kind, :mod:`pipeline.libwarn`)."""
+    with libwarn.caught() as noted:
+        result = pixels.prepare_frames(task)
+    return result, noted
 
 
 def _from_cache(df: pd.DataFrame, params: Params, root: Path, put) -> tuple[list[tuple], int]:

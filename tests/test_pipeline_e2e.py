@@ -9,14 +9,18 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -38,22 +42,34 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
+def _copy_repo(root: Path, **groups: dict) -> Path:
+    """A git repository at ``root`` with the pipeline, dvc.yaml and the TINY params (and
+    ``groups`` patched in), committed."""
     for name in ("pipeline", "vae_core"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for group, values in TINY.items():
+    for group, values in (TINY | groups).items():
         params[group].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run(["git", "init", "-q"], root)
     _run([*git, "add", "-A"], root)
     _run([*git, "commit", "-qm", "tiny"], root)
+    return root
+
+
+def _ran(out: str) -> set[str]:
+    """The stages a `dvc repro` ran, but ``sources``, which runs every time (it fingerprints
+    an external source: see pipeline/sources.py)."""
+    return set(re.findall(r"Running stage '(\w+)'", out)) - {"sources"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = _copy_repo(tmp_path_factory.mktemp("repo"))
     _run(["dvc", "repro"], root)
     return root
 
@@ -85,7 +101,7 @@ def test_repro_builds_every_output(repo):
 
 def test_second_repro_does_nothing(repo):
     out = _run(["dvc", "repro"], repo)
-    assert "Running stage" not in out
+    assert _ran(out) == set()
 
 
 def test_changed_param_reruns_only_its_stages(repo):
@@ -93,9 +109,7 @@ def test_changed_param_reruns_only_its_stages(repo):
     params["evaluate"]["knn_k"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo)
-    assert "Running stage 'evaluate'" in out
-    for stage in ("demo", "ingest", "preprocess", "train"):
-        assert f"Running stage '{stage}'" not in out
+    assert _ran(out) == {"evaluate"}
 
 
 def test_operational_param_reruns_nothing(repo):
@@ -104,7 +118,7 @@ def test_operational_param_reruns_nothing(repo):
     params["cluster"]["ship_code"] = not params["cluster"]["ship_code"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo)
-    assert "Running stage" not in out
+    assert _ran(out) == set()
 
 
 def test_experiment_is_its_own_mlflow_run(repo):
@@ -115,3 +129,31 @@ def test_experiment_is_its_own_mlflow_run(repo):
     new = [r for r in _runs(repo) if r.info.run_id not in before]
     assert len(new) == 1
     assert new[0].data.params["model.latent_dim"] == "3"
+
+
+def test_editing_an_external_label_sheet_or_source_reruns_ingest(tmp_path):
+    """An external ingest.source and ingest.labels are no DVC deps of their own: the sources
+    stage's fingerprint makes a changed label, or a new file, re-run ingest (and only then)."""
+    src = tmp_path / "images"
+    src.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((40, 40), 40 * k + 20, np.uint8)).save(src / f"{k}.png")
+    sheet = tmp_path / "trainLabels.csv"
+    sheet.write_text("image,level\n0,0\n1,1\n2,0\n3,1\n")
+    ingest = {"source": str(src), "labels": str(sheet), "path_column": "image"}
+    root = _copy_repo(tmp_path / "repo", ingest=TINY["ingest"] | ingest | {"label_column": "level"})
+
+    def labels() -> list[str]:
+        return pd.read_parquet(root / "data/interim/manifest.parquet")["label"].tolist()
+
+    assert _ran(_run(["dvc", "repro", "ingest"], root)) == {"demo", "ingest"}
+    assert labels() == ["0", "1", "0", "1"]
+    assert _ran(_run(["dvc", "repro", "ingest"], root)) == set()  # nothing changed
+    sheet.write_text("image,level\n0,0\n1,1\n2,2\n3,1\n")  # one label edited
+    assert _ran(_run(["dvc", "repro", "ingest"], root)) == {"ingest"}
+    assert labels() == ["0", "1", "2", "1"]
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(src / "9.png")  # an unlisted file
+    assert _ran(_run(["dvc", "repro", "ingest"], root)) == {"ingest"}
+    report = json.loads((root / "metrics/ingest.json").read_text())
+    assert report["unlisted"] == 1
+    assert _ran(_run(["dvc", "repro", "ingest"], root)) == set()

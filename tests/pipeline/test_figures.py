@@ -1,20 +1,25 @@
 """Figures (pipeline.figures): latent maps, traversal/reconstruction grids, history curves."""
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fontTools.ttLib import TTFont
+from matplotlib import font_manager
 from PIL import Image
 
 from pipeline.figures import (
     UNLABELLED,
+    font_family,
     history_figure,
     label_names,
     pca_2d,
     plot_map,
     reconstruction_grid,
+    save_labelled_grid,
     save_png,
     top_kl_dims,
     traversal_grid,
@@ -111,3 +116,28 @@ def test_save_png_scales_pixels_to_blocks(tmp_path):
     back = np.asarray(Image.open(tmp_path / "p.png"))
     assert back.shape == (3, 6, 3)
     assert (back[:, :3] == 0).all() and (back[:, 3:] == 255).all()
+
+
+# ODIR-5K's keywords (full-width comma between two findings) and a Chinese label
+NON_ASCII = ["moderate non proliferative retinopathy\uff0chypertensive retinopathy", "正常眼底"]
+
+
+def test_non_ascii_labels_find_their_glyphs(tmp_path):
+    """Every character of the labels is in one of the figure fonts, read from the font files'
+    own character maps (fontTools), and drawing them raises no missing-glyph warning (the old
+    figures drew boxes: 'Glyph 65292 (FULLWIDTH COMMA) missing from font(s) DejaVu Sans')."""
+    families = font_family()
+    files = [font_manager.findfont(f, fallback_to_default=False) for f in families]
+    covered = set().union(*(TTFont(f).getBestCmap() for f in files))
+    assert not {c for c in "".join(NON_ASCII) if ord(c) not in covered}
+    names = np.array(NON_ASCII * 5 + ["normal"] * 5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plot_map(
+            np.random.default_rng(0).random((15, 2)), names, ["x", "y"], "map", tmp_path / "m.png"
+        )
+        grid = np.zeros((2 + 2 * 18, 2 + 2 * 18, 3), np.uint8)  # 2 x 2 tiles of 16 px, pad 2
+        save_labelled_grid(grid, NON_ASCII, NON_ASCII, NON_ASCII[1], tmp_path / "t.png")
+    missing = [str(w.message) for w in seen if "missing from font" in str(w.message)]
+    assert missing == []
+    assert _png_size(tmp_path / "m.png") and _png_size(tmp_path / "t.png")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import ingest
+from pipeline import ingest, preprocess
 from pipeline.io import ArrowRows
 from pipeline.manifest import MANIFEST_COLUMNS
 from pipeline.params import load_params
@@ -104,11 +104,9 @@ def test_csv_manifest_with_dicom_and_escape_refused(tmp_path, capsys):
     assert m.loc["a/IM1", "frame"] == 1 and m.loc["a/IM1", "split"] == "test"  # central of 3
     assert m.loc["a/IM1", "eye"] == "L" and m.loc["a/b.png", "eye"] == "R"
     assert m.loc["a/IM1", "label"] == "DME" and len(m) == 2
-    q = pd.read_csv(paths.quarantine)
-    assert q.to_dict("records") == [
-        {"path": "a/missing.png", "reason": "listed but file not found"}
-    ]
-    assert _report(paths)["unlisted"] == 1
+    assert pd.read_csv(paths.quarantine).empty  # a row naming no file is no refused file
+    r = _report(paths)
+    assert (r["found"], r["quarantined"], r["listed_missing"], r["unlisted"]) == (2, 0, 1, 1)
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label\na/b.png,NORMAL\n../outside.png,CNV\n")
     rc, _ = _run(tmp_path, ingest={"source": str(src), "labels": str(csv)})
@@ -337,3 +335,108 @@ def test_images_are_checked_hashed_and_sized_upright(tmp_path):
         ("d_volume.tif", 0): (50, 40),
         ("d_volume.tif", 1): (36, 60),
     }
+
+
+# ----------------------------------------------------------------- no patient in two splits
+
+
+def _photo(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(gradient(40, 48, seed=seed)).save(path)
+
+
+def _layout_folder(root: Path, patients: list[int]) -> tuple[dict, dict]:
+    """Kermany: CLASS/CLASS-<patient>-<n>.jpeg, the patient from the default pattern."""
+    truth = {}
+    for k, p in enumerate(patients):
+        for n, label in enumerate(("CNV", "NORMAL")):  # a patient's two images in two classes
+            truth[f"{label}/{label}-{p}-{n}.jpeg"] = str(p)
+            _photo(root / f"{label}/{label}-{p}-{n}.jpeg", 2 * k + n)
+    return {}, truth
+
+
+def _layout_csv_patient(root: Path, patients: list[int]) -> tuple[dict, dict]:
+    """Neutral file names; the sheet's patient_id column says whose each image is."""
+    truth, rows = {}, ["path,label,patient_id"]
+    for k, p in enumerate(patients):
+        for n in range(2):
+            truth[f"img{2 * k + n}.png"] = str(p)
+            _photo(root / f"img{2 * k + n}.png", 2 * k + n)
+            rows.append(f"img{2 * k + n}.png,{n},P{p}")
+    (root.parent / "labels.csv").write_text("\n".join(rows) + "\n")
+    return {"labels": str(root.parent / "labels.csv")}, truth
+
+
+def _layout_csv_no_patient(root: Path, patients: list[int]) -> tuple[dict, dict]:
+    """EyePACS: <patient>_left/right, a sheet of names without suffix and no patient column:
+    the patient comes from ingest.patient_pattern (before the fix: every image its own)."""
+    truth, rows = {}, ["image,level"]
+    for k, p in enumerate(patients):
+        for n, side in enumerate(("left", "right")):
+            truth[f"{p}_{side}.jpeg"] = str(p)
+            _photo(root / f"{p}_{side}.jpeg", 2 * k + n)
+            rows.append(f"{p}_{side},{n}")
+    (root.parent / "trainLabels.csv").write_text("\n".join(rows) + "\n")
+    sheet = {"labels": str(root.parent / "trainLabels.csv"), "path_column": "image"}
+    return sheet | {"label_column": "level", "patient_pattern": r"^(\d+)_"}, truth
+
+
+def _layout_dicom(root: Path, patients: list[int], sheet: bool = False) -> tuple[dict, dict]:
+    """DICOM whose header PatientID is the patient, in files whose names match the default
+    pattern with another number each (a decoy: the header comes before the name)."""
+    truth, rows = {}, ["path,label"]
+    for k, p in enumerate(patients):
+        for n in range(2):
+            name = f"IM-{100 + 2 * k + n}-1"
+            truth[name] = str(p)
+            make_dicom(
+                root / name, gradient(40, 48, seed=2 * k + n)[None], phi={"PatientID": f"P{p}"}
+            )
+            rows.append(f"{name},{n}")
+    if not sheet:
+        return {"folder_labels": False}, truth
+    (root.parent / "labels.csv").write_text("\n".join(rows) + "\n")
+    return {"labels": str(root.parent / "labels.csv")}, truth
+
+
+def _layout_npz(root: Path, patients: list[int]) -> tuple[dict, dict]:
+    """MedMNIST rows: each its own subject, official splits kept."""
+    rng = np.random.default_rng(len(patients))
+    arrays, truth = {}, {}
+    for split, n in (("train", len(patients)), ("val", 2), ("test", 2)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 32, 32), dtype=np.uint8)
+        truth |= {f"{split}_images[{i}]": f"{split}{i}" for i in range(n)}
+    np.savez(root.with_suffix(".npz"), **arrays)
+    return {"source": str(root.with_suffix(".npz"))}, truth
+
+
+LAYOUTS = {
+    "folder": _layout_folder,
+    "csv_with_patient_id": _layout_csv_patient,
+    "csv_without_patient_id": _layout_csv_no_patient,
+    "dicom": _layout_dicom,
+    "dicom_listed_in_csv": lambda root, patients: _layout_dicom(root, patients, sheet=True),
+    "npz": _layout_npz,
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_no_patient_is_in_two_splits_in_any_layout(tmp_path, layout, seed):
+    """Property over layouts and random patient sets: after the real ingest and preprocess's
+    subject split, every patient's images are in one split, and there is one subject per
+    patient (CSV patient_id > DICOM PatientID > ingest.patient_pattern > own subject)."""
+    rng = np.random.default_rng(seed)
+    patients = sorted(rng.choice(np.arange(1, 1000), int(rng.integers(6, 12)), replace=False))
+    root = tmp_path / "src"
+    root.mkdir()
+    groups, truth = LAYOUTS[layout](root, [int(p) for p in patients])
+    rc, paths = _run(tmp_path, ingest={"source": str(root), "workers": 1} | groups)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert sorted(m["source"]) == sorted(truth)
+    m["patient"] = m["source"].map(truth)
+    assert m["subject_id"].nunique() == m["patient"].nunique()
+    m["split"] = preprocess.assign_splits(m, 0.3, 0.3, seed)
+    splits_per_patient = m.groupby("patient")["split"].nunique()
+    assert (splits_per_patient == 1).all(), splits_per_patient[splits_per_patient > 1].to_dict()

@@ -82,3 +82,14 @@ def test_flat_redacts_the_pseudonymisation_salt(tmp_path):
     params = load_params(_write(tmp_path, {"ingest": {"salt": "s3cret-key"}}))
     assert params.ingest.salt == "s3cret-key"  # the stage still uses it
     assert "s3cret-key" not in map(str, params.flat().values())
+
+
+@pytest.mark.parametrize("salt", [982451653, 3.14159, ["s3cret", "key"], True])
+def test_a_refused_secret_is_never_printed(tmp_path, salt):
+    """A salt of the wrong type is refused naming the key, never showing the value (the old
+    message quoted it: 'ingest.salt: Input should be a valid string (got 982451653)')."""
+    with pytest.raises(ParamsError) as info:
+        load_params(_write(tmp_path, {"ingest": {"salt": salt}}))
+    message = str(info.value)
+    assert "ingest.salt: Input should be a valid string (got <redacted>)" in message
+    assert str(salt) not in message and "s3cret" not in message and "314159" not in message

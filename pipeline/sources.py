@@ -1,0 +1,75 @@
+"""``retina-vae sources``: fingerprint an external ``ingest.source`` and ``ingest.labels`` so
+that DVC re-runs ingest when either changes.
+
+DVC re-runs a stage when a file it lists changes, but the source folder and the label sheet
+are params (``null`` and ``demo`` by default), which dvc.yaml cannot list as deps. So the
+``sources`` stage runs on every ``dvc repro`` (``always_changed``) and writes
+``paths.sources``: a SHA-256 of the label sheet's bytes and one of the source tree's listing
+(each file's relative path, size and modification time; an .npz file's size and time). Ingest
+depends on that file, so DVC re-runs ingest exactly when a fingerprint differs from the one its
+last run saw, and otherwise skips it. The file holds hashes only: no file name reaches it.
+The demo folder needs none of this: it is a DVC output, so ingest depends on it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.io import write_json
+from pipeline.manifest import source_files, source_root
+from pipeline.params import Params
+from pipeline.stage import run_stage
+
+CHUNK = 1 << 20  # bytes read at a time from the label sheet
+
+
+def _sheet(path: Path) -> str:
+    """SHA-256 of the label sheet's bytes."""
+    if not path.is_file():
+        raise UserError(f"{path}: labels file not found (ingest.labels)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat(h: hashlib._Hash, rel: str, path: str) -> None:
+    st = os.stat(path)
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+
+def _tree(root: Path) -> str:
+    """SHA-256 of every file's relative path, size and modification time (a file's own, for
+    a single file such as an .npz)."""
+    h = hashlib.sha256()
+    if root.is_file():
+        _stat(h, root.name, str(root))
+    elif root.is_dir():
+        for rel in source_files(root):
+            _stat(h, rel, os.path.join(root, rel))
+    else:
+        raise UserError(f"{root}: source folder not found (ingest.source)")
+    return h.hexdigest()
+
+
+def fingerprint(params: Params) -> dict[str, str | None]:
+    """``{"source": hash | None, "labels": hash | None}``; None for the demo source (a DVC
+    output already) and for no label sheet."""
+    ing = params.ingest
+    return {
+        "source": None if ing.source == "demo" else _tree(source_root(params)),
+        "labels": _sheet(Path(ing.labels)) if ing.labels else None,
+    }
+
+
+def _body(params: Params, args: argparse.Namespace) -> None:
+    write_json(params.paths.sources, fingerprint(params))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("sources", argv, _body, description=__doc__.splitlines()[0])

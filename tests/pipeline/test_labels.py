@@ -1,0 +1,149 @@
+"""Label sheets (pipeline.labels) as public datasets ship them, through the real ingest stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import ingest, labels
+from pipeline.params import load_params
+from tests.pipeline.dicom_factory import gradient, write_params
+
+NAMES = ["a", "b", "c"]
+
+
+def _images(src: Path, suffix: str = ".png") -> None:
+    src.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(NAMES):
+        Image.fromarray(gradient(40, 48, seed=k)).save(src / f"{name}{suffix}")
+
+
+def _ingest(tmp_path: Path, sheet: Path, **keys) -> tuple[int, object]:
+    params = write_params(
+        tmp_path,
+        ingest={"source": str(tmp_path / "src"), "labels": str(sheet), "workers": 1} | keys,
+    )
+    return ingest.main(["--params", str(params)]), load_params(params).paths
+
+
+def _write_xlsx(path: Path, text: str) -> None:
+    rows = [line.split(",") for line in text.strip("\n").split("\n")]
+    pd.DataFrame(rows[1:], columns=rows[0]).to_excel(path, index=False)
+
+
+# Each sheet names images a, b, c (grades 0, 1, 2) its own way; all read alike.
+SHEETS = {
+    "bom_crlf_excel_leftovers.csv": (
+        "\ufeff Image name ,Retinopathy grade,,\r\na,0,,\r\n,,,\r\nb,1,,\r\nc,2,,\r\n,,,\r\n"
+    ),
+    "tab_separated.tsv": "Image name\tRetinopathy grade\na.png\t0\nb.png\t1\nc.png\t2\n",
+    "excel.xlsx": "Image name,Retinopathy grade\na,0\nb.png,1\nc,2\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHEETS))
+def test_sheet_shapes_read_alike(tmp_path, name):
+    _images(tmp_path / "src")
+    sheet = tmp_path / name
+    if name.endswith(".xlsx"):
+        _write_xlsx(sheet, SHEETS[name])
+    else:
+        sheet.write_bytes(SHEETS[name].encode())
+    rc, paths = _ingest(
+        tmp_path, sheet, path_column="image name", label_column=" Retinopathy Grade"
+    )
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        "a.png": "0",
+        "b.png": "1",
+        "c.png": "2",
+    }
+    r = json.loads(Path(paths.ingest_report).read_text())
+    assert (r["listed_missing"], r["unlisted"], r["quarantined"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("sheet_text", "keys", "expected"),
+    [
+        ("image,level\na,0\n", {}, "no column 'path' (ingest.path_column; found image, level)"),
+        (
+            "id_code,level\na,0\n",
+            {"path_column": "id_code", "label_column": "diagnosis"},
+            "no column 'diagnosis' (ingest.label_column; found id_code, level)",
+        ),
+        ("path\nd\n", {}, "line 2: 'd' matches 2 files (d.jpg, d.png); give its suffix or folder"),
+        ("path,split\na,train\nb,later\n", {}, "line 3: split 'later' is not train, val or test"),
+    ],
+)
+def test_sheet_problems_are_one_line(tmp_path, capsys, sheet_text, keys, expected):
+    _images(tmp_path / "src")
+    for suffix in (".png", ".jpg"):  # one stem, two files
+        Image.fromarray(gradient(40, 48, seed=9)).save(tmp_path / "src" / f"d{suffix}")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text(sheet_text)
+    rc, _ = _ingest(tmp_path, sheet, **keys)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1] == f"retina-vae ingest: error: {sheet}: {expected}"
+
+
+def test_xls_says_in_one_line_how_to_export(tmp_path, capsys):
+    _images(tmp_path / "src")
+    sheet = tmp_path / "messidor-2.xls"
+    sheet.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))  # an OLE2 header
+    assert _ingest(tmp_path, sheet)[0] == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"retina-vae ingest: error: {sheet}: Excel 97 .xls is not read; save it as .xlsx or .csv"
+    )
+
+
+def test_listed_but_missing_and_unlisted_are_counted_apart(tmp_path, capsys, caplog):
+    """Every row names a .png while the files are .jpg: no file is quarantined (none was
+    refused), the rows are 'listed but missing' with a suffix hint, the files 'unlisted'
+    (before: 'found 3 = ingested 0 + quarantined 3', the 3 real files merely 'unlisted')."""
+    caplog.set_level(logging.INFO)
+    _images(tmp_path / "src", ".jpg")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\n" + "".join(f"{n}.png,x\n" for n in NAMES))
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 1
+    r = json.loads(Path(paths.ingest_report).read_text())
+    assert (r["found"], r["quarantined"], r["listed_missing"], r["unlisted"]) == (0, 0, 3, 3)
+    assert "3 of them exist with another suffix" in caplog.text
+    assert (
+        "label sheet: 3 rows listed but missing, 3 image files on disk but unlisted" in caplog.text
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "3 label-sheet rows name no file and 3 image files are unlisted" in err
+
+
+@pytest.mark.parametrize(("pattern", "own"), [(r"^(\d+)_", False), (r"^p(\d+)_", True)])
+def test_patient_pattern_applies_to_sheet_layouts_and_the_log_says_so(
+    tmp_path, caplog, pattern, own
+):
+    caplog.set_level(logging.INFO)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(["7_left", "7_right", "9_left"]):
+        Image.fromarray(gradient(40, 48, seed=k)).save(src / f"{name}.jpeg")
+    sheet = tmp_path / "trainLabels.csv"
+    sheet.write_text("image,level\n7_left,0\n7_right,1\n9_left,0\n")
+    rc, paths = _ingest(
+        tmp_path, sheet, path_column="image", label_column="level", patient_pattern=pattern
+    )
+    assert rc == 0
+    assert pd.read_parquet(paths.manifest)["subject_id"].nunique() == (3 if own else 2)
+    assert ("3 images have no patient ID" in caplog.text) == own
+
+
+def test_file_index_finds_by_path_name_and_stem(tmp_path):
+    index = labels.FileIndex(tmp_path, ["train/10_left.jpeg", "train/sub/x.png", "y.PNG"])
+    for value in ("train/10_left.jpeg", "train/10_left", "10_left.jpeg", "10_left"):
+        assert index.find(value) == ["train/10_left.jpeg"], value
+    assert index.find("y") == ["y.PNG"] and index.find("sub/x") == []
+    assert index.other_suffix("10_left.png") and not index.other_suffix("10_left")

@@ -1,0 +1,47 @@
+"""The sources stage: a fingerprint of an external source and label sheet that changes exactly
+when one of them does (the end-to-end `dvc repro` check is in tests/test_pipeline_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline import sources
+from pipeline.params import load_params
+from tests.pipeline.dicom_factory import write_params
+
+
+def _fingerprint(tmp_path: Path, **ingest) -> dict:
+    params = write_params(tmp_path, ingest=ingest)
+    assert sources.main(["--params", str(params)]) == 0
+    return json.loads(Path(load_params(params).paths.sources).read_text())
+
+
+def test_fingerprint_changes_with_the_sheet_or_the_tree_and_names_nothing(tmp_path):
+    src, sheet = tmp_path / "PHI-7781234", tmp_path / "labels.csv"
+    src.mkdir()
+    (src / "PHI-7781234_left.png").write_bytes(b"one")
+    sheet.write_text("path,label\nPHI-7781234_left.png,0\n")
+    ingest = {"source": str(src), "labels": str(sheet)}
+    first = _fingerprint(tmp_path, **ingest)
+    assert _fingerprint(tmp_path, **ingest) == first  # nothing changed
+    text = Path(load_params(tmp_path / "params.yaml").paths.sources).read_text()
+    assert "7781234" not in text and "PHI" not in text
+
+    sheet.write_text("path,label\nPHI-7781234_left.png,1\n")  # a label edited
+    second = _fingerprint(tmp_path, **ingest)
+    assert second["labels"] != first["labels"] and second["source"] == first["source"]
+
+    (src / "new.png").write_bytes(b"two")  # a file added
+    third = _fingerprint(tmp_path, **ingest)
+    assert third["source"] != second["source"]
+
+    st = os.stat(src / "new.png")
+    (src / "new.png").write_bytes(b"TWO")  # replaced, same size: its time tells
+    os.utime(src / "new.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # even on a coarse clock
+    assert _fingerprint(tmp_path, **ingest)["source"] != third["source"]
+
+
+def test_demo_source_and_no_sheet_have_no_fingerprint(tmp_path):
+    assert _fingerprint(tmp_path, source="demo", labels=None) == {"source": None, "labels": None}
