@@ -14,8 +14,8 @@ are meant to be seen (README, "Your own data", lists each decision):
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
-  non-8-bit results are scaled from the min..max of the whole file (all frames, also when only
-  some are kept).
+  non-8-bit results are scaled from the VOI's output range when there is one, else from the
+  min..max of the whole file (all frames, also when only some are kept).
 - ``draft``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose upright size
   stays at or above ``draft`` (width, height) -- several times faster than a full decode when
   the target is small. Truncation is still detected: the whole entropy-coded stream is read
@@ -345,9 +345,8 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
         raise BadImage(f"frame index not in file ({n} frames)", "frame index not in file")
     try:
         arr = _dicom_values(ds, frames, n)  # (F, H, W[, 3])
-        if arr.dtype != np.uint8:  # one scale for the whole file, whichever frames are kept
-            whole = arr if set(frames) == set(range(n)) else _dicom_values(ds, range(n), n)
-            arr = to_uint8(arr, *_value_range([whole]))
+        if arr.dtype != np.uint8:
+            arr = to_uint8(arr, *_dicom_scale(ds, arr, frames, n))
     except BadImage:
         raise
     except Exception as exc:  # any decoder failure: corrupt stream, missing plugin, ...
@@ -396,6 +395,27 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndar
     return arr
 
 
+def _dicom_scale(ds: pydicom.Dataset, arr: np.ndarray, frames: list[int], n: int):
+    """(lo, hi) mapped to 0..255: a VOI LUT's or window's output range (what it shows as black
+    and white), else the min..max of every frame of the file, whichever frames are kept."""
+    if _has_voi(ds):
+        lo, hi = _display_range(ds)
+        if hi > lo:
+            return lo, hi
+    whole = arr if set(frames) == set(range(n)) else _dicom_values(ds, range(n), n)
+    return _value_range([whole])
+
+
+def _has_voi(ds: pydicom.Dataset) -> bool:
+    """Whether pydicom's ``apply_voi_lut`` transforms this grey image (VOI LUT or window)."""
+    grey = ds.get("SamplesPerPixel", 1) == 1 and ds.get("PhotometricInterpretation") in (
+        "MONOCHROME1",
+        "MONOCHROME2",
+    )
+    window = "WindowCenter" in ds and "WindowWidth" in ds
+    return grey and (bool(ds.get("VOILUTSequence")) or window)
+
+
 def _palette_rgb(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Palette indices (F, H, W) -> (F, H, W, 3) uint8 through the Palette Color LUTs
     (pydicom's ``apply_color_lut``, segmented LUTs too). Entries are scaled by their nominal
@@ -428,9 +448,9 @@ def _stored_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
 
 def _display_range(ds: pydicom.Dataset) -> tuple[float, float]:
     """The (lowest, highest) value a grey image can take after its modality and VOI
-    transforms (the range a MONOCHROME1 image is inverted within): the VOI LUT's entries, the
-    modality LUT's, or the Bits Stored range through rescale slope and intercept (the output
-    range pydicom's windowing maps to)."""
+    transforms (the range a MONOCHROME1 image is inverted within, and a VOI's output range):
+    the VOI LUT's entries, the modality LUT's, or the Bits Stored range through rescale slope
+    and intercept (the output range pydicom's windowing maps to)."""
     voi = ds.get("VOILUTSequence")
     modality = ds.get("ModalityLUTSequence")
     if voi:

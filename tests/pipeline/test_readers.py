@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
-from pydicom.pixels import apply_color_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from pipeline.readers import BadImage, is_candidate, is_dicom, read_image
 from tests.pipeline.dicom_factory import (
@@ -101,6 +101,29 @@ def test_rescale_and_window_applied(tmp_path):
     assert (px[:, hu <= 699] == 0).all() and (px[:, hu >= 1100] == 255).all()
     inside = px[0, (hu > 720) & (hu < 1080)]
     assert (np.diff(inside.astype(int)) > 0).all()  # strictly rising inside the window
+
+
+@pytest.mark.parametrize("rescale", [None, (2.0, -100.0)])
+@pytest.mark.parametrize("window", [(1500, 1000), (2048, 4096), (1800, 300)])
+def test_window_output_range_is_black_to_white(tmp_path, window, rescale):
+    """A VOI window maps its output range (Bits Stored range through the rescale, as pydicom's
+    apply_windowing documents) to 0..255, not the data's own min..max: a window wider than
+    the data does not stretch it. Reference: pydicom's modality + VOI transforms."""
+    img = np.tile(np.linspace(1000, 2000, 100).astype(np.uint16), (40, 1))  # 12-bit ramp
+    path = make_dicom(
+        tmp_path / "w.dcm",
+        img[None],
+        bits_stored=12,
+        sop_class=OPHTHALMIC_PHOTO_16,
+        window=window,
+        rescale=rescale,
+    )
+    ds = pydicom.dcmread(path)
+    shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    slope, intercept = rescale or (1.0, 0.0)
+    lo, hi = sorted((0 * slope + intercept, 4095 * slope + intercept))
+    ((_, px),) = read_image(path).frames
+    assert np.abs(px.astype(int) - np.round((shown - lo) * 255 / (hi - lo))).max() == 0
 
 
 @pytest.mark.parametrize("syntax", ["explicit", "jpeg", "rle"])
