@@ -119,9 +119,10 @@ class FileIndex:
                 self._by_key[key].add(rel)
 
     def find(self, value: str) -> list[str]:
-        """The files ``value`` may mean (sorted): itself when it is a file, else every file
-        whose path, name or stem it is."""
-        if value in self.files or os.path.isfile(os.path.join(self.root, value)):
+        """The files ``value`` may mean (sorted): itself when it exists (a folder or other
+        non-image then is quarantined with its reason), else every image file whose path,
+        name or stem it is."""
+        if value in self.files or os.path.exists(os.path.join(self.root, value)):
             return [value]
         return sorted(self._by_key.get(value, ()))
 

@@ -129,19 +129,18 @@ def test_ray_engine_matches_the_local_engine_on_two_nodes(tmp_path, caplog):
     # preprocess's decode only the 5 files that cache does not cover, as the local engine
     used = "pixels: 22 from ingest's decode, 5 decoded here"
     assert used in caplog.text and used in done.stderr, done.stderr
-    for stage, files in (("ingest", 23), ("preprocess", 5)):
+    for stage, files in (("ingest", 22), ("preprocess", 5)):  # missing.png: no file to read
         line = re.search(
             rf"{stage} on Ray Data: (\d+) files over (\d) node\(s\) \((\d+) on", done.stderr
         )
         assert line and line.groups()[0] == str(files) and line.groups()[2] == "0", done.stderr
     a, b = load_params(local).paths, load_params(on_ray).paths
     report = json.loads(Path(b.ingest_report).read_text())
-    assert (report["quarantined"], report["duplicates"]) == (5, 1)
+    assert (report["quarantined"], report["duplicates"], report["listed_missing"]) == (4, 1, 1)
     reasons = dict(pd.read_csv(b.quarantine).itertuples(index=False))
     assert reasons == {
         "images/trunc.png": reasons["images/trunc.png"],
         "images/empty.png": "empty file",
-        "images/missing.png": "listed but file not found",
         "images/folder.png": "unreadable file (Is a directory)",
         "images/pages.tif": "undecodable image (TypeError)",
     }
