@@ -80,7 +80,7 @@ def test_repro_builds_every_output(repo):
     assert "eval.json" in shown and "train.json" in shown
     (run,) = _runs(repo)
     assert run.info.status == "FINISHED"
-    assert "test_neg_elbo" in run.data.metrics
+    assert "test/neg_elbo" in run.data.metrics and "val/neg_elbo" in run.data.metrics
 
 
 def test_second_repro_does_nothing(repo):
