@@ -403,16 +403,31 @@ def log_evaluation(
         mlflow.set_tag("retina_vae.evaluated", "true")
 
 
-def run_url(uri: str, run_id: str) -> str:
+def run_url(uri: str, run_id: str, base: str | None = None) -> str:
     """The run's page in the MLflow UI, in the model-training view.
 
     MLflow 3.17's UI picks the GenAI or model-training view from a switch it remembers per
     browser (GenAI by default), not from the experiment's kind tag; the ``workflowType`` query
-    parameter sets that switch. For a local store the address is ``mlflow ui``'s default.
+    parameter sets that switch. ``base``: the UI's address; by default a tracking server's
+    own, and for a local store ``retina-vae ui``'s (and ``mlflow ui``'s) default.
     """
     experiment = client(uri).get_run(run_id).info.experiment_id
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if base is None:
+        web = uri.startswith(("http://", "https://"))
+        base = uri.rstrip("/") if web else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+
+
+def newest_run(uri: str, experiment: str) -> tuple[str, str] | None:
+    """(run id, run name) of the run of ``experiment`` started last; None when it has none."""
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
 
 
 # ----------------------------------------------------------------------------- lineage
