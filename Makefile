@@ -10,8 +10,6 @@ STAMP      := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # pyproject's requires-python
 SUPPORTED  := 3.10 3.11 3.12
-# the readable `dvc exp show`: the experiment, the params that differ, the headline metrics
-EXP_COLUMNS := Experiment|Created|test_neg_elbo|test_iwae_bpd|test_probe_auc|test_probe_auc_vs_pca|test_active_units|val.neg_elbo
 
 .DEFAULT_GOAL := install
 .PHONY: install install-test python-check repro baseline exps ui test lint format bench clean
@@ -62,9 +60,9 @@ baseline: $(STAMP)
 	git add dvc.lock metrics
 	@echo "==> dvc.lock and metrics/ are staged: commit them, e.g. git commit -m 'baseline: make baseline'"
 
-# DVC experiments side by side, the headline metrics only (fits 120 columns)
+# DVC experiments side by side: the params each changed, the headline metrics (120 columns)
 exps: $(STAMP)
-	@$(BIN)/dvc exp show --no-pager --only-changed --drop '.*' --keep '$(EXP_COLUMNS)|^[a-z]+\.[a-z_]+$$'
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/retina-vae exps
 
 # the MLflow UI on the local store; prints the newest run's page (model-training view)
 ui: $(STAMP)

@@ -23,13 +23,12 @@ WIDTH = 120  # characters per line
 # (metrics file, dotted key as `dvc metrics show` names it, column header, format)
 HEADLINE = (
     ("metrics/train.json", "val.neg_elbo", "val -ELBO", "{:.2f}"),
-    ("metrics/eval.json", "test_neg_elbo", "test -ELBO", "{:.2f}"),
-    ("metrics/eval.json", "test_iwae_bpd", "bits/dim", "{:.4f}"),
+    ("metrics/eval.json", "test_iwae_bpd", "test bits/dim", "{:.4f}"),
     ("metrics/eval.json", "test_active_units", "active", "{:.0f}"),
     ("metrics/eval.json", "test_probe_auc", "probe AUC", "{:.3f}"),
     ("metrics/eval.json", "test_probe_auc_vs_pca", "vs PCA", "{:+.3f}"),
 )
-NAME_WIDTH = 22
+NAME_WIDTH = 20
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
