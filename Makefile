@@ -65,8 +65,9 @@ exps: $(STAMP)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/retina-vae exps
 
 # the MLflow UI on the local store; prints the newest run's page (model-training view)
+PORT ?= 5000
 ui: $(STAMP)
-	$(BIN)/retina-vae ui
+	@$(BIN)/retina-vae ui --port $(PORT)
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check pipeline vae_core tests bench

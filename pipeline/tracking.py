@@ -159,7 +159,7 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 # it is logged, by its prefix alone, so a metric added later falls into place with no change here.
 TEST_LIKELIHOOD = ("neg_elbo", "recon", "kl", "iwae", "active_units")  # test/: the bound, parts
 PER_DIM = re.compile(r"_kl_dim_\d+$")  # KL of one latent dimension: a table, not J charts
-IMAGE_COUNT = re.compile(r"^(?:eval_images_(\w+)|(test)_images)$")  # data/: images per split
+IMAGE_COUNT = re.compile(r"^(?:eval_images_(\w+)|(train|val|test)_images)$")  # data/: counts
 
 
 def metric_key(name: str) -> str | None:
@@ -169,7 +169,7 @@ def metric_key(name: str) -> str | None:
     ``train_X`` -> ``train/X``, ``val_X`` -> ``val/X``; ``test_confound_X`` -> ``confound/X``;
     the test likelihood ``test_{neg_elbo,recon,kl,iwae,active_units}[_...]`` -> ``test/...``;
     every other ``test_X`` (probes, clusters, spectrum, baselines...) -> ``latent/X``;
-    ``eval_images_<split>``, ``test_images`` -> ``data/images_<split>``; ``*_kl_dim_<j>`` ->
+    ``eval_images_<split>``, ``<split>_images`` -> ``data/images_<split>``; ``*_kl_dim_<j>`` ->
     None (the KL profile is logged as one table); any other name is kept as it is.
     """
     if PER_DIM.search(name):

@@ -194,6 +194,7 @@ def test_registered_model_encodes_images(store):
         ("test_confound_eye_majority", "confound/eye_majority"),
         ("eval_images_train", "data/images_train"),
         ("test_images", "data/images_test"),
+        ("train_images", "data/images_train"),  # images per epoch: a count, not a curve
         ("train_kl_dim_3", None),
         ("test_kl_dim_15", None),
         ("epoch_seconds", "epoch_seconds"),
