@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train", "train the conv-VAE with Ray Train, tracked in MLflow"),
     "evaluate": ("pipeline.evaluate", "test likelihood, latent maps and cluster metrics"),
     "encode": ("pipeline.encode", "write latent means of new images with a trained model"),
+    "exps": ("pipeline.exps", "DVC experiments side by side: changed params, headline metrics"),
+    "ui": ("pipeline.ui", "start the MLflow UI on the tracking store; print the newest run's page"),
 }
 
 

@@ -120,7 +120,7 @@ def likelihood(
     """
     sums = {"neg_elbo": 0.0, "recon": 0.0, "kl": 0.0, "iwae": 0.0}
     kl_dims, mus, logvars = [], [], []
-    for x in batches(images, ev.batch_size, device):
+    for x in batches(images, ev.batch_size, device, f"test ELBO + IWAE (k={ev.iwae_k})"):
         terms = elbo_terms(model, x, n_samples=1)
         # IWAE decodes chunk * B images at once; the chunk keeps that under the memory budget
         chunk = max(1, IWAE_DECODE_FACTOR * ev.batch_size // len(x))
@@ -199,6 +199,7 @@ def write_maps(
     train = mu[(table["split"] == "train").to_numpy()]
     projections = {"pca": figures.pca_2d(mu[keep], fit_on=train if len(train) >= 2 else mu)}
     if ev.map_method == "tsne" and len(keep) >= 5:
+        log.info("t-SNE of %d latent means (scikit-learn shows no progress)", len(keep))
         projections["tsne"] = figures.tsne_2d(mu[keep], ev.seed)
     for method, (xy, axes) in projections.items():
         for split in SPLITS:
@@ -421,7 +422,10 @@ def embed_splits(
     parts = []
     for split in SPLITS:
         images, meta = data[split]
-        q = test_q if split == "test" else encode_images(model, images, batch_size, device)
+        if split == "test":
+            q = test_q
+        else:
+            q = encode_images(model, images, batch_size, device, f"encoding {split}")
         parts.append(embeddings_table(meta, split, *q).assign(row=np.arange(len(meta))))
     return pd.concat(parts, ignore_index=True)
 

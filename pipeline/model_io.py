@@ -6,11 +6,13 @@ The one home of model loading and encoding for ``retina-vae evaluate`` and
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import UserError
 from vae_core.checkpoint import read_checkpoint, rebuild
@@ -31,20 +33,32 @@ def load_model(path: str | Path, device: torch.device) -> tuple[ConvVAE, dict]:
     return model, payload["extra"]
 
 
-def batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """(N,C,H,W) uint8 -> float batches (B,C,H,W) in [0, 1] on ``device``."""
+def batches(
+    images: np.ndarray, batch_size: int, device: torch.device, desc: str | None = None
+) -> Iterator[torch.Tensor]:
+    """(N,C,H,W) uint8 -> float batches (B,C,H,W) in [0, 1] on ``device``; with ``desc``, a
+    progress bar (images) on a terminal's stderr."""
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=None if desc else True,
+               file=sys.stderr, leave=False)  # fmt: skip
     for start in range(0, len(images), batch_size):
+        bar.update(min(batch_size, len(images) - start))
         chunk = torch.from_numpy(np.array(images[start : start + batch_size]))  # mmap -> RAM copy
         yield chunk.to(device).float().div_(255.0)
+    bar.close()
 
 
 @torch.no_grad()
 def encode_images(
-    model: ConvVAE, images: np.ndarray, batch_size: int, device: torch.device
+    model: ConvVAE,
+    images: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """mu (N,J) and logvar (N,J) of q(z|x) for every image (N,C,H,W) uint8, float32 numpy."""
+    """mu (N,J) and logvar (N,J) of q(z|x) for every image (N,C,H,W) uint8, float32 numpy
+    (``desc``: a progress bar, :func:`batches`)."""
     mus, logvars = [], []
-    for x in batches(images, batch_size, device):
+    for x in batches(images, batch_size, device, desc):
         mu, logvar = model.encode(x)
         mus.append(mu.cpu())
         logvars.append(logvar.cpu())

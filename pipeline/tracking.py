@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline.figures import image_grid
-from pipeline.params import TrackingParams
+from pipeline.params import ParamsError, TrackingParams, load_params
 from vae_core.model import LatentMeans
 
 log = logging.getLogger("retina_vae.tracking")
@@ -151,9 +152,61 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
-def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
-    """A history row as MLflow metrics: every numeric key but ``epoch``."""
-    return {k: float(v) for k, v in row.items() if k != "epoch"}
+# ----------------------------------------------------------------------------- metric names
+
+# MLflow's UI shows one chart section per metric-name prefix before "/". The stages keep flat
+# names (history rows, metrics/*.json for DVC); metric_key places each one in its section when
+# it is logged, by its prefix alone, so a metric added later falls into place with no change here.
+TEST_LIKELIHOOD = ("neg_elbo", "recon", "kl", "iwae", "active_units")  # test/: the bound, parts
+PER_DIM = re.compile(r"_kl_dim_\d+$")  # KL of one latent dimension: a table, not J charts
+IMAGE_COUNT = re.compile(r"^(?:eval_images_(\w+)|(train|val|test)_images)$")  # data/: counts
+
+
+def metric_key(name: str) -> str | None:
+    """The MLflow key of the flat metric ``name`` (its section before the "/"), or None for a
+    metric that is not charted.
+
+    ``train_X`` -> ``train/X``, ``val_X`` -> ``val/X``; ``test_confound_X`` -> ``confound/X``;
+    the test likelihood ``test_{neg_elbo,recon,kl,iwae,active_units}[_...]`` -> ``test/...``;
+    every other ``test_X`` (probes, clusters, spectrum, baselines...) -> ``latent/X``;
+    ``eval_images_<split>``, ``<split>_images`` -> ``data/images_<split>``; ``*_kl_dim_<j>`` ->
+    None (the KL profile is logged as one table); any other name is kept as it is.
+    """
+    if PER_DIM.search(name):
+        return None
+    count = IMAGE_COUNT.match(name)
+    if count:
+        return f"data/images_{count.group(1) or count.group(2)}"
+    head, _, rest = name.partition("_")
+    if head in ("train", "val") and rest:
+        return f"{head}/{rest}"
+    if head != "test" or not rest:
+        return name
+    if rest.startswith("confound_"):
+        return f"confound/{rest.removeprefix('confound_')}"
+    if any(rest == p or rest.startswith(p + "_") for p in TEST_LIKELIHOOD):
+        return f"test/{rest}"
+    return f"latent/{rest}"
+
+
+def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Flat metrics as MLflow logs them: keys by :func:`metric_key`, uncharted ones left out,
+    ``epoch`` (the step) left out."""
+    keyed = {metric_key(k): float(v) for k, v in metrics.items() if k != "epoch"}
+    return {k: v for k, v in keyed.items() if k is not None}
+
+
+def kl_profile(history: list[dict[str, float]]) -> pd.DataFrame:
+    """The KL of every latent dimension per epoch and split, one table: rows (split, epoch),
+    columns ``dim_0 .. dim_{J-1}`` in nats per image (from the history rows' ``*_kl_dim_j``)."""
+    rows = []
+    for row in history:
+        for split in ("train", "val"):
+            dims = {k: v for k, v in row.items() if k.startswith(f"{split}_kl_dim_")}
+            if dims:
+                values = {f"dim_{k.rsplit('_', 1)[1]}": v for k, v in dims.items()}
+                rows.append({"split": split, "epoch": int(row["epoch"]), **values})
+    return pd.DataFrame(rows)
 
 
 def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
@@ -166,8 +219,9 @@ def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
 
 
 class EpochLogger:
-    """Rank 0's per-epoch callback: metrics with ``step=epoch``, a progress line and, every
-    ``image_every`` epochs (and at the last), reconstruction and prior-sample grids.
+    """Rank 0's per-epoch callback: metrics (:func:`mlflow_metrics`) with ``step=epoch``, a
+    progress line and, at the first epoch, every ``image_every`` epochs and at the last,
+    reconstruction and prior-sample grids.
 
     Picklable (plain fields only); the MlflowClient is made in the worker on first use.
     """
@@ -195,11 +249,12 @@ class EpochLogger:
         if self._client is None:
             self._client = client(self.uri)
         now = _now_ms()
-        metrics = [Metric(k, v, now, epoch) for k, v in epoch_metrics(row).items()]
+        metrics = [Metric(k, v, now, epoch) for k, v in mlflow_metrics(row).items()]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
             self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         log.info(progress_line(epoch, self.epochs, row))
-        if (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs:
+        # the first epoch too: MLflow's image cards open at the first step logged
+        if epoch == 0 or (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs:
             self.log_grids(epoch, model)
 
     def log_grids(self, epoch: int, model: Any) -> None:
@@ -221,6 +276,14 @@ class EpochLogger:
         self._client.log_image(
             self.run_id, image_grid(samples, ncol=ncol), key="prior_samples", step=epoch
         )
+
+
+def log_kl_profile(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
+    """The training's :func:`kl_profile` as the run's ``training/kl_per_dim.csv`` (one table,
+    shown as one by MLflow's artifact view, instead of a chart per latent dimension)."""
+    table = kl_profile(history)
+    if not table.empty:
+        client(uri).log_text(run_id, table.to_csv(index=False), "training/kl_per_dim.csv")
 
 
 def _now_ms() -> int:
@@ -253,12 +316,15 @@ def log_model(
     model: Any,
     example: np.ndarray,
     code_paths: list,
+    step: int,
     register_as: str | None = None,
 ) -> None:
     """Log the encoder (images -> latent means) with ``mlflow.pytorch.log_model``, with a
     signature and an input example, into ``run_id``. ``code_paths``: vae_core's folder, so
-    the model loads wherever torch is installed. ``register_as``: also register it, as the next
-    version of that registered model (``mlflow.pyfunc.load_model("models:/<name>/<version>")``).
+    the model loads wherever torch is installed. ``step``: the last epoch, whose metrics MLflow
+    copies onto the logged model (its page and the Models tab). ``register_as``: also register
+    it, as the next version of that registered model
+    (``mlflow.pyfunc.load_model("models:/<name>/<version>")``).
     """
     import mlflow
     import mlflow.pytorch
@@ -275,6 +341,7 @@ def log_model(
             name="model",
             signature=infer_signature(x, mu),
             input_example=x,
+            step=step,
             code_paths=[str(p) for p in code_paths],
             # Given, not inferred: inference re-loads the model in a subprocess (~10 s).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
@@ -311,14 +378,23 @@ def log_evaluation(
     artifact_path: str,
     tables: list[str],
 ) -> None:
-    """Log an evaluation into ``run_id``: ``metrics``, the whole ``folder`` under
+    """Log an evaluation into ``run_id``: ``metrics`` (flat names, placed by
+    :func:`mlflow_metrics`; also on the run's logged model, at the step it was logged with,
+    so its page shows them beside the final training metrics), the whole ``folder`` under
     ``artifact_path``, each CSV of ``tables`` (paths relative to ``folder``) that exists also
-    as an MLflow table (``<name>.json``, the run's Evaluation / Tables view), and the tag
+    as an MLflow table (``<name>.json``, for ``mlflow.load_table``), and the tag
     ``retina_vae.evaluated``."""
     import mlflow
 
+    outputs = client(uri).get_run(run_id).outputs
+    models = outputs.model_outputs if outputs else []
+    model = models[-1] if models else None
     with using_uri(uri), mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(
+            mlflow_metrics(metrics),
+            step=model.step if model else 0,
+            model_id=model.model_id if model else None,
+        )
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
         for table in tables:
             if (folder / table).is_file():
@@ -327,16 +403,31 @@ def log_evaluation(
         mlflow.set_tag("retina_vae.evaluated", "true")
 
 
-def run_url(uri: str, run_id: str) -> str:
+def run_url(uri: str, run_id: str, base: str | None = None) -> str:
     """The run's page in the MLflow UI, in the model-training view.
 
     MLflow 3.17's UI picks the GenAI or model-training view from a switch it remembers per
     browser (GenAI by default), not from the experiment's kind tag; the ``workflowType`` query
-    parameter sets that switch. For a local store the address is ``mlflow ui``'s default.
+    parameter sets that switch. ``base``: the UI's address; by default a tracking server's
+    own, and for a local store ``retina-vae ui``'s (and ``mlflow ui``'s) default.
     """
     experiment = client(uri).get_run(run_id).info.experiment_id
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if base is None:
+        web = uri.startswith(("http://", "https://"))
+        base = uri.rstrip("/") if web else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+
+
+def newest_run(uri: str, experiment: str) -> tuple[str, str] | None:
+    """(run id, run name) of the run of ``experiment`` started last; None when it has none."""
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -355,27 +446,103 @@ def lineage_tags(repo: Path, lock: Path) -> dict[str, str]:
     its tag out.
     """
     import hashlib
-    import subprocess
 
     tags = {"mlflow.source.name": "retina-vae train", "mlflow.source.type": "LOCAL"}
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=30
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
+    commit = _git(repo, "rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
         tags["retina_vae.git_dirty"] = "true" if dirty else "false"
     if lock.is_file():
         tags["retina_vae.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
     return tags
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """``git args`` in ``repo``: its stripped output, or None when git fails or is missing."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def committed_params(path: Path) -> dict[str, Any] | None:
+    """The params file ``path`` as committed at git HEAD (in a ``dvc exp run``, the
+    experiment's baseline), flat as :meth:`pipeline.params.Params.flat` gives it; None outside
+    git, when HEAD lacks the file or when it no longer validates."""
+    import tempfile
+
+    text = _git(path.resolve().parent, "show", f"HEAD:./{path.name}")
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        committed = Path(tmp) / "params.yaml"
+        committed.write_text(text)
+        try:
+            return load_params(committed).flat()
+        except ParamsError:
+            return None
+
+
+def run_labels(flat: dict[str, Any], params_path: Path) -> tuple[str | None, dict[str, str]]:
+    """The name and DVC tags of a new training run: :func:`run_name` of the DVC experiment and
+    the params that differ from the committed ``params_path`` (None, MLflow's own random name,
+    when neither is known), and :func:`dvc_experiment_tags`."""
+    tags = dvc_experiment_tags()
+    committed = committed_params(params_path)
+    if committed is None and not tags:
+        return None, tags
+    changed = changed_params(flat, committed)
+    if committed is None:  # an experiment's name alone
+        return tags["dvc.exp_name"], tags
+    return run_name(changed, tags.get("dvc.exp_name")), tags
+
+
+def dvc_experiment_tags(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags that match a run to the DVC experiment that ran it (``dvc exp run`` exports its
+    name and baseline commit to the stage): ``dvc.exp_name`` (as ``dvc exp show`` lists it),
+    ``dvc.exp_baseline_rev`` and ``dvc.exp_ref``, the git ref DVC keeps the experiment under
+    (``refs/exps/<sha[:2]>/<sha[2:]>/<name>``, ``git show <ref>``). Empty outside one."""
+    env = os.environ if env is None else env
+    name, rev = env.get("DVC_EXP_NAME"), env.get("DVC_EXP_BASELINE_REV")
+    if not name:
+        return {}
+    tags = {"dvc.exp_name": name}
+    if rev:
+        tags["dvc.exp_baseline_rev"] = rev
+        tags["dvc.exp_ref"] = f"refs/exps/{rev[:2]}/{rev[2:]}/{name}"
+    return tags
+
+
+RUN_NAME_LIMIT = 120  # characters; MLflow's run list shows about this much
+
+
+def run_name(changed: dict[str, Any], experiment: str | None = None) -> str:
+    """A run name that says what the run is: the DVC experiment's name (when there is one),
+    then the params that differ from the committed params.yaml (``key=value``, sorted), or
+    ``defaults`` when none do; cut at RUN_NAME_LIMIT with the count of params left out."""
+    parts = [f"{k}={_param_value(v)}" for k, v in sorted(changed.items())]
+    name = " ".join(parts) or "defaults"
+    if len(name) > RUN_NAME_LIMIT:
+        kept = []
+        for i, part in enumerate(parts):
+            more = f" (+{len(parts) - i} more)"
+            if len(" ".join([*kept, part])) + len(more) > RUN_NAME_LIMIT:
+                name = " ".join(kept) + more
+                break
+            kept.append(part)
+    return f"{experiment}: {name}" if experiment else name
+
+
+def changed_params(flat: dict[str, Any], committed: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries of ``flat`` whose value differs from ``committed`` (both as
+    :meth:`pipeline.params.Params.flat` gives them; None: nothing to compare with)."""
+    if committed is None:
+        return {}
+    return {k: v for k, v in flat.items() if _param_value(committed.get(k)) != _param_value(v)}
 
 
 def log_training_data(

@@ -380,7 +380,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     try:
         check_resources(params)
         check_shared_storage(storage, processed)
-        run_id = _open_run(params, uri, run_dir, extra)
+        params_path = Path(args.params if args else "params.yaml")
+        run_id = _open_run(params, uri, run_dir, extra, params_path)
         job = _Job(shape, extra, uri, storage, name, processed)  # extra has the run id now
         try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
             result = _train_and_log(params, job)
@@ -404,14 +405,19 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             distributed.shutdown_ray()
 
 
-def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) -> str:
+def _open_run(
+    params: Params, uri: str, run_dir: Path, extra: dict[str, str], params_path: Path
+) -> str:
     """Start (or resume, after an interruption) the MLflow run of this training; a finished
-    run of the same params and data starts afresh. Sets ``extra["mlflow_run_id"]``."""
+    run of the same params and data starts afresh. Sets ``extra["mlflow_run_id"]``. A new run
+    is named after the DVC experiment and the params that differ from the committed
+    ``params_path``, and tagged with the experiment (:func:`pipeline.tracking.run_labels`)."""
     state = _read_state(run_dir)
     if state.get("finished"):
         log.info("a finished training with these params and data exists: starting afresh")
         shutil.rmtree(run_dir)
         state = {}
+    name, dvc_tags = tracking.run_labels(params.flat(), params_path)
     run_id, resumed = tracking.start_run(
         uri,
         params.tracking.experiment,
@@ -420,8 +426,10 @@ def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) ->
             "data_hash": extra["data_hash"],
             "params_hash": extra["params_hash"],
             **tracking.lineage_tags(REPO, Path("dvc.lock")),
+            **dvc_tags,
         },
         run_id=state.get("mlflow_run_id"),
+        run_name=name,
     )
     extra["mlflow_run_id"] = run_id
     log.info(
@@ -466,8 +474,10 @@ def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
         result.model,
         examples[:2],
         code_paths=[REPO / "vae_core"],
+        step=int(result.history[-1]["epoch"]),  # the final metrics go onto the model
         register_as=params.tracking.register_model,
     )
+    tracking.log_kl_profile(job.uri, run_id, result.history)
     tracking.client(job.uri).log_artifact(run_id, params.paths.model, "checkpoint")
     return result
 

@@ -32,6 +32,7 @@ TINY = {
     "evaluate": {"iwae_k": 4, "batch_size": 16, "map_method": "pca", "traversal_dims": 2},
 }
 pytestmark = pytest.mark.slow
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -54,10 +55,9 @@ def _copy_repo(root: Path, **groups: dict) -> Path:
     for group, values in (TINY | groups).items():
         params[group].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run(["git", "init", "-q"], root)
-    _run([*git, "add", "-A"], root)
-    _run([*git, "commit", "-qm", "tiny"], root)
+    _run([*GIT, "add", "-A"], root)
+    _run([*GIT, "commit", "-qm", "tiny"], root)
     return root
 
 
@@ -71,7 +71,19 @@ def _ran(out: str) -> set[str]:
 def repo(tmp_path_factory) -> Path:
     root = _copy_repo(tmp_path_factory.mktemp("repo"))
     _run(["dvc", "repro"], root)
+    # the baseline, as `make baseline` commits it: dvc.lock and metrics/ of this run
+    _run([*GIT, "add", "dvc.lock", "metrics"], root)
+    _run([*GIT, "commit", "-qm", "baseline"], root)
     return root
+
+
+def _json(cmd: list[str], cwd: Path) -> dict:
+    """A command's JSON output (stdout only; DVC may warn on stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr}"
+    assert "failed to load" not in result.stderr, result.stderr
+    return json.loads(result.stdout)
 
 
 def _runs(root: Path) -> list:
@@ -96,7 +108,31 @@ def test_repro_builds_every_output(repo):
     assert "eval.json" in shown and "train.json" in shown
     (run,) = _runs(repo)
     assert run.info.status == "FINISHED"
-    assert "test_neg_elbo" in run.data.metrics
+    assert "test/neg_elbo" in run.data.metrics and "val/neg_elbo" in run.data.metrics
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_a_fresh_clone_shows_the_committed_baseline(repo, tmp_path):
+    """No `!` in `dvc exp show`, no 'failed to load' from `dvc metrics diff`: the baseline
+    row's metrics are the committed run's."""
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    rows = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], clone))))
+    committed = json.loads((repo / "metrics/eval.json").read_text())
+    for row in rows:  # workspace and the baseline commit
+        assert _number(row["test_neg_elbo"]), row
+        assert float(row["test_neg_elbo"]) == pytest.approx(committed["test_neg_elbo"])
+        assert _number(row["val.neg_elbo"]), row
+    diff = _json(["dvc", "metrics", "diff", "--all", "--json"], clone)
+    old = diff["metrics/eval.json"]["test_neg_elbo"]["old"]
+    assert old == pytest.approx(committed["test_neg_elbo"])
 
 
 def test_second_repro_does_nothing(repo):
@@ -110,6 +146,12 @@ def test_changed_param_reruns_only_its_stages(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], repo)
     assert _ran(out) == {"evaluate"}
+    # the README's `dvc metrics diff`: the committed baseline (HEAD) beside the workspace
+    diff = _json(["dvc", "metrics", "diff", "--all", "--json"], repo)
+    knn = diff["metrics/eval.json"]["test_knn_accuracy"]
+    assert _number(str(knn["old"])) and _number(str(knn["new"]))
+    now = json.loads((repo / "metrics/eval.json").read_text())["test_knn_accuracy"]
+    assert knn["new"] == pytest.approx(now)
 
 
 def test_operational_param_reruns_nothing(repo):
@@ -123,12 +165,26 @@ def test_operational_param_reruns_nothing(repo):
 
 def test_experiment_is_its_own_mlflow_run(repo):
     before = {r.info.run_id for r in _runs(repo)}
-    _run(["dvc", "exp", "run", "--temp", "-S", "model.latent_dim=3"], repo)
+    _run(["dvc", "exp", "run", "--temp", "-n", "tiny-exp", "-S", "model.latent_dim=3"], repo)
     rows = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], repo))))
-    assert sorted(row["model.latent_dim"] for row in rows if row["typ"] != "baseline") == ["3"]
+    (exp,) = [row for row in rows if row["typ"] != "baseline"]
+    assert exp["model.latent_dim"] == "3" and exp["Experiment"] == "tiny-exp"
     new = [r for r in _runs(repo) if r.info.run_id not in before]
     assert len(new) == 1
     assert new[0].data.params["model.latent_dim"] == "3"
+    # the MLflow run and the DVC experiment name each other
+    assert new[0].info.run_name == "tiny-exp: model.latent_dim=3"
+    assert new[0].data.tags["dvc.exp_name"] == "tiny-exp"
+    refs = _run(["git", "show-ref"], repo)
+    assert f"{exp['rev']} {new[0].data.tags['dvc.exp_ref']}" in refs
+
+    # the readable comparison: 120 columns, the changed param, DVC's own figures
+    lines = _run(["retina-vae", "exps"], repo).strip().splitlines()
+    assert max(map(len, lines)) <= 120
+    (line,) = [ln for ln in lines if "tiny-exp" in ln]
+    assert line.endswith("model.latent_dim=3")
+    assert f"{float(exp['val.neg_elbo']):.2f}" in line.split()
+    assert f"{float(exp['test_iwae_bpd']):.4f}" in line.split()
 
 
 def test_editing_an_external_label_sheet_or_source_reruns_ingest(tmp_path):

@@ -214,7 +214,7 @@ def test_evaluate_reports_the_camera_confound(tmp_path, monkeypatch, caplog):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("confound").experiment_id])
-    assert run.data.metrics["test_confound_source_folder"] == metrics["test_confound_source_folder"]
+    assert run.data.metrics["confound/source_folder"] == metrics["test_confound_source_folder"]
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/tables")}
     assert {"evaluation/tables/confounds.csv", "evaluation/tables/confounds.json"} <= tables
 

@@ -171,8 +171,10 @@ def test_training_run_holds_metrics_and_artifacts(evaluated):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train_neg_elbo"] == 170.0  # the training run, not a new one
-    for key in LIKELIHOOD + LABELS + KL_DIMS:
+    # MLflow's sections: the likelihood under test/, the latent-space metrics under latent/
+    for key in [f"test/{k[5:]}" for k in LIKELIHOOD] + [f"latent/{k[5:]}" for k in LABELS]:
         assert key in run.data.metrics, key
+    assert not [k for k in run.data.metrics if "kl_dim" in k]  # one table, not J charts
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     def listing(path: str) -> set[str]:
@@ -209,7 +211,7 @@ def test_unlabelled_data_and_unknown_run(tmp_path, monkeypatch, caplog):
     (run,) = client.search_runs([client.get_experiment_by_name("retina-vae").experiment_id])
     assert run.data.tags["retina_vae.trained_run_id"] == "0" * 32
     assert run.data.tags["retina_vae.checkpoint"] == str(tmp_path / "vae.pt")
-    assert "test_iwae" in run.data.metrics
+    assert "test/iwae" in run.data.metrics
 
 
 def test_processed_arrays_of_the_wrong_size_are_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -252,7 +254,7 @@ def test_a_failed_mlflow_log_keeps_the_evaluation_and_can_be_retried(tmp_path, m
     client = MlflowClient(f"sqlite:///{store}")
     (run,) = client.search_runs([client.get_experiment_by_name("retina-vae").experiment_id])
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert run.data.metrics["test_iwae"] == pytest.approx(saved["test_iwae"])
+    assert run.data.metrics["test/iwae"] == pytest.approx(saved["test_iwae"])
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/embeddings.parquet" in listed
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/tables")}

@@ -68,22 +68,25 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store):
     logger = tracking.EpochLogger(store, run_id, epochs=3, image_every=2, examples=examples)
     model = ConvVAE(VAEConfig(height=32, width=32, widths=(8,), latent_dim=2))
     keys = ("train_neg_elbo", "val_neg_elbo", "train_kl", "val_active_units")
-    keys += ("train_images_per_s",)
+    keys += ("train_images_per_s", "train_kl_dim_0", "val_kl_dim_1")
     for epoch in range(3):
         row = {"epoch": epoch, **{k: float(epoch + 1) for k in keys}}
         logger(epoch, row, model)
     client = MlflowClient(store)
-    history = client.get_metric_history(run_id, "val_neg_elbo")
+    history = client.get_metric_history(run_id, "val/neg_elbo")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert sorted(client.get_run(run_id).data.metrics) == [
+        "train/images_per_s", "train/kl", "train/neg_elbo", "val/active_units", "val/neg_elbo"
+    ]  # fmt: skip
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     pngs = [p for p in images if p.endswith(".png")]  # key+step+N+timestamp+...png
 
     def steps(key: str) -> list[int]:
         return sorted(int(p.split("+")[2]) for p in pngs if f"/{key}+" in p)
 
-    # every 2nd epoch (step 1) and the last one (step 2)
-    assert steps("reconstructions") == [1, 2]
-    assert steps("prior_samples") == [1, 2]
+    # the first epoch (MLflow's image cards open there), every 2nd (step 1) and the last
+    assert steps("reconstructions") == [0, 1, 2]
+    assert steps("prior_samples") == [0, 1, 2]
 
 
 @pytest.mark.slow
@@ -152,7 +155,13 @@ def test_registered_model_encodes_images(store):
     model = ConvVAE(VAEConfig(height=32, width=32, widths=(8,), latent_dim=3)).eval()
     images = make_images(4, 32, 1, 0)  # (4, 1, 32, 32) uint8
     tracking.log_model(
-        store, run_id, model, images[:2], code_paths=[REPO / "vae_core"], register_as="encoder"
+        store,
+        run_id,
+        model,
+        images[:2],
+        code_paths=[REPO / "vae_core"],
+        step=0,
+        register_as="encoder",
     )
     version = MlflowClient(store).get_model_version("encoder", "1")
     assert version.run_id == run_id
@@ -164,3 +173,77 @@ def test_registered_model_encodes_images(store):
     with torch.no_grad():
         expected = model.encode(torch.from_numpy(x))[0].numpy()
     np.testing.assert_allclose(mu, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flat", "key"),
+    [
+        ("train_neg_elbo", "train/neg_elbo"),
+        ("val_active_units", "val/active_units"),
+        ("train_images_per_s", "train/images_per_s"),
+        ("test_neg_elbo", "test/neg_elbo"),
+        ("test_neg_elbo_bpd", "test/neg_elbo_bpd"),
+        ("test_iwae_bpd", "test/iwae_bpd"),
+        ("test_kl", "test/kl"),
+        ("test_recon", "test/recon"),
+        ("test_active_units", "test/active_units"),
+        ("test_knn_accuracy", "latent/knn_accuracy"),  # "kn", not the likelihood's "kl"
+        ("test_probe_auc_vs_pca", "latent/probe_auc_vs_pca"),
+        ("test_spectrum_spearman", "latent/spectrum_spearman"),  # a name added later
+        ("test_confound_source_folder", "confound/source_folder"),
+        ("test_confound_eye_majority", "confound/eye_majority"),
+        ("eval_images_train", "data/images_train"),
+        ("test_images", "data/images_test"),
+        ("train_images", "data/images_train"),  # images per epoch: a count, not a curve
+        ("train_kl_dim_3", None),
+        ("test_kl_dim_15", None),
+        ("epoch_seconds", "epoch_seconds"),
+    ],
+)
+def test_metric_names_are_placed_in_mlflow_sections(flat, key):
+    assert tracking.metric_key(flat) == key
+
+
+@pytest.mark.parametrize(
+    ("changed", "experiment", "name"),
+    [
+        ({}, None, "defaults"),
+        ({}, "sober-goat", "sober-goat: defaults"),
+        ({"train.beta": 4.0, "model.latent_dim": 8}, None, "model.latent_dim=8 train.beta=4.0"),
+        ({"model.widths": (32, 64)}, "exp-1", "exp-1: model.widths=[32, 64]"),
+        ({f"demo.k{i:02d}": 1000 + i for i in range(20)}, None,
+         " ".join(f"demo.k{i:02d}={1000 + i}" for i in range(7)) + " (+13 more)"),
+    ],
+)  # fmt: skip
+def test_run_name_says_what_differs_from_the_committed_params(changed, experiment, name):
+    assert tracking.run_name(changed, experiment) == name
+    assert len(tracking.run_name(changed)) <= tracking.RUN_NAME_LIMIT
+
+
+def test_dvc_experiment_tags_name_the_experiment_and_its_ref():
+    rev = "ab" + "c" * 38
+    env = {"DVC_EXP_NAME": "sober-goat", "DVC_EXP_BASELINE_REV": rev}
+    assert tracking.dvc_experiment_tags(env) == {
+        "dvc.exp_name": "sober-goat",
+        "dvc.exp_baseline_rev": rev,
+        "dvc.exp_ref": f"refs/exps/ab/{'c' * 38}/sober-goat",
+    }
+    assert tracking.dvc_experiment_tags({}) == {}
+
+
+def test_changed_params_against_the_committed_file(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    _git(tmp_path, "add", "params.yaml")
+    _git(tmp_path, "commit", "-qm", "params")
+    from pipeline.params import load_params
+
+    committed = tracking.committed_params(tmp_path / "params.yaml")
+    assert committed == load_params(REPO / "params.yaml").flat()
+    edited = {**committed, "model.latent_dim": 8, "model.widths": (16, 32)}
+    assert tracking.changed_params(edited, committed) == {
+        "model.latent_dim": 8,
+        "model.widths": (16, 32),
+    }
+    assert tracking.committed_params(tmp_path / "other.yaml") is None  # not committed
+    assert tracking.committed_params(tmp_path.parent / "params.yaml") is None  # not in git

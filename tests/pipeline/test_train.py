@@ -156,13 +156,30 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["data_hash"] == extra["data_hash"]
-    for key in ("train_neg_elbo", "val_neg_elbo", "val_active_units", "train_kl_dim_0"):
+    for key in ("train/neg_elbo", "val/neg_elbo", "val/active_units", "train/images_per_s"):
         assert _steps(path, run.info.run_id, key) == [0, 1], key
+    assert not [k for k in run.data.metrics if "kl_dim" in k]  # one table instead of J charts
     client = MlflowClient(resolve_tracking_uri(params.tracking))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "checkpoint" in artifacts and "images" in artifacts
+    profile = Path(
+        client.download_artifacts(run.info.run_id, "training/kl_per_dim.csv", str(path.parent))
+    )
+    profile = pd.read_csv(profile)
+    assert list(profile.columns) == ["split", "epoch", "dim_0", "dim_1", "dim_2", "dim_3"]
+    last_val = profile[(profile["split"] == "val") & (profile["epoch"] == 1)]
+    assert last_val[[f"dim_{j}" for j in range(4)]].to_numpy().sum() == pytest.approx(
+        history["val_kl"].iloc[-1], rel=1e-4
+    )  # the dims add up to the KL of the history
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.source_run_id for m in logged] == [run.info.run_id]
+    # the model carries the final epoch's metrics, the run's last values, not epoch 0's
+    on_model = {
+        m.key: (m.step, m.value) for m in client.get_logged_model(logged[0].model_id).metrics
+    }
+    assert on_model["val/neg_elbo"] == (1, pytest.approx(history["val_neg_elbo"].iloc[-1]))
+    for key in ("train/neg_elbo", "val/neg_elbo", "val/active_units"):
+        assert on_model[key] == (1, run.data.metrics[key]), key
 
     import mlflow.pyfunc
 
@@ -232,7 +249,7 @@ def test_killed_worker_is_restored_from_the_last_checkpoint(
     (run,) = _runs(path)
     assert run.info.status == "FINISHED"
     # Restored at epoch 1, not from scratch: epoch 0 was trained and logged exactly once.
-    assert _steps(path, run.info.run_id, "train_neg_elbo") == [0, 1, 2]
+    assert _steps(path, run.info.run_id, "train/neg_elbo") == [0, 1, 2]
 
 
 @pytest.mark.slow
@@ -256,7 +273,7 @@ def test_rerun_after_interruption_resumes_in_the_same_mlflow_run(
     assert run.info.run_id == failed.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("retina_vae.resumed") == "true"
-    assert _steps(path, run.info.run_id, "train_neg_elbo") == [0, 1, 2]  # each epoch once
+    assert _steps(path, run.info.run_id, "train/neg_elbo") == [0, 1, 2]  # each epoch once
     history = pd.read_csv(load_params(path).paths.train_history)
     assert history["epoch"].tolist() == [0, 1, 2]
 

@@ -1,0 +1,60 @@
+"""retina-vae exps: DVC's experiment table cut to what matters, in 120 columns."""
+
+from __future__ import annotations
+
+from pipeline import exps
+
+
+def _row(rev: str, params: dict, train: dict | None, evaluation: dict | None, **extra) -> dict:
+    metrics = {}
+    if train is not None:
+        metrics["metrics/train.json"] = {"data": train}
+    if evaluation is not None:
+        metrics["metrics/eval.json"] = {"data": evaluation}
+    data = {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": metrics}
+    return {"rev": rev, "data": data, **extra}
+
+
+BASE = {"model": {"latent_dim": 16, "widths": [32, 64]}, "train": {"beta": 1.0}}
+EVAL = {"test_iwae_bpd": 0.61234, "test_active_units": 12.0, "test_probe_auc": 0.9,
+        "test_probe_auc_vs_pca": 0.0251, "test_kl_dim_0": 3.0}  # fmt: skip
+LONG = {f"k{i:02d}": i for i in range(40)}  # an experiment that changed many params
+
+
+def _exp(name: str, params: dict, train: dict | None, evaluation: dict | None) -> dict:
+    return {"name": name, "revs": [_row("f" * 40, params, train, evaluation, name=name)]}
+
+
+SHOW = [
+    _row("workspace", {**BASE, "train": {"beta": 4.0}}, {"val": {"neg_elbo": 700.0}}, EVAL),
+    _row("a" * 40, BASE, {"val": {"neg_elbo": 650.5}}, EVAL, name="main", experiments=[
+        _exp("sober-goat", {**BASE, "model": {"latent_dim": 8, "widths": [16, 32]}},
+             {"val": {"neg_elbo": 640.125}}, {**EVAL, "test_probe_auc": float("nan")}),
+        _exp("failed-one", BASE, None, None),
+        _exp("many", {**BASE, "demo": LONG}, {"val": {"neg_elbo": 1.0}}, EVAL),
+    ]),
+]  # fmt: skip
+
+
+def test_one_line_per_row_with_the_changed_params_and_headline_metrics():
+    lines = exps.table(SHOW).splitlines()
+    assert lines[0].split() == ["experiment", "val", "-ELBO", "test", "bits/dim", "active",
+                                "probe", "AUC", "vs", "PCA", "params", "changed"]  # fmt: skip
+    assert set(lines[1]) == {"-"}
+    rows = {line.split()[0] if not line.startswith("└") else line.split()[1]: line.split()
+            for line in lines[2:]}  # fmt: skip
+    assert rows["workspace"] == ["workspace", "700.00", "0.6123", "12", "0.900", "+0.025",
+                                 "train.beta=4.0"]  # fmt: skip
+    assert rows["main"] == ["main", "650.50", "0.6123", "12", "0.900", "+0.025"]
+    assert rows["sober-goat"] == ["└", "sober-goat", "640.12", "0.6123", "12", "nan", "+0.025",
+                                  "model.latent_dim=8", "model.widths=[16,32]"]  # fmt: skip
+    assert rows["failed-one"] == ["└", "failed-one", "-", "-", "-", "-", "-"]
+    assert all(len(line) <= exps.WIDTH for line in lines)
+    assert rows["many"][-1].endswith("…")  # cut to fit, never wrapped
+
+
+def test_flatten_names_nested_keys_as_dvc_does():
+    assert exps.flatten({"val": {"neg_elbo": 1.0}, "epochs": 3}) == {
+        "val.neg_elbo": 1.0,
+        "epochs": 3,
+    }
