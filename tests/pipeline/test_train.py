@@ -218,7 +218,7 @@ def test_view_objective_trains_under_ray_train_with_two_workers(
     assert not any(c.startswith("val_con") for c in history.columns)
     (run,) = _runs(path)
     assert run.data.params["train.consistency_weight"] == "1.0"
-    assert _steps(path, run.info.run_id, "train_contrastive") == [0, 1]
+    assert _steps(path, run.info.run_id, "train/contrastive") == [0, 1]
 
 
 @pytest.mark.parametrize(
