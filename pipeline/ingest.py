@@ -4,7 +4,8 @@ Sources (``ingest.source``):
 - ``demo``: the folder ``paths.demo`` written by ``retina-vae demo`` (with its labels.csv);
 - a folder: every file in the tree is tried (DICOM with or without a suffix; DICOMDIR, hidden
   files and text sidecars are skipped). Labels come from ``ingest.labels`` (CSV/TSV with
-  ``path,label`` and optional ``patient_id,eye,split``; then only the listed files are read)
+  ``path,label`` and optional ``patient_id,eye,split,severity``, severity a number copied into
+  the manifest for evaluate's spectrum axis; then only the listed files are read)
   or, with ``ingest.folder_labels``, from each file's parent folder (class-per-folder layout
   such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
@@ -91,6 +92,7 @@ class Entry:
     patient: str | None  # raw patient ID: only its keyed hash is ever stored
     eye: str | None
     split: str | None
+    severity: float | None = None  # the labels CSV's optional severity column
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class ManifestRow:
     height: int
     content_hash: str
     split: str | None
+    severity: float | None = None
     own_subject: bool = False  # no patient ID anywhere: the image is its own subject
 
 
@@ -126,9 +129,17 @@ class Found:
 
     FIELDS = tuple(c for c in MANIFEST_COLUMNS if c != "modality")  # the stage adds modality
     INTS = ("frame", "width", "height")
+    FLOATS = ("severity",)
 
     def __init__(self) -> None:
-        types = [pa.int64() if f in self.INTS else pa.large_string() for f in self.FIELDS]
+        types = [
+            pa.int64()
+            if f in self.INTS
+            else pa.float64()
+            if f in self.FLOATS
+            else pa.large_string()
+            for f in self.FIELDS
+        ]
         self.rows = ArrowRows(pa.schema(list(zip(self.FIELDS, types, strict=True))))
         self._first: dict[bytes, int] | None = {}  # content hash -> its kept row
         self.duplicates: list[dict] = []
@@ -181,8 +192,8 @@ class Found:
         for name, col in zip(table.column_names, table.slice(0, 1).columns, strict=True):
             if pa.types.is_null(col.type):
                 sample[name] = np.full(1, None, dtype=object)
-            elif name in self.INTS:
-                sample[name] = col.to_numpy()
+            elif name in self.INTS or name in self.FLOATS:
+                sample[name] = col.to_numpy(zero_copy_only=False)
             else:
                 sample[name] = pd.array(col, dtype=pd.StringDtype("pyarrow", np.nan))
         schema = pa.Schema.from_pandas(pd.DataFrame(sample), preserve_index=False)
@@ -289,6 +300,10 @@ def _read_csv(path: Path, root: Path) -> pd.DataFrame:
         full = (root / rel.strip()).resolve()
         if full != top and top not in full.parents:
             raise UserError(f"{path}: line {n}: path {rel!r} is outside the source folder {root}")
+    if "severity" in df.columns:
+        for n, value in enumerate(df["severity"], start=2):
+            if value.strip() and not _is_number(value):
+                raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
     if "split" in df.columns:
         for n, value in enumerate(df["split"], start=2):
             if value.strip() and value.strip().lower() not in _SPLIT_ALIASES:
@@ -360,17 +375,25 @@ def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
     return Entries(len(table), lambda: _csv_entries(table)), counts
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return np.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _csv_entries(table: pd.DataFrame) -> Iterator[Entry]:
-    keys = ("path", "label", "patient_id", "eye", "split")
+    keys = ("path", "label", "patient_id", "eye", "split", "severity")
     columns = [table[k] if k in table.columns else itertools.repeat("") for k in keys]
-    for source, label, patient, eye, split in zip(*columns, strict=False):  # repeat: endless
-        split = _cell(split)
+    for source, label, patient, eye, split, severity in zip(*columns, strict=False):  # endless
+        split, severity = _cell(split), _cell(severity)
         yield Entry(
             source=source,
             label=_cell(label),
             patient=_cell(patient),
             eye=readers.normalise_eye(_cell(eye)),
             split=_SPLIT_ALIASES[split.lower()] if split else None,
+            severity=float(severity) if severity else None,
         )
 
 
@@ -449,6 +472,7 @@ def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
             height=result["height"],
             content_hash=digest,
             split=e.split,
+            severity=e.severity,
             own_subject=not (e.patient or result["subject_id"]),
         )
         for frame, digest in result["frames"]

@@ -27,7 +27,7 @@ def test_demo_writes_labelled_mixed_collection(tmp_path):
     assert demo.main(["--params", str(params)]) == 0
     out = Path(load_params(params).paths.demo)
     labels = pd.read_csv(out / "labels.csv", dtype=str)
-    assert list(labels.columns) == ["path", "label", "patient_id", "eye"]
+    assert list(labels.columns) == ["path", "label", "patient_id", "eye", "severity"]
     assert set(labels["label"]) <= {"NORMAL", "DRUSEN", "CNV", "DME"}
     assert labels["patient_id"].nunique() == 4 and set(labels["eye"]) <= {"R", "L"}
     assert all((out / p).is_file() for p in labels["path"])

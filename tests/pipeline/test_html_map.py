@@ -50,6 +50,10 @@ def _points(n: int) -> tuple[pd.DataFrame, np.ndarray]:
     return points, images
 
 
+def _layouts(points: pd.DataFrame) -> dict:
+    return {"map": (points[["x", "y"]].to_numpy(), ["x", "y"])}
+
+
 def _payload(html: str, element: str) -> dict:
     tag = f'<script type="application/json" id="{element}">'
     start = html.index(tag) + len(tag)
@@ -60,7 +64,7 @@ def test_html_map_is_standalone_with_thumbnails(tmp_path):
     points, images = _points(6)
     path = tmp_path / "map.html"
     size = latent_map(
-        points, images, ["x", "y"], "latent <map>", path, ("label", "eye", "constant")
+        points, images, _layouts(points), "latent <map>", path, ("label", "eye", "constant")
     )
     html = path.read_text()
     assert size == path.stat().st_size
@@ -83,7 +87,7 @@ def test_html_map_is_standalone_with_thumbnails(tmp_path):
 def test_html_map_data_cannot_close_its_script_element(tmp_path):
     points, images = _points(3)
     points["label"] = ["</script><script>alert(1)</script>", "a", "__PLOTLY__"]
-    latent_map(points, images, ["x", "y"], "t", tmp_path / "map.html")
+    latent_map(points, images, _layouts(points), "t", tmp_path / "map.html")
     html = (tmp_path / "map.html").read_text()
     assert "</script><script>alert" not in html
     assert _payload(html, "map-data")["label"][0].startswith("</script>")
@@ -94,5 +98,5 @@ def test_html_map_of_2000_points_stays_small(tmp_path):
     """2,000 noisy 64 px thumbnails (the worst case for PNG): well under the old 8.2 MB."""
     points, _ = _points(2000)
     images = np.random.default_rng(0).integers(0, 256, (2000, 1, 64, 64), dtype=np.uint8)
-    size = latent_map(points, images, ["x", "y"], "t", tmp_path / "map.html")
+    size = latent_map(points, images, _layouts(points), "t", tmp_path / "map.html")
     assert size < 6_000_000
