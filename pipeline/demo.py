@@ -8,8 +8,8 @@ JPEG-compressed; fake but realistic names, IDs, birth dates, accession numbers a
 in the headers, so de-identification is exercised) or as JPEG/PNG files. ``labels.csv`` lists
 ``path,label,patient_id,eye,severity`` (a DICOM volume is one row). ``severity`` in [0, 1] is
 the lesion size each image was drawn with (0 for a normal eye; an OCT volume: its frames'
-mean): a continuous disease spectrum that evaluate's spectrum axis should recover. Seeded: the same params give
-byte-identical files whatever ``demo.workers`` is.
+mean): a continuous disease spectrum that evaluate's spectrum axis should recover. Seeded: the
+same params give byte-identical files whatever ``demo.workers`` is.
 
 When ``ingest.source`` is not ``demo`` the folder holds only a README line (the DVC output must
 exist), and nothing is drawn.
