@@ -377,7 +377,7 @@ PAGE = """<!DOCTYPE html>
       var hits = [];
       data.id.forEach(function (id, i) { if (id.toLowerCase().indexOf(q) >= 0) hits.push(i); });
       ring(hits, "found: " + q + " (" + hits.length + ")");
-      status.textContent = hits.length + " image(s) whose id contains \u201c" + q + "\u201d" +
+      status.textContent = hits.length + " image(s) whose id contains " + JSON.stringify(q) +
         (hits.length === 1 ? ": " + data.id[hits[0]] + " (" + data.label[hits[0]] + ")" : "");
     });
     function show(i) {
@@ -406,7 +406,7 @@ PAGE = """<!DOCTYPE html>
         var i = pt.customdata;
         if (!seen[i]) { seen[i] = true; ids.push(data.id[i]); }
       });
-      var box = document.getElementById("selection"), text = ids.join("\n") + "\n";
+      var box = document.getElementById("selection"), text = ids.join("\\n") + "\\n";
       box.innerHTML = "<h4>" + ids.length + " image(s) selected</h4>";
       var area = document.createElement("textarea");
       area.readOnly = true; area.value = text; box.appendChild(area);
