@@ -295,8 +295,9 @@ def test_spectrum_layout_puts_the_images_along_its_axis(browser, document):
         frame.wait_for_function(f"document.querySelectorAll('path.point').length === {known}")
         titles = texts(frame, ".xtitle, .ytitle")
         assert titles == ["position along the severity direction (latent units)", "severity"]
-        # the y axis is the severity: the markers' heights on the page are a decreasing linear
-        # function of the severities (screen y grows downwards), so the sorted values line up
+        # the y axis is the severity: a marker's screen y is a decreasing linear function of its
+        # severity (screen y grows downwards), so the i-th lowest marker on the page has the
+        # i-th smallest severity, on one line
         data = map_data(document)
         ys = frame.evaluate(
             """() => Array.from(document.querySelectorAll('path.point')).map(p => {
@@ -304,7 +305,8 @@ def test_spectrum_layout_puts_the_images_along_its_axis(browser, document):
         )
         drawn = sorted(v for v in data["layouts"]["spectrum"]["y"] if v is not None)
         assert len(ys) == len(drawn)
-        assert np.corrcoef(sorted(ys), drawn)[0, 1] < -0.9999
+        lowest_first = sorted(ys, reverse=True)
+        assert np.corrcoef(lowest_first, drawn)[0, 1] < -0.9999
         frame.select_option("#layout", "PCA")
         frame.wait_for_function(f"document.querySelectorAll('path.point').length === {N}")
         assert texts(frame, ".xtitle") == ["PC1 (40%)"]
