@@ -265,7 +265,7 @@ def write_maps(
                 title = f"{name} of latent means, {split} split"
                 png = out / "maps" / f"{name.lower().replace('-', '')}_{split}.png"
                 figures.plot_map(xy[rows], names[rows], axes, title, png, note)
-    write_layout(out, pca, kept, layouts)
+    write_layout(out, pca, kept, layouts, results.spectrum)
     points, colour_by = map_columns(kept, keep, names, results)
     thumbs = np.stack([images[s][i] for s, i in zip(kept["split"], kept["row"], strict=True)])
     k = min(ev.knn_k, len(keep) - 1)
@@ -305,18 +305,28 @@ def map_columns(
 
 
 def write_layout(
-    out: Path, pca: PCA, kept: pd.DataFrame, layouts: dict[str, tuple[np.ndarray, list[str]]]
+    out: Path,
+    pca: PCA,
+    kept: pd.DataFrame,
+    layouts: dict[str, tuple[np.ndarray, list[str]]],
+    spectrum: latent.Spectrum | None,
 ) -> None:
-    """``maps/layout.json`` (the map's PCA of the train mu: mean (J,), components (2,J)) and
-    ``maps/map_points.parquet`` (image_id and the coordinates of every drawn point)."""
-    write_json(
-        out / LAYOUT_FILE,
-        {
-            "pca_mean": pca.mean_.tolist(),
-            "pca_components": pca.components_.tolist(),
-            "axes": {name: axes for name, (_, axes) in layouts.items()},
-        },
-    )
+    """``maps/layout.json`` (the map's PCA of the train mu: mean (J,), components (2,J); the
+    spectrum direction) and ``maps/map_points.parquet`` (image_id and the coordinates of every
+    drawn point)."""
+    layout = {
+        "pca_mean": pca.mean_.tolist(),
+        "pca_components": pca.components_.tolist(),
+        "axes": {name: axes for name, (_, axes) in layouts.items()},
+    }
+    if spectrum is not None:
+        layout["spectrum"] = {
+            "name": spectrum.name,
+            "direction": spectrum.direction.tolist(),
+            "slope": spectrum.slope,
+            "intercept": spectrum.intercept,
+        }
+    write_json(out / LAYOUT_FILE, layout)
     coords = {"image_id": kept["image_id"].to_numpy()}
     for name, (xy, _) in layouts.items():
         coords[f"{name}_x"], coords[f"{name}_y"] = xy[:, 0], xy[:, 1]

@@ -154,7 +154,7 @@ def colour_columns(points: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     ]
 
 
-def _numbers(values: np.ndarray, decimals: int = 4) -> list[float | None]:
+def numbers(values: np.ndarray, decimals: int = 4) -> list[float | None]:
     """Floats rounded for the page, NaN as null (JSON has no NaN)."""
     rounded = np.round(np.asarray(values, dtype=np.float64), decimals)
     return [None if not np.isfinite(v) else float(v) for v in rounded]
@@ -178,7 +178,7 @@ def map_data(
     columns = {}
     for col in colour_by:
         if col not in palettes:
-            columns[col] = {"kind": "number", "values": _numbers(points[col], 4)}
+            columns[col] = {"kind": "number", "values": numbers(points[col], 4)}
             continue
         values = points[col].astype(str).to_numpy()
         names = list(palettes[col])
@@ -191,7 +191,7 @@ def map_data(
         }
     return {
         "layouts": {
-            name: {"x": _numbers(xy[:, 0]), "y": _numbers(xy[:, 1]), "axes": list(axes)}
+            name: {"x": numbers(xy[:, 0]), "y": numbers(xy[:, 1]), "axes": list(axes)}
             for name, (xy, axes) in layouts.items()
         },
         "id": points["image_id"].astype(str).tolist(),
