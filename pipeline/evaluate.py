@@ -5,26 +5,42 @@ writes ``paths.evaluation/`` and ``paths.eval_metrics``, and logs all of it into
 that trained the model (its id is in the checkpoint), so one run page holds the whole story:
 
     evaluation/embeddings.parquet     mu_j, sigma_j of q(z|x) for every image of every split
-    evaluation/latent_map.html        interactive map (Plotly, self-contained): hover a point for
-                                      thumbnail, label, id; colour by label, split, eye, source...
-    evaluation/maps/                  {pca,tsne}_{split}.png: 2-D maps of mu coloured by label
+                                      (and spectrum_position, with a spectrum axis)
+    evaluation/latent_map.html        interactive map (Plotly, self-contained): a header naming
+                                      the run, latent size and key metrics; t-SNE, PCA and
+                                      spectrum layouts; colour by any column (continuous ones on
+                                      a colour scale); hover for the image; search by id; click
+                                      for nearest neighbours; lasso to export ids
+    evaluation/maps/                  {pca,tsne}_{split}.png: 2-D maps of mu coloured by label,
+                                      with the k-means ARI and silhouette of mu printed under
+                                      them; layout.json + map_points.parquet for `encode --map`
     evaluation/traversals/            kl_rank{r}_dim{j}.png: decodes along the highest-KL dims
+    evaluation/spectrum/              spectrum.png: decoded and nearest test images along the
+                                      spectrum direction
     evaluation/grids/                 reconstructions beside originals, prior samples
     evaluation/plots/                 training curves, KL and mu variance per latent dim
     evaluation/tables/                cluster-by-label composition, KL per dim, confounds
+    evaluation/probe.json             the label probe on mu (for `encode --map`)
     evaluation/notes.txt              metrics skipped and why (no labels, one class, ...)
 
 Metrics (MLflow metrics and the flat JSON ``paths.eval_metrics``), all on the test split:
   test_neg_elbo          negative ELBO, nats per image (seed eq. 43, KL weight 1, one z sample)
   test_recon, test_kl    its parts: E_q log p(x|z) and KL(q(z|x) || p(z)) (eq. 40 summed over J)
-  test_neg_elbo_bpd      test_neg_elbo / (C*H*W*ln 2), bits per dimension
+  test_neg_elbo_bpd      test_neg_elbo / (C*H*W*ln 2), bits per dimension (not with the
+                         bernoulli likelihood: not a density, see below)
   test_iwae              IWAE lower bound on log p(x) with evaluate.iwae_k samples (>= -neg ELBO)
-  test_iwae_bpd          -test_iwae in bits per dimension
+  test_iwae_bpd          -test_iwae in bits per dimension (not with bernoulli)
   test_kl_dim_<j>        mean KL of latent dim j; test_active_units: dims with Var_x(mu_j) > 0.01
   test_probe_accuracy, test_probe_auc   logistic regression on mu, fit on train (macro AUC)
   test_pca_probe_accuracy, test_pca_probe_auc   the same probe on the first J principal
                          components of the pixels (J = latent size): the baseline to beat
   test_probe_accuracy_vs_pca, test_probe_auc_vs_pca   latent minus PCA (> 0: the latent wins)
+  test_probe_*_vs_pca_ci_low, _ci_high   its 95% percentile bootstrap interval over the test
+                         images (evaluate.bootstrap resamples; both probes stay fit on train)
+  test_spectrum_spearman Spearman correlation on test of a linear fit (on train) of the spectrum
+                         target on mu: a severity column, labels in evaluate.label_order, or
+                         integer grades; test_pca_spectrum_spearman: the same fit on pixel
+                         PCA; test_spectrum_spearman_vs_pca (+ _ci_low, _ci_high) their difference
   test_knn_accuracy      k-NN vote (evaluate.knn_k) from train mu
   test_majority_accuracy always answering the commonest train label: the floor to beat
   test_silhouette, test_kmeans_ari, test_kmeans_nmi   label clusters in mu; k-means k = #labels
