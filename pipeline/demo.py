@@ -6,8 +6,10 @@ it. An eye is written either as DICOM (share ``demo.dicom_fraction``: OCT as one
 Ophthalmic Tomography volume, fundus as Ophthalmic Photography files; uncompressed, RLE or
 JPEG-compressed; fake but realistic names, IDs, birth dates, accession numbers and institutions
 in the headers, so de-identification is exercised) or as JPEG/PNG files. ``labels.csv`` lists
-``path,label,patient_id,eye`` (a DICOM volume is one row). Seeded: the same params give
-byte-identical files whatever ``demo.workers`` is.
+``path,label,patient_id,eye,severity`` (a DICOM volume is one row). ``severity`` in [0, 1] is
+the lesion size each image was drawn with (0 for a normal eye; an OCT volume: its frames'
+mean): a continuous disease spectrum that evaluate's spectrum axis should recover. Seeded: the
+same params give byte-identical files whatever ``demo.workers`` is.
 
 When ``ingest.source`` is not ``demo`` the folder holds only a README line (the DVC output must
 exist), and nothing is drawn.
@@ -184,16 +186,18 @@ def _patient(task: tuple) -> list[dict]:
         severity = rng.uniform(0.0, 1.0)
         as_dicom = rng.random() < d.dicom_fraction
         stem = f"p{index:04d}_{eye}"
-        images = [
-            _draw(modality, rng, label, float(np.clip(severity + rng.normal(0, 0.1), 0, 1)), d, eye)
-            for _ in range(d.images_per_eye)
-        ]
+        severities, images = [], []
+        for _ in range(d.images_per_eye):  # one draw after the other: the seeded stream
+            severities.append(float(np.clip(severity + rng.normal(0, 0.1), 0, 1)))
+            images.append(_draw(modality, rng, label, severities[-1], d, eye))
+        if label in synth.NORMAL_CLASSES:  # a normal eye has no lesion: its severity is 0
+            severities = [0.0] * len(severities)
         if as_dicom and modality == "oct":
             syntax = str(rng.choice(["explicit", "rle", "jpeg"]))
             # half the volumes without a suffix, like many clinical exports
             rel = f"dicom/{stem}.dcm" if rng.random() < 0.5 else f"dicom/IM{index:04d}{eye}"
             write_dicom(root / rel, np.stack(images), OCT_TOMOGRAPHY, patient, eye, syntax, rel)
-            rels = [rel]
+            rels, severities = [rel], [float(np.mean(severities))]  # one row per volume
         elif as_dicom:
             syntax = str(rng.choice(["explicit", "jpeg"]))
             rels = [f"dicom/{stem}_{k:02d}.dcm" for k in range(len(images))]
@@ -207,7 +211,10 @@ def _patient(task: tuple) -> list[dict]:
                     Image.fromarray(img).save(root / rel, "PNG")
                 else:
                     Image.fromarray(img).save(root / rel, "JPEG", quality=92)
-        rows += [{"path": r, "label": label, "patient_id": patient["id"], "eye": eye} for r in rels]
+        rows += [
+            {"path": r, "label": label, "patient_id": patient["id"], "eye": eye, "severity": sev}
+            for r, sev in zip(rels, severities, strict=True)
+        ]
     return rows
 
 
@@ -217,8 +224,8 @@ def write_demo(out: Path, modality: str, d, workers: int) -> pd.DataFrame:
     (out / "images").mkdir()
     tasks = [(i, str(out), modality, d) for i in range(d.patients)]
     rows = [r for rs in parallel_map(_patient, tasks, workers, desc="demo") for r in rs]
-    labels = pd.DataFrame(rows, columns=["path", "label", "patient_id", "eye"])
-    labels.to_csv(out / "labels.csv", index=False)
+    labels = pd.DataFrame(rows, columns=["path", "label", "patient_id", "eye", "severity"])
+    labels.to_csv(out / "labels.csv", index=False, float_format="%.4f")
     return labels
 
 

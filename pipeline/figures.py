@@ -93,17 +93,27 @@ def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
 # ----------------------------------------------------------------------------- 2-D projections
 
 
+def pca_layout(fit_on: np.ndarray) -> PCA:
+    """The first two principal axes of ``fit_on`` (M,J) (exact SVD: refitting gives the same)."""
+    return PCA(n_components=2, svd_solver="full").fit(fit_on)
+
+
+def pca_axes(pca: PCA) -> list[str]:
+    """Two axis titles with the variance share of each principal axis."""
+    return [
+        f"PC{i + 1} ({100 * s:.0f}% of variance)"
+        for i, s in enumerate(pca.explained_variance_ratio_)
+    ]
+
+
 def pca_2d(mu: np.ndarray, fit_on: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Project mu (N,J) onto the first two principal axes of ``fit_on`` (M,J).
 
     Returns (N,2) coordinates and two axis titles with the variance share of each axis. Fitting
     on the train split keeps every split's map in the same axes.
     """
-    pca = PCA(n_components=2).fit(fit_on)
-    share = pca.explained_variance_ratio_
-    return pca.transform(mu), [
-        f"PC{i + 1} ({100 * s:.0f}% of variance)" for i, s in enumerate(share)
-    ]
+    pca = pca_layout(fit_on)
+    return pca.transform(mu), pca_axes(pca)
 
 
 def tsne_2d(mu: np.ndarray, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -136,8 +146,11 @@ def _hex(rgba: tuple[float, ...]) -> str:
 
 
 @_fonts
-def plot_map(xy: np.ndarray, names: np.ndarray, axes: list[str], title: str, path: Path) -> None:
-    """Scatter (N,2) coordinates coloured by label name into a PNG with a legend."""
+def plot_map(
+    xy: np.ndarray, names: np.ndarray, axes: list[str], title: str, path: Path, note: str = ""
+) -> None:
+    """Scatter (N,2) coordinates coloured by label name into a PNG with a legend; ``note`` is
+    printed under the plot (e.g. the clustering scores the picture should be read against)."""
     colours = label_colours(names)
     fig = Figure(figsize=(6.5, 5.5), dpi=120)
     ax = fig.subplots()
@@ -148,7 +161,9 @@ def plot_map(xy: np.ndarray, names: np.ndarray, axes: list[str], title: str, pat
         )
     ax.set(title=title, xlabel=axes[0], ylabel=axes[1])
     ax.legend(loc="best", fontsize=8, markerscale=2, frameon=False)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="#444", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path)
 
 
@@ -161,13 +176,25 @@ def top_kl_dims(kl_per_dim: np.ndarray, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def traversal_grid(model: ConvVAE, base_mu: torch.Tensor, dim: int, steps: int) -> np.ndarray:
-    """Decode each row of base_mu (R,J) with z_dim swept over [-3, 3]: R rows x steps columns."""
+def traversal_grid(
+    model: ConvVAE,
+    base_mu: torch.Tensor,
+    dim: int,
+    steps: int,
+    sources: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decode each row of base_mu (R,J) with z_dim swept over [-3, 3]: R rows x steps columns,
+    after a first column of ``sources`` (R,C,H,W) uint8, the images base_mu encodes, if given."""
     values = torch.linspace(-TRAVERSAL_SPAN, TRAVERSAL_SPAN, steps, device=base_mu.device)  # (S,)
     z = base_mu[:, None, :].repeat(1, steps, 1)  # (R,J) -> (R,S,J)
     z[:, :, dim] = values
-    images = model.likelihood.mean(model.decode(z.flatten(0, 1)))  # (R*S,J) -> (R*S,C,H,W)
-    return image_grid(images.cpu().numpy(), ncol=steps)
+    images = model.likelihood.mean(model.decode(z.flatten(0, 1))).cpu().numpy()  # (R*S,C,H,W)
+    if sources is None:
+        return image_grid(images, ncol=steps)
+    rows = images.reshape(len(base_mu), steps, *images.shape[1:])  # (R*S,C,H,W) -> (R,S,C,H,W)
+    first = np.asarray(sources, np.float32)[:, None] / 255.0  # (R,C,H,W) -> (R,1,C,H,W)
+    both = np.concatenate([first, rows], axis=1)  # (R,1+S,C,H,W)
+    return image_grid(both.reshape(-1, *images.shape[1:]), ncol=steps + 1)
 
 
 def reconstruction_grid(originals: np.ndarray, recons: np.ndarray, ncol: int = 8) -> np.ndarray:
@@ -190,9 +217,15 @@ def save_png(picture: np.ndarray, path: Path, scale: int = 1) -> None:
 
 @_fonts
 def save_labelled_grid(
-    grid: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, path: Path
+    grid: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str,
+    path: Path,
+    xlabel: str = "",
 ) -> None:
-    """A grid from ``image_grid`` (pad 2) as a PNG with row names, column names and a title."""
+    """A grid from ``image_grid`` (pad 2) as a PNG with row names, column names, a title and
+    an x-axis title ``xlabel`` (what the columns are, in which units)."""
     nrow, ncol = len(rows), len(cols)
     tile_h, tile_w = (grid.shape[0] - 2) / nrow, (grid.shape[1] - 2) / ncol
     scale = max(1.0, 48.0 / tile_w)  # small images (28 px) are drawn larger, pixel for pixel
@@ -203,10 +236,12 @@ def save_labelled_grid(
     ax.set_yticks([2 + tile_h * (i + 0.5) - 1 for i in range(nrow)], list(rows), fontsize=7)
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # tight: long axis titles are not cut
 
 
 @_fonts
@@ -235,9 +270,20 @@ def kl_figure(
 # ----------------------------------------------------------------------------- history
 
 
+HISTORY_UNITS = {  # y-axis titles of the training curves, by metric name
+    "neg_elbo": "nats per image",
+    "recon": "nats per image (log p(x|z))",
+    "kl": "nats per image",
+    "active_units": "latent dims",
+    "images_per_s": "images per second",
+    "lr": "learning rate",
+}
+
+
 @_fonts
 def history_figure(history: pd.DataFrame, path: Path) -> list[str]:
-    """Training curves: one panel per metric with train_/val_ columns, against ``epoch``.
+    """Training curves: one panel per metric with train_/val_ columns, against ``epoch``, with
+    the unit on the y axis (:data:`HISTORY_UNITS`; ``*_bpd``: bits per dimension).
 
     Per-dimension KL columns are left out (too many lines); returns the metric names plotted.
     """
@@ -255,7 +301,8 @@ def history_figure(history: pd.DataFrame, path: Path) -> list[str]:
         for split in ("train", "val"):
             if f"{split}_{base}" in history:
                 ax.plot(x, history[f"{split}_{base}"], marker=".", label=split)
-        ax.set(title=base, xlabel="epoch")
+        unit = "bits per dimension" if base.endswith("bpd") else HISTORY_UNITS.get(base, "")
+        ax.set(title=base, xlabel="epoch", ylabel=unit)
         ax.legend(fontsize=8, frameon=False)
     for ax in axs[len(bases) :]:
         ax.axis("off")

@@ -6,14 +6,19 @@ inside the file:
 
 - plotly.js, from the installed ``plotly`` package, gzip-compressed and base64-encoded (about
   1.9 MB instead of 4.8 MB), unpacked in the browser with the standard ``DecompressionStream``;
-- the points once, as compact JSON columns: 2-D coordinates, the image id, and every
-  attribute the map can be coloured by (label, split, eye, source folder, ...) as category
-  codes;
+- the points once, as compact JSON columns: the 2-D coordinates of each layout (t-SNE, PCA,
+  the spectrum axis...), the image id, every attribute the map can be coloured by (label,
+  split, eye, source folder, ...) as category codes, and continuous columns (a latent
+  dimension, a severity) as numbers; each point's nearest neighbours in the latent space;
 - one small PNG thumbnail per point (at most ``THUMB_MAX`` px, ``THUMB_COLOURS`` colours).
 
-A drop-down recolours the points by any attribute (the browser rebuilds the traces from the
-columns, so the data is not repeated per attribute); hovering a point shows its thumbnail, its
-label, split and image id; clicking a legend entry hides that group. If the browser cannot run
+A header names the run, latent size and key metrics, so two maps can be told apart. Drop-downs
+switch the layout and recolour the points by any column (categories get a legend, numbers a
+continuous colour scale; the browser rebuilds the traces from the columns, so the data is not
+repeated). Hovering a point shows its thumbnail, label, split and image id; clicking it rings
+its nearest neighbours in the latent space and lists them; the search box rings the images
+whose id contains the text; a box or lasso selection (Plotly's tool bar) lists the selected
+ids, to copy or download. Clicking a legend entry hides that group. If the browser cannot run
 the map, the page says so in words instead of staying blank. Entry point: :func:`latent_map`.
 """
 
@@ -33,6 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.errors import UserError
 from pipeline.figures import UNLABELLED, label_colours
 
 PLOT_ID = "latent-map"
@@ -46,33 +52,51 @@ UNKNOWN = "(unknown)"  # a missing attribute value on the HTML map
 def latent_map(
     points: pd.DataFrame,
     images: np.ndarray,
-    axes: list[str],
+    layouts: dict[str, tuple[np.ndarray, Sequence[str]]],
     title: str,
     path: Path,
     colour_by: Sequence[str] = ("label", "split"),
+    header: Sequence[str] = (),
+    neighbours: np.ndarray | None = None,
 ) -> int:
     """Interactive map: hovering a point shows its thumbnail, label, split and image id.
 
     Args:
-        points: one row per point with columns x, y, label (name), split, image_id and every
-            attribute named in ``colour_by`` (missing values are shown as ``UNKNOWN``).
+        points: one row per point with columns label (name), split, image_id and every
+            column named in ``colour_by``.
         images: (N,C,H,W) uint8, same row order.
-        colour_by: the attributes the map's drop-down offers, the first one drawn first;
-            attributes with a single value or more than ``MAX_CATEGORIES`` are left out.
+        layouts: name -> ((N,2) coordinates, two axis titles), the first one drawn first; a
+            point with NaN coordinates is not drawn in that layout.
+        colour_by: the columns the colour drop-down offers, the first one drawn first. Float
+            columns with two or more values are continuous (colour scale; NaN grey); other
+            columns are categories (missing shown as ``UNKNOWN``), left out when they have a
+            single value or more than ``MAX_CATEGORIES``.
+        header: lines shown above the map (run, latent size, metrics).
+        neighbours: (N,K) row indices of each point's nearest neighbours, or None.
     Writes one self-contained HTML file (see :mod:`pipeline.html_map`); returns its size in
-    bytes. Clicking a legend entry hides that group.
+    bytes.
     """
     data = points.reset_index(drop=True).copy()
-    for col in colour_by:
-        if col in data and col != "label":
+    wanted = list(dict.fromkeys(colour_by))
+    numeric = [c for c in wanted if c in data and is_continuous(data[c])]
+    for col in wanted:
+        if col in data and col != "label" and col not in numeric:
             data[col] = data[col].astype(object).where(data[col].notna(), UNKNOWN).astype(str)
-    offered = colour_columns(data, list(dict.fromkeys(colour_by)))
+    offered = [c for c in wanted if c in numeric or c in colour_columns(data, wanted)]
     palettes = {
         c: label_colours(data[c].tolist()) if c == "label" else category_colours(data[c])
         for c in offered
+        if c not in numeric
     }
     thumbs = [thumbnail_uri(img) for img in images]
-    return write(path, data, thumbs, axes, title, offered, palettes)
+    payload = map_data(data, thumbs, offered, palettes, layouts, neighbours)
+    payload["header"] = list(header)
+    return write(path, payload, next(iter(layouts.values()))[1], title)
+
+
+def is_continuous(values: pd.Series) -> bool:
+    """Whether a column is shown on a continuous colour scale: floats, two or more values."""
+    return pd.api.types.is_float_dtype(values) and values.nunique() >= 2
 
 
 def thumbnail_uri(image: np.ndarray) -> str:
@@ -130,35 +154,52 @@ def colour_columns(points: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     ]
 
 
+def numbers(values: np.ndarray, decimals: int = 4) -> list[float | None]:
+    """Floats rounded for the page, NaN as null (JSON has no NaN)."""
+    rounded = np.round(np.asarray(values, dtype=np.float64), decimals)
+    return [None if not np.isfinite(v) else float(v) for v in rounded]
+
+
 def map_data(
     points: pd.DataFrame,
     thumbs: Sequence[str],
     colour_by: Sequence[str],
     palettes: dict[str, dict[str, str]],
+    layouts: dict[str, tuple[np.ndarray, Sequence[str]]],
+    neighbours: np.ndarray | None = None,
 ) -> dict:
-    """The JSON payload of the page: coordinates, ids, thumbnails and the colour columns.
+    """The JSON payload of the page: layouts, ids, thumbnails, colour columns, neighbours.
 
-    Each colour column is ``{"names": [...], "colours": [...], "codes": [...]}``: category
-    names (in legend order), one colour each, and the category index of every point.
+    A category column is ``{"kind": "category", "names": [...], "colours": [...], "codes":
+    [...]}``: names in legend order, one colour each, the category index of every point; a
+    continuous one (no palette) is ``{"kind": "number", "values": [...]}`` (null: missing).
+    A layout is ``{"x": [...], "y": [...], "axes": [x title, y title]}`` (null: not drawn).
     """
     columns = {}
     for col in colour_by:
+        if col not in palettes:
+            columns[col] = {"kind": "number", "values": numbers(points[col], 4)}
+            continue
         values = points[col].astype(str).to_numpy()
         names = list(palettes[col])
         index = {name: i for i, name in enumerate(names)}
         columns[col] = {
+            "kind": "category",
             "names": names,
             "colours": [palettes[col][n] for n in names],
             "codes": [index[v] for v in values],
         }
     return {
-        "x": [float(v) for v in np.round(points["x"].to_numpy(np.float64), 4)],
-        "y": [float(v) for v in np.round(points["y"].to_numpy(np.float64), 4)],
+        "layouts": {
+            name: {"x": numbers(xy[:, 0]), "y": numbers(xy[:, 1]), "axes": list(axes)}
+            for name, (xy, axes) in layouts.items()
+        },
         "id": points["image_id"].astype(str).tolist(),
         "label": points["label"].astype(str).tolist(),
         "split": points["split"].astype(str).tolist(),
         "thumb": list(thumbs),
         "columns": columns,
+        "neighbours": None if neighbours is None else np.asarray(neighbours).tolist(),
     }
 
 
@@ -190,9 +231,20 @@ PAGE = """<!DOCTYPE html>
 <style>
   html, body { margin: 0; padding: 0; font-family: system-ui, -apple-system, "Segoe UI",
     Roboto, Helvetica, Arial, sans-serif; font-size: 13px; color: #222; background: #fff; }
+  #header { padding: 6px 10px 0; }
+  #header div:first-child { font-weight: 600; font-size: 14px; }
+  #header div { color: #333; }
   #bar { display: flex; gap: 12px; align-items: center; padding: 6px 10px; flex-wrap: wrap; }
   #status { color: #555; }
-  #latent-map { width: 100%; height: calc(100vh - 44px); min-height: 420px; }
+  #main { display: flex; }
+  #latent-map { flex: 1; min-width: 0; height: calc(100vh - 110px); min-height: 420px; }
+  #side { width: 220px; padding: 4px 8px; overflow-y: auto; max-height: calc(100vh - 110px);
+    display: none; border-left: 1px solid #ddd; }
+  #side h4 { margin: 6px 0 4px; font-size: 12px; }
+  #neighbours figure { margin: 0 0 6px; display: flex; gap: 6px; align-items: center; }
+  #neighbours img { width: 48px; image-rendering: pixelated; }
+  #neighbours figcaption { font-size: 11px; overflow-wrap: anywhere; }
+  #selection textarea { width: 100%; height: 140px; font-size: 11px; box-sizing: border-box; }
   #thumb { position: fixed; display: none; pointer-events: none; z-index: 10;
     background: #fff; border: 1px solid #999; padding: 4px; box-shadow: 0 1px 6px #0004; }
   #thumb img { width: 128px; height: auto; image-rendering: pixelated; display: block; }
@@ -200,11 +252,20 @@ PAGE = """<!DOCTYPE html>
 </style>
 </head>
 <body>
+<div id="header"></div>
 <div id="bar">
+  <label>Layout <select id="layout"></select></label>
   <label>Colour by <select id="colour-by"></select></label>
+  <label>Find id <input id="search" type="search" size="18" placeholder="image id"></label>
   <span id="status">Loading the map&hellip;</span>
 </div>
-<div id="latent-map"></div>
+<div id="main">
+  <div id="latent-map"></div>
+  <div id="side">
+    <div id="neighbours"></div>
+    <div id="selection"></div>
+  </div>
+</div>
 <div id="thumb"><img alt=""><div></div></div>
 <script type="application/json" id="map-data">__DATA__</script>
 <script type="application/json" id="map-layout">__LAYOUT__</script>
@@ -235,37 +296,126 @@ PAGE = """<!DOCTYPE html>
     document.head.appendChild(script);
     if (typeof Plotly === "undefined") throw new Error("plotly.js did not load");
   }
-  function traces(data, col) {
-    var c = data.columns[col], groups = c.names.map(function () { return []; });
-    c.codes.forEach(function (k, i) { groups[k].push(i); });
+  function option(select, value) {
+    var opt = document.createElement("option");
+    opt.value = value; opt.textContent = value; select.appendChild(opt);
+  }
+  function placed(lay, rows) {  // the rows this layout can draw (coordinates known)
+    return rows.filter(function (i) { return lay.x[i] !== null && lay.y[i] !== null; });
+  }
+  function trace(lay, rows, name, marker) {
+    return {
+      type: "scatter", mode: "markers", name: name,
+      x: rows.map(function (i) { return lay.x[i]; }),
+      y: rows.map(function (i) { return lay.y[i]; }),
+      customdata: rows,
+      hoverinfo: "none",  // the page's own tooltip (thumbnail + caption) shows the point
+      marker: marker,
+    };
+  }
+  function traces(data, lay, col) {
+    var c = data.columns[col], all = placed(lay, data.id.map(function (_, i) { return i; }));
+    if (c.kind === "number") {
+      var known = all.filter(function (i) { return c.values[i] !== null; }),
+        missing = all.filter(function (i) { return c.values[i] === null; });
+      var out = [trace(lay, known, esc(col) + " (" + known.length + ")", {
+        color: known.map(function (i) { return c.values[i]; }), colorscale: "Viridis",
+        showscale: true, colorbar: { title: { text: esc(col) }, thickness: 14 },
+        size: 7, opacity: 0.8 })];
+      if (missing.length) {
+        out.push(trace(lay, missing, "(missing) (" + missing.length + ")",
+          { color: "#b0b0b0", size: 6, opacity: 0.6 }));
+      }
+      return out;
+    }
+    var groups = c.names.map(function () { return []; });
+    all.forEach(function (i) { groups[c.codes[i]].push(i); });
     return groups.map(function (rows, k) {
-      return {
-        type: "scatter", mode: "markers", name: esc(c.names[k]) + " (" + rows.length + ")",
-        x: rows.map(function (i) { return data.x[i]; }),
-        y: rows.map(function (i) { return data.y[i]; }),
-        customdata: rows,
-        hoverinfo: "none",  // the page's own tooltip (thumbnail + caption) shows the point
-        marker: { color: c.colours[k], size: 7, opacity: 0.75 },
-      };
+      return trace(lay, rows, esc(c.names[k]) + " (" + rows.length + ")",
+        { color: c.colours[k], size: 7, opacity: 0.75 });
     }).filter(function (t) { return t.customdata.length > 0; });
+  }
+  function header(lines) {
+    var div = document.getElementById("header");
+    lines.forEach(function (line) {
+      var d = document.createElement("div"); d.textContent = line; div.appendChild(d);
+    });
   }
   async function main() {
     var data = JSON.parse(document.getElementById("map-data").textContent);
     var layout = JSON.parse(document.getElementById("map-layout").textContent);
-    var select = document.getElementById("colour-by");
-    Object.keys(data.columns).forEach(function (col) {
-      var opt = document.createElement("option");
-      opt.value = col; opt.textContent = col; select.appendChild(opt);
-    });
+    header(data.header || []);
+    var select = document.getElementById("colour-by"), pick = document.getElementById("layout");
+    Object.keys(data.columns).forEach(function (col) { option(select, col); });
+    Object.keys(data.layouts).forEach(function (name) { option(pick, name); });
     await loadPlotly();
-    var div = document.getElementById("latent-map");
+    var div = document.getElementById("latent-map"), side = document.getElementById("side");
     var config = { responsive: true, displaylogo: false, scrollZoom: true };
+    var ringed = [], ringName = "";  // points ringed by a search or a click
     function draw() {
+      var lay = data.layouts[pick.value], ts = traces(data, lay, select.value);
       layout.legend.title.text = esc(select.value);
-      return Plotly.react(div, traces(data, select.value), layout, config);
+      layout.xaxis.title.text = esc(lay.axes[0]);
+      layout.yaxis.title.text = esc(lay.axes[1]);
+      var rows = placed(lay, ringed);
+      if (rows.length) {
+        ts.push(trace(lay, rows, esc(ringName), { color: "rgba(0,0,0,0)", size: 15,
+          line: { color: "#d62728", width: 2.5 }, symbol: "circle-open" }));
+      }
+      return Plotly.react(div, ts, layout, config);
     }
+    function ring(rows, name) { ringed = rows; ringName = name; return draw(); }
     await draw();
     select.addEventListener("change", draw);
+    pick.addEventListener("change", function () {
+      layout.xaxis.autorange = true; layout.yaxis.autorange = true; draw();
+    });
+    var search = document.getElementById("search");
+    search.addEventListener("input", function () {
+      var q = search.value.trim().toLowerCase();
+      if (!q) { ring([], ""); status.textContent = ""; return; }
+      var hits = [];
+      data.id.forEach(function (id, i) { if (id.toLowerCase().indexOf(q) >= 0) hits.push(i); });
+      ring(hits, "found: " + q + " (" + hits.length + ")");
+      status.textContent = hits.length + " image(s) whose id contains " + JSON.stringify(q) +
+        (hits.length === 1 ? ": " + data.id[hits[0]] + " (" + data.label[hits[0]] + ")" : "");
+    });
+    function show(i) {
+      var nn = data.neighbours ? data.neighbours[i] : [];
+      var box = document.getElementById("neighbours");
+      box.innerHTML = "<h4>" + esc(data.id[i]) + " and its " + nn.length +
+        " nearest neighbours in the latent space</h4>";
+      [i].concat(nn).forEach(function (j) {
+        var fig = document.createElement("figure"), img = document.createElement("img"),
+          cap = document.createElement("figcaption");
+        img.src = data.thumb[j]; img.alt = "";
+        cap.innerHTML = "<b>" + esc(data.label[j]) + "</b> · " + esc(data.split[j]) + "<br>" +
+          esc(data.id[j]);
+        fig.appendChild(img); fig.appendChild(cap); box.appendChild(fig);
+      });
+      side.style.display = "block";
+      ring([i].concat(nn), "neighbours of " + data.id[i]);
+    }
+    div.on("plotly_click", function (ev) {
+      if (ev && ev.points && ev.points.length) show(ev.points[0].customdata);
+    });
+    div.on("plotly_selected", function (ev) {
+      if (!ev || !ev.points) return;
+      var seen = {}, ids = [];
+      ev.points.forEach(function (pt) {
+        var i = pt.customdata;
+        if (!seen[i]) { seen[i] = true; ids.push(data.id[i]); }
+      });
+      var box = document.getElementById("selection"), text = ids.join("\\n") + "\\n";
+      box.innerHTML = "<h4>" + ids.length + " image(s) selected</h4>";
+      var area = document.createElement("textarea");
+      area.readOnly = true; area.value = text; box.appendChild(area);
+      var link = document.createElement("a");
+      link.textContent = "download the ids"; link.download = "selected_ids.txt";
+      link.href = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
+      box.appendChild(link);
+      side.style.display = "block";
+    });
     var tip = document.getElementById("thumb"), img = tip.querySelector("img"),
       caption = tip.querySelector("div");
     div.on("plotly_hover", function (ev) {
@@ -274,7 +424,8 @@ PAGE = """<!DOCTYPE html>
       var col = select.value, c = data.columns[col], line = "<b>" + esc(data.label[i]) +
         "</b> · " + esc(data.split[i]) + "<br>" + esc(data.id[i]);
       if (col !== "label" && col !== "split") {
-        line += "<br>" + esc(col) + ": " + esc(c.names[c.codes[i]]);
+        var value = c.kind === "number" ? c.values[i] : c.names[c.codes[i]];
+        line += "<br>" + esc(col) + ": " + esc(value === null ? "(missing)" : value);
       }
       caption.innerHTML = line;
       var e = ev.event || {}, x = (e.clientX || 0) + 16, y = (e.clientY || 0) + 16;
@@ -284,8 +435,8 @@ PAGE = """<!DOCTYPE html>
       tip.style.left = x + "px"; tip.style.top = y + "px";
     });
     div.on("plotly_unhover", function () { tip.style.display = "none"; });
-    status.textContent = data.x.length + " images; hover a point for its image, " +
-      "click a legend entry to hide a group, scroll to zoom.";
+    status.textContent = data.id.length + " images; hover a point for its image, click it " +
+      "for its nearest neighbours, lasso a group for its ids, scroll to zoom.";
   }
   main().catch(function (err) { fail(err && err.message ? err.message : String(err)); });
 })();
@@ -307,16 +458,19 @@ def render(data: dict, layout_json: dict, title: str) -> str:
     return re.sub("|".join(parts), lambda m: parts[m.group(0)], PAGE)
 
 
-def write(
-    path: Path,
-    points: pd.DataFrame,
-    thumbs: Sequence[str],
-    axes: Sequence[str],
-    title: str,
-    colour_by: Sequence[str],
-    palettes: dict[str, dict[str, str]],
-) -> int:
-    """Write the page to ``path``; return its size in bytes."""
-    text = render(map_data(points, thumbs, colour_by, palettes), layout(title, axes), title)
+def write(path: Path, payload: dict, axes: Sequence[str], title: str) -> int:
+    """Write the page holding ``payload`` (:func:`map_data`) to ``path``; return its size."""
+    text = render(payload, layout(title, axes), title)
     path.write_text(text, encoding="utf-8")
     return len(text.encode("utf-8"))
+
+
+def read_payload(path: Path) -> dict:
+    """The JSON payload of a map written by :func:`latent_map` (to add points to it)."""
+    text = path.read_text(encoding="utf-8")
+    tag = '<script type="application/json" id="map-data">'
+    start = text.find(tag)
+    if start < 0:
+        raise UserError(f"{path}: not a latent map written by retina-vae evaluate")
+    start += len(tag)
+    return json.loads(text[start : text.index("</script>", start)])

@@ -6,8 +6,9 @@ Sources (``ingest.source``):
   files and text sidecars are skipped). Labels come from ``ingest.labels``, a label sheet read
   by :mod:`pipeline.labels` (columns named by ``ingest.path_column`` etc.; then only the files
   its rows name are read, rows naming no file counted as ``listed_missing``, files no row
-  names as ``unlisted``) or, with ``ingest.folder_labels``, from each file's parent folder
-  (class-per-folder layout such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
+  names as ``unlisted``; an optional numeric ``severity`` column is copied into the manifest
+  for evaluate's spectrum axis) or, with ``ingest.folder_labels``, from each file's parent
+  folder (class-per-folder layout such as Kermany's ``train/CNV/CNV-<patient>-<n>.jpeg``);
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
   ``{split}_labels`` (N,) or (N, 1), one label per image (a multi-label (N, k) array is
   refused); each row an image, the official split kept.
@@ -91,6 +92,7 @@ class Entry:
     eye: str | None
     split: str | None
     name_patient: str | None = None  # ingest.patient_pattern's match in the file name
+    severity: float | None = None  # the label sheet's optional severity column
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class ManifestRow:
     height: int
     content_hash: str
     split: str | None
+    severity: float | None = None
     own_subject: bool = False  # no patient ID anywhere: the image is its own subject
 
 
@@ -126,9 +129,17 @@ class Found:
 
     FIELDS = tuple(c for c in MANIFEST_COLUMNS if c != "modality")  # the stage adds modality
     INTS = ("frame", "width", "height")
+    FLOATS = ("severity",)
 
     def __init__(self) -> None:
-        types = [pa.int64() if f in self.INTS else pa.large_string() for f in self.FIELDS]
+        types = [
+            pa.int64()
+            if f in self.INTS
+            else pa.float64()
+            if f in self.FLOATS
+            else pa.large_string()
+            for f in self.FIELDS
+        ]
         self.rows = ArrowRows(pa.schema(list(zip(self.FIELDS, types, strict=True))))
         self._first: dict[bytes, int] | None = {}  # content hash -> its kept row
         self.duplicates: list[dict] = []
@@ -181,8 +192,8 @@ class Found:
         for name, col in zip(table.column_names, table.slice(0, 1).columns, strict=True):
             if pa.types.is_null(col.type):
                 sample[name] = np.full(1, None, dtype=object)
-            elif name in self.INTS:
-                sample[name] = col.to_numpy()
+            elif name in self.INTS or name in self.FLOATS:
+                sample[name] = col.to_numpy(zero_copy_only=False)
             else:
                 sample[name] = pd.array(col, dtype=pd.StringDtype("pyarrow", np.nan))
         schema = pa.Schema.from_pandas(pd.DataFrame(sample), preserve_index=False)
@@ -331,8 +342,9 @@ def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
 
 
 def _sheet_entries(table: pd.DataFrame, pattern: re.Pattern) -> Iterator[Entry]:
-    columns = (table[k] for k in ("path", "label", "patient_id", "eye", "split"))
-    for source, label, patient, eye, split in zip(*columns, strict=True):
+    keys = ("path", "label", "patient_id", "eye", "split", "severity")
+    columns = (table[k] for k in keys)
+    for source, label, patient, eye, split, severity in zip(*columns, strict=True):
         yield Entry(
             source=source,
             label=label or None,
@@ -340,6 +352,7 @@ def _sheet_entries(table: pd.DataFrame, pattern: re.Pattern) -> Iterator[Entry]:
             eye=readers.normalise_eye(eye),
             split=labels.SPLIT_ALIASES[split.lower()] if split else None,
             name_patient=_name_patient(pattern, source),
+            severity=float(severity) if severity else None,
         )
 
 
@@ -427,6 +440,7 @@ def _rows(e: Entry, result: dict, salt: bytes) -> Iterator[ManifestRow]:
             height=height,
             content_hash=digest,
             split=e.split,
+            severity=e.severity,
             own_subject=own,
         )
         for (frame, digest), (width, height) in zip(result["frames"], result["sizes"], strict=True)

@@ -12,6 +12,7 @@ matches the one file of that stem, and a stem that two files share is a one-line
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 from collections import defaultdict
@@ -67,7 +68,7 @@ def _raw(path: Path) -> pd.DataFrame:
 
 
 def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) -> pd.DataFrame:
-    """The label sheet as columns ``path, label, patient_id, eye, split`` (text, '' when
+    """The label sheet as columns ``path, label, patient_id, eye, split, severity`` (text, '' when
     empty), indexed by sheet line. ``named``: columns as ``ing`` names them (else the
     built-in names, as the demo's labels.csv has them).
 
@@ -86,6 +87,7 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
         else:
             out[role] = ""
     out["split"] = df["split"] if "split" in df.columns else ""
+    out["severity"] = df["severity"] if "severity" in df.columns else ""
     _check(path, out, root)
     out["path"] = [p.replace("\\", "/").removeprefix("./") for p in out["path"]]
     return out
@@ -102,6 +104,16 @@ def _check(path: Path, table: pd.DataFrame, root: Path) -> None:
     for n, value in table["split"].items():
         if value and value.lower() not in SPLIT_ALIASES:
             raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
+    for n, value in table["severity"].items():
+        if value and not _is_number(value):
+            raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 class FileIndex:

@@ -9,13 +9,15 @@ silhouette are measured on the test split alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import (
     adjusted_rand_score,
     normalized_mutual_info_score,
@@ -23,7 +25,7 @@ from sklearn.metrics import (
     silhouette_score,
 )
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger("retina_vae.evaluate")
@@ -33,29 +35,94 @@ SILHOUETTE_MAX_POINTS = 5000
 # the pixel-PCA baseline is fit on at most this many train images (a seeded sample): 2,000
 # fundus photos of 256 x 256 x 3 are 1.6 GB as float32, and the top J components are stable
 PCA_FIT_MAX = 2000
+CI_LEVEL = 0.95  # confidence intervals of every latent-vs-PCA comparison
+
+
+def fit_probe(train_z: np.ndarray, train_y: np.ndarray, seed: int = 0) -> Pipeline:
+    """Multinomial logistic regression on standardised features (N,J), fit on train."""
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+    return clf.fit(train_z, train_y)
+
+
+def probe_scores(
+    test_y: np.ndarray, pred: np.ndarray, proba: np.ndarray, classes: np.ndarray
+) -> dict[str, float]:
+    """``probe_accuracy`` and ``probe_auc`` of predictions (M,) and probabilities (M,K).
+
+    AUC is macro one-vs-rest ROC AUC (binary: the usual AUC); it is left out when ``test_y``
+    holds fewer than two classes, and NaN when it misses one of ``classes`` (a bootstrap
+    resample of a small test split can).
+    """
+    out = {"probe_accuracy": float(np.mean(pred == test_y))}
+    present = np.unique(test_y)
+    if len(present) < 2:
+        return out
+    if len(classes) == 2:
+        out["probe_auc"] = float(roc_auc_score(test_y == classes[1], proba[:, 1]))
+    elif len(np.intersect1d(present, classes)) < len(classes):
+        out["probe_auc"] = float("nan")
+    else:
+        out["probe_auc"] = float(
+            roc_auc_score(test_y, proba, multi_class="ovr", average="macro", labels=classes)
+        )
+    return out
 
 
 def linear_probe(
     train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, seed: int = 0
 ) -> dict[str, float]:
-    """Multinomial logistic regression on standardised mu, fit on train and scored on test.
+    """:func:`fit_probe` on train, :func:`probe_scores` on test."""
+    clf = fit_probe(train_z, train_y, seed)
+    return probe_scores(test_y, clf.predict(test_z), clf.predict_proba(test_z), clf.classes_)
 
-    Returns ``probe_accuracy`` and ``probe_auc`` (macro one-vs-rest ROC AUC; binary: the usual
-    AUC). AUC is left out when the test split holds fewer than two classes (it is undefined).
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    resamples: int,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval over the n test images (resampled with replacement).
+
+    ``statistic(rows)`` takes (n,) row indices and returns (K,) floats; returns the (K,)
+    lower and upper ends of the ``level`` interval. A resample giving a non-finite value (an
+    AUC without every class) is left out; an end is NaN when fewer than half are left.
     """
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
-    clf.fit(train_z, train_y)
-    out = {"probe_accuracy": float(np.mean(clf.predict(test_z) == test_y))}
-    if len(np.unique(test_y)) >= 2:
-        proba = clf.predict_proba(test_z)  # (N, K), columns in clf.classes_ order
-        classes = clf.classes_
-        if len(classes) == 2:
-            out["probe_auc"] = float(roc_auc_score(test_y == classes[1], proba[:, 1]))
-        else:
-            out["probe_auc"] = float(
-                roc_auc_score(test_y, proba, multi_class="ovr", average="macro", labels=classes)
-            )
-    return out
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])  # (B,K)
+    values = values.reshape(resamples, -1)
+    tail = 50.0 * (1.0 - level)
+    low, high = np.full(values.shape[1], np.nan), np.full(values.shape[1], np.nan)
+    for k, column in enumerate(values.T):
+        finite = column[np.isfinite(column)]
+        if len(finite) >= resamples / 2:
+            low[k], high[k] = np.percentile(finite, [tail, 100.0 - tail])
+    return low, high
+
+
+def probe_json(clf: Pipeline) -> dict:
+    """A probe from :func:`fit_probe` as plain JSON: classes, the scaler and the weights."""
+    scaler, lr = clf[0], clf[-1]
+    return {
+        "classes": [str(c) for c in lr.classes_],
+        "mean": scaler.mean_.tolist(),
+        "scale": scaler.scale_.tolist(),
+        "coef": lr.coef_.tolist(),  # (K,J), or (1,J) for two classes
+        "intercept": lr.intercept_.tolist(),
+    }
+
+
+def probe_predict(probe: dict, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted class (N,) of each row of z (N,J) under a :func:`probe_json` probe, and
+    its probability (N,): softmax of the class scores (two classes: the logistic of one)."""
+    x = (z - np.asarray(probe["mean"])) / np.asarray(probe["scale"])  # (N,J) standardised
+    scores = x @ np.asarray(probe["coef"]).T + np.asarray(probe["intercept"])  # (N,K) or (N,1)
+    if scores.shape[1] == 1:
+        scores = np.concatenate([np.zeros_like(scores), scores], axis=1)  # logistic = softmax
+    scores = scores - scores.max(1, keepdims=True)
+    proba = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)  # (N,K)
+    return np.asarray(probe["classes"])[proba.argmax(1)], proba.max(1)
 
 
 def pixel_pca(
@@ -122,6 +189,7 @@ class LabelReport:
     metrics: dict[str, float] = field(default_factory=dict)
     composition: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    probe: Pipeline | None = None  # the probe on mu, fit on train (for `retina-vae encode`)
 
 
 def _labelled(z: np.ndarray, labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -138,12 +206,15 @@ def label_metrics(
     knn_k: int,
     seed: int = 0,
     baseline: tuple[np.ndarray, np.ndarray] | None = None,
+    bootstrap: int = 0,
 ) -> LabelReport:
     """Every disease-spectrum metric on mu, or a note saying why it cannot be computed.
 
     ``baseline`` (train (N,K), test (M,K) features of the same rows, e.g. :func:`pixel_pca`)
     gets the same probe as mu: ``pca_probe_accuracy``/``_auc``, and ``probe_*_vs_pca`` is the
-    latent's margin over it (positive: the latent reads the labels better than the pixels do).
+    latent's margin over it (positive: the latent reads the labels better than the pixels do),
+    with its ``CI_LEVEL`` interval from ``bootstrap`` resamples of the test images
+    (``probe_*_vs_pca_ci_low``/``_high``; 0: no interval).
 
     Unlabelled rows are left out. Metrics need >= 2 classes among the labelled train images
     (probe, k-NN) or test images (silhouette, k-means); otherwise they are skipped with a note
@@ -187,28 +258,56 @@ def label_metrics(
         # the accuracy of always answering the most common train label: the floor to beat
         values, counts = np.unique(yr, return_counts=True)
         report.metrics["majority_accuracy"] = float(np.mean(yt[seen] == values[counts.argmax()]))
-        report.metrics.update(linear_probe(zr, yr, zt[seen], yt[seen], seed))
+        report.probe = fit_probe(zr, yr, seed)
+        latent_out = _predictions(report.probe, zt[seen])
+        report.metrics.update(probe_scores(yt[seen], *latent_out))
         report.metrics["knn_accuracy"] = knn_accuracy(zr, yr, zt[seen], yt[seen], knn_k)
         if baseline is not None:
-            report.metrics.update(_baseline_probe(baseline, train_labels, test_labels, seen, seed))
+            br, _ = _labelled(baseline[0], train_labels)
+            bt, _ = _labelled(baseline[1], test_labels)
+            pca_out = _predictions(fit_probe(br, yr, seed), bt[seen])
+            scores = probe_scores(yt[seen], *pca_out)
+            report.metrics.update({f"pca_{k}": v for k, v in scores.items()})
             for key in ("accuracy", "auc"):
                 if f"pca_probe_{key}" in report.metrics and f"probe_{key}" in report.metrics:
                     margin = report.metrics[f"probe_{key}"] - report.metrics[f"pca_probe_{key}"]
                     report.metrics[f"probe_{key}_vs_pca"] = margin
+            if bootstrap:
+                report.metrics.update(margin_ci(yt[seen], latent_out, pca_out, bootstrap, seed))
     return report
 
 
-def _baseline_probe(
-    baseline: tuple[np.ndarray, np.ndarray],
-    train_labels: pd.Series,
-    test_labels: pd.Series,
-    seen: np.ndarray,
-    seed: int,
+def _predictions(clf: Pipeline, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A fitted probe's predicted labels (M,), probabilities (M,K) and its K classes."""
+    return clf.predict(z), clf.predict_proba(z), clf.classes_
+
+
+def margin_ci(
+    test_y: np.ndarray,
+    latent: tuple[np.ndarray, np.ndarray, np.ndarray],
+    baseline: tuple[np.ndarray, np.ndarray, np.ndarray],
+    resamples: int,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """The linear probe on baseline features, same labelled rows as mu's: pca_probe_*."""
-    br, yr = _labelled(baseline[0], train_labels)
-    bt, yt = _labelled(baseline[1], test_labels)
-    return {f"pca_{k}": v for k, v in linear_probe(br, yr, bt[seen], yt[seen], seed).items()}
+    """Bootstrap interval (:func:`bootstrap_ci`) of the latent-minus-baseline probe margins.
+
+    ``latent``, ``baseline``: each probe's predictions (M,), probabilities (M,K) and classes on
+    the same M test images. Both probes stay fit on train: the interval is the test-sampling
+    uncertainty of the comparison. Returns ``probe_{accuracy,auc}_vs_pca_ci_{low,high}``.
+    """
+    keys = ("accuracy", "auc")
+
+    def margins(rows: np.ndarray) -> np.ndarray:
+        a = probe_scores(test_y[rows], latent[0][rows], latent[1][rows], latent[2])
+        b = probe_scores(test_y[rows], baseline[0][rows], baseline[1][rows], baseline[2])
+        return np.array([a.get(f"probe_{k}", np.nan) - b.get(f"probe_{k}", np.nan) for k in keys])
+
+    low, high = bootstrap_ci(margins, len(test_y), resamples, seed)
+    out = {}
+    for key, lo, hi in zip(keys, low, high, strict=True):
+        if np.isfinite(lo) and np.isfinite(hi):
+            out[f"probe_{key}_vs_pca_ci_low"], out[f"probe_{key}_vs_pca_ci_high"] = lo, hi
+    return out
 
 
 # ----------------------------------------------------------------------------- confounds
@@ -374,3 +473,111 @@ def confound_report(
     columns = ["attribute", "kind", "classes", "test_images", "accuracy", "majority", "skill"]
     report.table = pd.DataFrame(rows).reindex(columns=[*columns, "note"])
     return report
+
+
+# ----------------------------------------------------------------------------- spectrum
+# Is there a direction in mu along which the disease gets worse? A linear fit of an ordinal
+# target (a severity, or labels in a known order) on mu over train gives it; its rank
+# correlation on test says how well the direction orders unseen images.
+
+SEVERITY_COLUMNS = ("severity",)  # numeric per-image columns that are a disease spectrum
+MIN_SPECTRUM_LEVELS = 3  # a target needs this many distinct train values to be a spectrum
+
+
+def spectrum_target(
+    labels: pd.Series, numeric: pd.DataFrame, label_order: tuple[str, ...] | None
+) -> tuple[np.ndarray, str] | None:
+    """The ordinal value (N,) float (NaN: unknown) of each image, and its name; or None.
+
+    In order of preference: the rank of each label in ``label_order`` (labels outside it
+    unknown); a ``SEVERITY_COLUMNS`` column of ``numeric``; labels that are all integers
+    (e.g. DR grades 0-4) with at least ``MIN_SPECTRUM_LEVELS`` values.
+    """
+    if label_order:
+        rank = {name: float(i) for i, name in enumerate(label_order)}
+        values = labels.map(lambda v: rank.get(str(v), np.nan) if pd.notna(v) else np.nan)
+        return values.to_numpy(float), "label order " + " < ".join(label_order)
+    for col in SEVERITY_COLUMNS:
+        if col in numeric and numeric[col].notna().any():
+            return pd.to_numeric(numeric[col], errors="coerce").to_numpy(float), col
+    known = labels.dropna().astype(str)
+    grades = pd.to_numeric(known, errors="coerce")
+    whole = grades.notna().all() and (grades == grades.round()).all()
+    if len(known) and whole and grades.nunique() >= MIN_SPECTRUM_LEVELS:
+        return pd.to_numeric(labels, errors="coerce").to_numpy(float), "label (ordinal grade)"
+    return None
+
+
+@dataclass
+class Spectrum:
+    """The latent direction that orders a target: ``score = mu @ direction`` (latent units),
+    predicted target = ``slope * score + intercept``; ``spectrum_*`` metrics."""
+
+    name: str
+    direction: np.ndarray  # (J,) unit vector
+    slope: float
+    intercept: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fit_direction(train_z: np.ndarray, train_t: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Least-squares fit ``t ~ z w + b`` over train: (unit direction (J,), |w|, b)."""
+    reg = LinearRegression().fit(train_z, train_t)
+    norm = float(np.linalg.norm(reg.coef_))
+    direction = reg.coef_ / norm if norm > 0 else np.zeros_like(reg.coef_)
+    return direction, norm, float(reg.intercept_)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (scipy; ties get mean ranks); NaN when either is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def spectrum_report(
+    train_z: np.ndarray,
+    train_t: np.ndarray,
+    test_z: np.ndarray,
+    test_t: np.ndarray,
+    name: str,
+    baseline: tuple[np.ndarray, np.ndarray] | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> tuple[Spectrum | None, list[str]]:
+    """Fit the direction on train (rows with a known target), score it on test.
+
+    Metrics: ``spectrum_spearman`` (test Spearman of the fitted values against the target),
+    ``pca_spectrum_spearman`` (the same fit on ``baseline`` features, e.g. pixel PCA),
+    ``spectrum_spearman_vs_pca`` (their difference) and its interval
+    ``spectrum_spearman_vs_pca_ci_{low,high}`` from ``bootstrap`` test resamples. Returns
+    (None, [note]) when the target cannot be fit (fewer than ``MIN_SPECTRUM_LEVELS`` train
+    values, or a constant test target).
+    """
+    fr, ft = np.isfinite(train_t), np.isfinite(test_t)
+    if len(np.unique(train_t[fr])) < MIN_SPECTRUM_LEVELS or len(np.unique(test_t[ft])) < 2:
+        why = f"{name}: too few distinct values among train or test images"
+        return None, [f"spectrum axis skipped ({why})"]
+    direction, slope, intercept = fit_direction(train_z[fr], train_t[fr])
+    out = Spectrum(name, direction, slope, intercept)
+    yt, latent_fit = test_t[ft], test_z[ft] @ direction
+    out.metrics["spectrum_spearman"] = spearman(latent_fit, yt)
+    if baseline is not None:
+        w, _, _ = fit_direction(baseline[0][fr], train_t[fr])
+        pca_fit = baseline[1][ft] @ w
+        out.metrics["pca_spectrum_spearman"] = spearman(pca_fit, yt)
+        out.metrics["spectrum_spearman_vs_pca"] = (
+            out.metrics["spectrum_spearman"] - out.metrics["pca_spectrum_spearman"]
+        )
+        if bootstrap:
+
+            def margin(rows: np.ndarray) -> np.ndarray:
+                return np.array(
+                    [spearman(latent_fit[rows], yt[rows]) - spearman(pca_fit[rows], yt[rows])]
+                )
+
+            low, high = bootstrap_ci(margin, len(yt), bootstrap, seed)
+            if np.isfinite(low[0]) and np.isfinite(high[0]):
+                out.metrics["spectrum_spearman_vs_pca_ci_low"] = float(low[0])
+                out.metrics["spectrum_spearman_vs_pca_ci_high"] = float(high[0])
+    return out, []

@@ -20,6 +20,7 @@ MANIFEST_COLUMNS = [
     "frame",
     "modality",
     "label",
+    "severity",  # a number from the labels CSV's optional severity column (else null)
     "subject_id",
     "eye",
     "width",

@@ -164,6 +164,8 @@ class EvaluateParams:
     knn_k: Pos
     traversal_dims: Pos
     traversal_steps: Annotated[int, Field(ge=3)]
+    bootstrap: NonNeg
+    label_order: Annotated[tuple[str, ...], Field(min_length=2)] | None
     seed: int
 
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 OCT_CLASSES = ("NORMAL", "DRUSEN", "CNV", "DME")
 FUNDUS_CLASSES = ("normal", "diabetic_retinopathy", "glaucoma")
+NORMAL_CLASSES = ("NORMAL", "normal")  # the classes whose drawing ignores severity
 
 # Reflectivity by normalised depth between the inner limiting membrane (0) and the RPE (1):
 # bright nerve fibre layer, alternating plexiform (bright) and nuclear (dark) layers.

@@ -222,6 +222,7 @@ def test_evaluate_reports_the_camera_confound(tmp_path, monkeypatch, caplog):
     html = (tmp_path / "evaluation" / "latent_map.html").read_text()
     tag = '<script type="application/json" id="map-data">'
     data = json.loads(html[html.index(tag) + len(tag) : html.index("</script>", html.index(tag))])
-    assert list(data["columns"]) == ["label", "split", "eye", "source_folder", "size_class"]
+    categories = [c for c, v in data["columns"].items() if v["kind"] == "category"]
+    assert categories == ["label", "split", "eye", "source_folder", "size_class"]
     assert data["columns"]["size_class"]["names"] == ["2000x2000", "3000x2000"]
     assert "SUBJ-" not in html

@@ -27,8 +27,11 @@ def test_demo_writes_labelled_mixed_collection(tmp_path):
     assert demo.main(["--params", str(params)]) == 0
     out = Path(load_params(params).paths.demo)
     labels = pd.read_csv(out / "labels.csv", dtype=str)
-    assert list(labels.columns) == ["path", "label", "patient_id", "eye"]
+    assert list(labels.columns) == ["path", "label", "patient_id", "eye", "severity"]
     assert set(labels["label"]) <= {"NORMAL", "DRUSEN", "CNV", "DME"}
+    severity = labels["severity"].astype(float)  # the lesion size each image was drawn with
+    assert severity.between(0, 1).all() and (severity[labels["label"] == "NORMAL"] == 0).all()
+    assert severity[labels["label"] != "NORMAL"].nunique() > 1
     assert labels["patient_id"].nunique() == 4 and set(labels["eye"]) <= {"R", "L"}
     assert all((out / p).is_file() for p in labels["path"])
     kinds = {Path(p).suffix or "(none)" for p in labels["path"]}

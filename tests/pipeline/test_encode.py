@@ -1,5 +1,6 @@
 """``retina-vae encode``: latent means of image files and folders, bad files listed."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from sklearn.decomposition import PCA
 
+from pipeline import latent
 from pipeline.encode import main
+from pipeline.html_map import latent_map, read_payload
 from pipeline.pixels import prepare_file, prepare_pixels
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
@@ -60,7 +64,8 @@ def test_encode_folder_matches_the_model_on_preprocessed_pixels(tmp_path, folder
     argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
     assert main([*argv, "--out", str(out), str(folder)]) == 0
     table = pd.read_csv(out)
-    assert list(table.columns) == ["path", "frame"] + [f"mu_{j}" for j in range(J)]
+    sigmas = [f"sigma_{j}" for j in range(J)]
+    assert list(table.columns) == ["path", "frame"] + [f"mu_{j}" for j in range(J)] + sigmas
     names = [Path(p).name for p in table["path"]]
     assert names == ["a.png", "b.jpg", "volume.tif", "volume.tif"]
     assert table["frame"].tolist() == [0, 0, 0, 1]
@@ -70,6 +75,8 @@ def test_encode_folder_matches_the_model_on_preprocessed_pixels(tmp_path, folder
         mu, _ = model.encode(torch.tensor(pixels[None]).float() / 255.0)
     row = table[[n == "b.jpg" for n in names]]
     np.testing.assert_allclose(row[[f"mu_{j}" for j in range(J)]].to_numpy()[0], mu[0], atol=1e-5)
+    sigma = torch.exp(0.5 * _).numpy()[0]  # the posterior standard deviation
+    np.testing.assert_allclose(row[sigmas].to_numpy()[0], sigma, rtol=1e-5)
     # the two TIFF frames differ, so do their latents
     vol = table[[n == "volume.tif" for n in names]].filter(like="mu_").to_numpy()
     assert not np.allclose(vol[0], vol[1])
@@ -156,3 +163,80 @@ def test_npz_oct_rows_follow_the_params_aspect_rule(tmp_path):
     with torch.no_grad():
         mu, _ = model.encode(torch.from_numpy(crop).float() / 255)
     np.testing.assert_allclose(got, mu.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _evaluation(root: Path, model: ConvVAE, files: list[Path]) -> tuple[Path, PCA, object]:
+    """An evaluation folder as evaluate writes it, whose drawn points are ``files``: their
+    embeddings, a PCA layout (sklearn, fit on their mu), made-up t-SNE coordinates, a probe
+    and the HTML map."""
+    pixels = np.stack([prepare_file(f, "oct", (SIZE, SIZE), "pad", "all")[0] for f in files])
+    with torch.no_grad():
+        mu = model.encode(torch.tensor(pixels).float() / 255.0)[0].numpy()  # (M,J)
+    out = root / "evaluation"
+    (out / "maps").mkdir(parents=True)
+    ids = [f"img-{i}" for i in range(len(files))]
+    labels = np.array(["A", "B"] * (len(files) // 2))
+    table = pd.DataFrame({"image_id": ids, "split": "train", "label": labels})
+    table = table.join(pd.DataFrame(mu, columns=[f"mu_{j}" for j in range(J)]))
+    table.to_parquet(out / "embeddings.parquet")
+    pca = PCA(n_components=2).fit(mu)
+    tsne = np.random.default_rng(0).normal(0, 5, (len(files), 2))
+    (out / "maps" / "layout.json").write_text(
+        json.dumps(
+            {
+                "pca_mean": pca.mean_.tolist(),
+                "pca_components": pca.components_.tolist(),
+                "axes": {"t-SNE": ["t-SNE 1", "t-SNE 2"], "PCA": ["PC1", "PC2"]},
+            }
+        )
+    )
+    pd.DataFrame({"image_id": ids, "t-SNE_x": tsne[:, 0], "t-SNE_y": tsne[:, 1]}).to_parquet(
+        out / "maps" / "map_points.parquet"
+    )
+    clf = latent.fit_probe(mu, labels)
+    (out / "probe.json").write_text(json.dumps(latent.probe_json(clf)))
+    layouts = {"t-SNE": (tsne, ["t-SNE 1", "t-SNE 2"]), "PCA": (pca.transform(mu), ["PC1", "PC2"])}
+    latent_map(
+        table.assign(mu_0=table["mu_0"].astype(float)), pixels, layouts, "map",
+        out / "latent_map.html", ("label", "split", "mu_0"), header=["run x"],
+        neighbours=np.zeros((len(files), 1), int),
+    )  # fmt: skip
+    return out, pca, clf
+
+
+def test_new_images_are_placed_on_an_existing_map(tmp_path):
+    model = _model(tmp_path)
+    drawn = [_photo(tmp_path / f"d{i}.png", 10 + i) for i in range(8)]
+    evaluation, pca, clf = _evaluation(tmp_path, model, drawn)
+    new = _photo(tmp_path / "new.png", 99)
+    out, page = tmp_path / "placed.csv", tmp_path / "with_new.html"
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    argv += ["--map", str(evaluation), "--html", str(page), "--out", str(out)]
+    assert main([*argv, str(drawn[3]), str(new)]) == 0
+    table = pd.read_csv(out)
+    mu = table[[f"mu_{j}" for j in range(J)]].to_numpy()
+    # PCA: the evaluation's own projection, reapplied exactly (sklearn's transform)
+    np.testing.assert_allclose(table[["PCA_x", "PCA_y"]], pca.transform(mu), atol=1e-6)
+    # t-SNE by neighbours: an image already on the map lands on its own point; a new one
+    # within the box of its neighbours' positions
+    points = pd.read_parquet(evaluation / "maps" / "map_points.parquet")
+    np.testing.assert_allclose(
+        table.loc[0, ["t-SNE_x", "t-SNE_y"]].to_numpy(float),
+        points.loc[3, ["t-SNE_x", "t-SNE_y"]].to_numpy(float),
+        atol=1e-4,
+    )
+    assert points["t-SNE_x"].min() <= table.loc[1, "t-SNE_x"] <= points["t-SNE_x"].max()
+    assert table["predicted_label"].tolist() == clf.predict(mu).tolist()
+    np.testing.assert_allclose(table["predicted_probability"], clf.predict_proba(mu).max(1))
+    data = read_payload(page)
+    assert data["id"][-2:] == ["new-0000", "new-0001"] and data["split"][-1] == "new"
+    assert len(data["layouts"]["PCA"]["x"]) == len(data["thumb"]) == 10
+    assert data["columns"]["mu_0"]["values"][-1] == pytest.approx(mu[1, 0], abs=1e-4)
+    assert "2 new images placed" in data["header"][-1]
+
+
+def test_html_without_a_map_is_a_one_line_error(tmp_path, folder, capsys):
+    _model(tmp_path)
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--html", str(tmp_path / "m.html"), str(folder)]) == 1
+    assert "--html needs --map" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline import tracking
 from pipeline.evaluate import main
@@ -23,24 +24,30 @@ SPLIT_SIZES = {"train": 24, "val": 6, "test": 16}
 pytestmark = pytest.mark.slow
 
 
-def _images(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """Two kinds of (1, 16, 16) uint8 picture: bright top half ("A") or bright left half ("B")."""
+def _images(n: int, seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Two kinds of (1, 16, 16) uint8 picture: bright top half ("A") or bright left half ("B"),
+    and a severity (N,) in [0, 1] that makes the bright half brighter."""
     rng = np.random.default_rng(seed)
     labels = ["A" if i % 2 == 0 else "B" for i in range(n)]
+    severity = rng.uniform(0, 1, n)
     x = rng.integers(0, 60, (n, 1, SIZE, SIZE)).astype(np.uint8)  # (N, C, H, W)
-    for img, label in zip(x, labels, strict=True):
+    for img, label, sev in zip(x, labels, severity, strict=True):
+        bright = np.uint8(80 + 110 * sev)
         if label == "A":
-            img[:, : SIZE // 2, :] += 180
+            img[:, : SIZE // 2, :] += bright
         else:
-            img[:, :, : SIZE // 2] += 180
-    return x, labels
+            img[:, :, : SIZE // 2] += bright
+    return x, labels, severity
 
 
 def _write_processed(root: Path, labelled: bool) -> None:
     processed = root / "processed"
     processed.mkdir()
+    manifest = []
     for seed, (split, n) in enumerate(SPLIT_SIZES.items()):
-        x, labels = _images(n, seed)
+        x, labels, severity = _images(n, seed)
+        ids = [f"{split}-{i:03d}" for i in range(n)]
+        manifest.append(pd.DataFrame({"image_id": ids, "severity": severity}))
         np.save(processed / f"{split}_images.npy", x)
         pd.DataFrame(
             {
@@ -54,16 +61,25 @@ def _write_processed(root: Path, labelled: bool) -> None:
                 "frame": 0,
             }
         ).to_parquet(processed / f"{split}.parquet", index=False)
+    # the ingest manifest's severity (the labels CSV's column), joined on image_id by evaluate
+    pd.concat(manifest).to_parquet(root / "manifest.parquet", index=False)
 
 
 def _setup(
-    root: Path, *, labelled: bool, run_id: str | None, monkeypatch, map_method: str = "pca"
+    root: Path,
+    *,
+    labelled: bool,
+    run_id: str | None,
+    monkeypatch,
+    map_method: str = "pca",
+    likelihood: str = "bernoulli",
 ) -> Path:
     """Tiny checkpoint + arrays + a params file pointing every path into ``root``."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _write_processed(root, labelled)
     torch.manual_seed(0)
-    model = ConvVAE(VAEConfig(in_channels=1, height=SIZE, width=SIZE, widths=(4, 8), latent_dim=J))
+    config = VAEConfig(1, SIZE, SIZE, widths=(4, 8), latent_dim=J, likelihood=likelihood)
+    model = ConvVAE(config)
     extra = {"mlflow_run_id": run_id} if run_id else {}
     save_checkpoint(root / "vae.pt", model, extra=extra)
     pd.DataFrame(
@@ -72,6 +88,7 @@ def _setup(
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"].update(
         processed=str(root / "processed"),
+        manifest=str(root / "manifest.parquet"),
         model=str(root / "vae.pt"),
         train_history=str(root / "history.csv"),
         evaluation=str(root / "evaluation"),
@@ -84,6 +101,7 @@ def _setup(
         knn_k=3,
         traversal_dims=2,
         traversal_steps=5,
+        bootstrap=200,
     )
     params["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
     path = root / "params.yaml"
@@ -101,7 +119,12 @@ def evaluated(tmp_path_factory):
             mlflow.log_metric("train_neg_elbo", 170.0)
     with pytest.MonkeyPatch.context() as mp:
         params = _setup(
-            root, labelled=True, run_id=run.info.run_id, monkeypatch=mp, map_method="tsne"
+            root,
+            labelled=True,
+            run_id=run.info.run_id,
+            monkeypatch=mp,
+            map_method="tsne",
+            likelihood="gaussian",  # a density: bits per dimension are reported
         )
         assert main(["--params", str(params)]) == 0
     return root, run.info.run_id
@@ -112,14 +135,19 @@ LIKELIHOOD = ["test_neg_elbo", "test_recon", "test_kl", "test_neg_elbo_bpd", "te
 LABELS = ["test_probe_accuracy", "test_probe_auc", "test_knn_accuracy", "test_silhouette",
           "test_kmeans_ari", "test_kmeans_nmi", "test_majority_accuracy",
           "test_pca_probe_accuracy", "test_pca_probe_auc", "test_probe_accuracy_vs_pca",
-          "test_probe_auc_vs_pca"]  # fmt: skip
+          "test_probe_auc_vs_pca", "test_probe_accuracy_vs_pca_ci_low",
+          "test_probe_accuracy_vs_pca_ci_high", "test_probe_auc_vs_pca_ci_low",
+          "test_probe_auc_vs_pca_ci_high"]  # fmt: skip
+SPECTRUM = ["test_spectrum_spearman", "test_pca_spectrum_spearman",
+            "test_spectrum_spearman_vs_pca", "test_spectrum_spearman_vs_pca_ci_low",
+            "test_spectrum_spearman_vs_pca_ci_high"]  # fmt: skip
 KL_DIMS = [f"test_kl_dim_{j}" for j in range(J)]
 
 
 def test_metrics_json_has_every_metric(evaluated):
     root, _ = evaluated
     metrics = json.loads((root / "eval.json").read_text())
-    for key in LIKELIHOOD + LABELS + KL_DIMS:
+    for key in LIKELIHOOD + LABELS + KL_DIMS + SPECTRUM:
         assert math.isfinite(metrics[key]), key
     assert metrics["eval_images_train"] == SPLIT_SIZES["train"]
     assert metrics["test_images"] == SPLIT_SIZES["test"]
@@ -136,6 +164,28 @@ def test_pixel_pca_baseline_beside_the_latent(evaluated):
     for key in ("accuracy", "auc"):
         margin = metrics[f"test_probe_{key}"] - metrics[f"test_pca_probe_{key}"]
         assert metrics[f"test_probe_{key}_vs_pca"] == pytest.approx(margin)
+        low, high = (metrics[f"test_probe_{key}_vs_pca_ci_{end}"] for end in ("low", "high"))
+        assert low - 1e-9 <= margin <= high + 1e-9
+
+
+def test_pixel_pca_orders_the_severity_and_the_spectrum_is_drawn(evaluated):
+    """Severity brightens the bright half: a linear fit on the pixels' PCA orders test images
+    by it; the latent's fit is reported beside it, with the difference's interval."""
+    root, _ = evaluated
+    metrics = json.loads((root / "eval.json").read_text())
+    assert metrics["test_pca_spectrum_spearman"] > 0.8
+    margin = metrics["test_spectrum_spearman"] - metrics["test_pca_spectrum_spearman"]
+    assert metrics["test_spectrum_spearman_vs_pca"] == pytest.approx(margin)
+    low, high = (
+        metrics["test_spectrum_spearman_vs_pca_ci_low"],
+        metrics["test_spectrum_spearman_vs_pca_ci_high"],
+    )
+    assert low - 1e-9 <= margin <= high + 1e-9
+    picture = Image.open(root / "evaluation" / "spectrum" / "spectrum.png")
+    assert picture.width > 5 * SIZE  # 5 steps (traversal_steps), two rows
+    table = pd.read_parquet(root / "evaluation" / "embeddings.parquet")
+    mu = table[[f"mu_{j}" for j in range(J)]].to_numpy()
+    assert np.ptp(table["spectrum_position"]) > 0 and len(mu) == len(table)
 
 
 def test_iwae_bound_is_above_the_elbo(evaluated):
@@ -144,7 +194,7 @@ def test_iwae_bound_is_above_the_elbo(evaluated):
     assert metrics["test_neg_elbo"] == pytest.approx(metrics["test_kl"] - metrics["test_recon"])
 
 
-def test_bits_per_dim_match_nats(evaluated):
+def test_bits_per_dim_match_nats(evaluated):  # gaussian likelihood: a density
     metrics = json.loads((evaluated[0] / "eval.json").read_text())
     dims = 1 * SIZE * SIZE
     assert metrics["test_neg_elbo_bpd"] == pytest.approx(
@@ -195,7 +245,9 @@ def test_training_run_holds_metrics_and_artifacts(evaluated):
     tables = listing("evaluation/tables")
     assert {f"evaluation/tables/cluster_composition.{ext}" for ext in ("csv", "json")} <= tables
     html = Path(client.download_artifacts(run_id, "evaluation/latent_map.html", str(root)))
-    assert html.read_text().count("test-0") >= SPLIT_SIZES["test"]  # every test id is hoverable
+    page = html.read_text()
+    assert page.count("test-0") >= SPLIT_SIZES["test"]  # every test id is hoverable
+    assert f"MLflow run {run_id}" in page and f"latent size J = {J}" in page  # its header
 
 
 def test_unlabelled_data_and_unknown_run(tmp_path, monkeypatch, caplog):
@@ -203,6 +255,8 @@ def test_unlabelled_data_and_unknown_run(tmp_path, monkeypatch, caplog):
     assert main(["--params", str(params)]) == 0
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert not set(LABELS) & set(metrics)  # skipped, not NaN
+    # bernoulli (continuous BCE) is not a density of the images: no bits per dimension
+    assert "test_neg_elbo_bpd" not in metrics and "test_iwae_bpd" not in metrics
     assert all(math.isfinite(v) for v in metrics.values())
     notes = (tmp_path / "evaluation" / "notes.txt").read_text()
     assert "no labelled test images" in notes

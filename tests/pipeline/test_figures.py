@@ -85,6 +85,15 @@ def test_traversal_grid_sweeps_one_dim(model):
     assert not np.array_equal(grid[2:18, 2:18], tile)  # z_1 = -3 decodes to something else
 
 
+def test_traversal_grid_starts_each_row_with_its_source_image(model):
+    sources = np.stack([np.full((1, 16, 16), v, np.uint8) for v in (40, 220)])  # (R,C,H,W)
+    grid = traversal_grid(model, torch.zeros(2, 3), dim=0, steps=5, sources=sources)
+    assert grid.shape == (2 * 18 + 2, 6 * 18 + 2, 3)  # a source column, then 5 steps
+    assert (grid[2:18, 2:18] == 40).all() and (grid[20:36, 2:18] == 220).all()
+    bare = traversal_grid(model, torch.zeros(2, 3), dim=0, steps=5)
+    np.testing.assert_array_equal(grid[:, 18:], bare)  # the sweep itself is unchanged
+
+
 def test_reconstruction_grid_alternates_rows():
     originals = np.full((4, 1, 8, 8), 255, np.uint8)
     recons = np.zeros((4, 1, 8, 8), np.float32)

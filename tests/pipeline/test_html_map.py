@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
+from pipeline.errors import UserError
 from pipeline.figures import UNLABELLED
-from pipeline.html_map import THUMB_MAX, UNKNOWN, latent_map, thumbnail_uri
+from pipeline.html_map import THUMB_MAX, UNKNOWN, latent_map, read_payload, thumbnail_uri
 
 
 def _decode(uri: str) -> Image.Image:
@@ -50,6 +52,10 @@ def _points(n: int) -> tuple[pd.DataFrame, np.ndarray]:
     return points, images
 
 
+def _layouts(points: pd.DataFrame) -> dict:
+    return {"map": (points[["x", "y"]].to_numpy(), ["x", "y"])}
+
+
 def _payload(html: str, element: str) -> dict:
     tag = f'<script type="application/json" id="{element}">'
     start = html.index(tag) + len(tag)
@@ -60,7 +66,7 @@ def test_html_map_is_standalone_with_thumbnails(tmp_path):
     points, images = _points(6)
     path = tmp_path / "map.html"
     size = latent_map(
-        points, images, ["x", "y"], "latent <map>", path, ("label", "eye", "constant")
+        points, images, _layouts(points), "latent <map>", path, ("label", "eye", "constant")
     )
     html = path.read_text()
     assert size == path.stat().st_size
@@ -83,7 +89,7 @@ def test_html_map_is_standalone_with_thumbnails(tmp_path):
 def test_html_map_data_cannot_close_its_script_element(tmp_path):
     points, images = _points(3)
     points["label"] = ["</script><script>alert(1)</script>", "a", "__PLOTLY__"]
-    latent_map(points, images, ["x", "y"], "t", tmp_path / "map.html")
+    latent_map(points, images, _layouts(points), "t", tmp_path / "map.html")
     html = (tmp_path / "map.html").read_text()
     assert "</script><script>alert" not in html
     assert _payload(html, "map-data")["label"][0].startswith("</script>")
@@ -94,5 +100,35 @@ def test_html_map_of_2000_points_stays_small(tmp_path):
     """2,000 noisy 64 px thumbnails (the worst case for PNG): well under the old 8.2 MB."""
     points, _ = _points(2000)
     images = np.random.default_rng(0).integers(0, 256, (2000, 1, 64, 64), dtype=np.uint8)
-    size = latent_map(points, images, ["x", "y"], "t", tmp_path / "map.html")
+    size = latent_map(points, images, _layouts(points), "t", tmp_path / "map.html")
     assert size < 6_000_000
+
+
+def test_continuous_columns_layouts_neighbours_and_header(tmp_path):
+    points, images = _points(4)
+    points["severity"] = [0.5, np.nan, 0.25, 1.0]
+    points["mu_0"] = np.array([1.0, -1.0, 2.0, 0.0], np.float32)
+    pca = np.array([[0, 1], [1, 0], [2, 2], [3, 1]], float)
+    spectrum = np.array([[0.1, 0.5], [0.2, np.nan], [0.3, 0.25], [0.4, 1.0]])
+    layouts = {"PCA": (pca, ["PC1", "PC2"]), "spectrum": (spectrum, ["position", "severity"])}
+    path = tmp_path / "map.html"
+    latent_map(
+        points, images, layouts, "t", path, ("label", "severity", "mu_0", "eye"),
+        header=["run abc", "J = 1"], neighbours=np.array([[1], [0], [3], [2]]),
+    )  # fmt: skip
+    data = _payload(path.read_text(), "map-data")
+    assert data["columns"]["severity"] == {"kind": "number", "values": [0.5, None, 0.25, 1.0]}
+    assert data["columns"]["mu_0"]["values"] == [1.0, -1.0, 2.0, 0.0]
+    assert data["columns"]["eye"]["kind"] == "category"
+    assert list(data["layouts"]) == ["PCA", "spectrum"]  # the first drawn first
+    assert data["layouts"]["spectrum"]["y"] == [0.5, None, 0.25, 1.0]  # NaN: not drawn
+    assert data["layouts"]["PCA"]["axes"] == ["PC1", "PC2"]
+    assert data["neighbours"] == [[1], [0], [3], [2]] and data["header"] == ["run abc", "J = 1"]
+    assert read_payload(path) == data
+
+
+def test_read_payload_of_another_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "page.html"
+    path.write_text("<html></html>")
+    with pytest.raises(UserError, match="page.html: not a latent map"):
+        read_payload(path)

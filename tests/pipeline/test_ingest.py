@@ -115,6 +115,25 @@ def test_csv_manifest_with_dicom_and_escape_refused(tmp_path, capsys):
     assert "line 3" in err and "outside the source folder" in err
 
 
+def test_csv_severity_reaches_the_manifest_and_a_bad_one_is_a_one_line_error(tmp_path, capsys):
+    src = tmp_path / "export"
+    src.mkdir()
+    for k in range(3):
+        Image.fromarray(gradient(seed=k)).save(src / f"{k}.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label,severity\n0.png,DME,0.25\n1.png,DME,\n2.png,NORMAL,0\n")
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "labels": str(csv)})
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest).set_index("source")
+    assert m["severity"].dtype == np.float64
+    assert m.loc["0.png", "severity"] == 0.25 and m.loc["2.png", "severity"] == 0.0
+    assert np.isnan(m.loc["1.png", "severity"])  # an empty cell: unknown
+    csv.write_text("path,label,severity\n0.png,DME,0.25\n1.png,DME,severe\n")
+    rc, _ = _run(tmp_path, ingest={"source": str(src), "labels": str(csv)})
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "labels.csv: line 3: severity 'severe' is not a number" in err
+
+
 def test_npz_source(tmp_path):
     npz = tmp_path / "mnist.npz"
     rng = np.random.default_rng(0)

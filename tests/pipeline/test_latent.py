@@ -156,3 +156,137 @@ def test_baseline_margin_is_latent_minus_baseline():
     assert m["probe_accuracy"] == 1.0 and m["pca_probe_accuracy"] < 0.8
     assert m["probe_accuracy_vs_pca"] == pytest.approx(1.0 - m["pca_probe_accuracy"])
     assert m["probe_auc_vs_pca"] == pytest.approx(m["probe_auc"] - m["pca_probe_auc"])
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_bootstrap_interval_of_a_mean_matches_scipy():
+    """A percentile interval of the mean: the same as scipy.stats.bootstrap's (its own draws)."""
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(0).exponential(1.0, 200)
+    low, high = latent.bootstrap_ci(lambda rows: np.array([x[rows].mean()]), len(x), 4000, seed=1)
+    ref = bootstrap((x,), np.mean, n_resamples=4000, method="percentile", random_state=2)
+    assert low[0] == pytest.approx(ref.confidence_interval.low, abs=0.02)
+    assert high[0] == pytest.approx(ref.confidence_interval.high, abs=0.02)
+    assert low[0] < x.mean() < high[0]
+
+
+def test_bootstrap_interval_narrows_as_the_test_split_grows():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (50, 200, 800):
+        x = rng.normal(0.0, 1.0, n)
+        low, high = latent.bootstrap_ci(lambda rows, x=x: np.array([x[rows].mean()]), n, 500)
+        widths.append(high[0] - low[0])
+    # the width of a mean's interval shrinks as 1/sqrt(n): about half for 4x the images
+    assert widths[0] > 1.6 * widths[1] > 1.6**2 * widths[2]
+
+
+def test_margin_interval_contains_the_margin_and_excludes_zero_when_clear():
+    """A latent that reads the labels, a baseline that guesses: the margin is clearly > 0."""
+    train_z, train_y = _clusters(40, 0.5, seed=0)
+    test_z, test_y = _clusters(40, 0.5, seed=1)
+    noise = np.random.default_rng(2)
+    baseline = (noise.standard_normal((160, 3)), noise.standard_normal((160, 3)))
+    m = label_metrics(
+        train_z, train_y, test_z, test_y, knn_k=5, baseline=baseline, bootstrap=300
+    ).metrics
+    for key in ("accuracy", "auc"):
+        low, high = m[f"probe_{key}_vs_pca_ci_low"], m[f"probe_{key}_vs_pca_ci_high"]
+        assert 0 < low <= m[f"probe_{key}_vs_pca"] <= high
+
+
+def test_auc_of_a_resample_missing_a_class_is_nan_not_an_error():
+    classes = np.array(["a", "b", "c"])
+    proba = np.full((4, 3), 1 / 3)
+    scores = latent.probe_scores(
+        np.array(["a", "b", "a", "b"]), classes[[0, 1, 0, 1]], proba, classes
+    )
+    assert scores["probe_accuracy"] == 1.0 and np.isnan(scores["probe_auc"])
+
+
+def test_probe_json_predicts_as_sklearn():
+    for n_classes in (2, 4):
+        train_z, train_y = _clusters(30, 3.0, seed=0)
+        keep = train_y.isin(CLASSES[:n_classes]).to_numpy()
+        clf = latent.fit_probe(train_z[keep], train_y[keep].to_numpy())
+        test_z, _ = _clusters(10, 3.0, seed=1)
+        pred, p = latent.probe_predict(latent.probe_json(clf), test_z)
+        np.testing.assert_array_equal(pred, clf.predict(test_z))
+        np.testing.assert_allclose(p, clf.predict_proba(test_z).max(1), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- spectrum
+
+
+def _spectrum_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu (N,6) whose direction (1, 1, 0, ...) / sqrt 2 carries a severity in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    severity = rng.uniform(0, 1, n)
+    z = rng.standard_normal((n, 6)) * 0.3
+    z[:, :2] += 3.0 * severity[:, None]
+    return z, severity
+
+
+def test_spectrum_finds_the_direction_and_its_rank_correlation():
+    train_z, train_t = _spectrum_data(300, 0)
+    test_z, test_t = _spectrum_data(100, 1)
+    rng = np.random.default_rng(3)
+    baseline = (rng.standard_normal((300, 4)), rng.standard_normal((100, 4)))  # carries nothing
+    spectrum, notes = latent.spectrum_report(
+        train_z, train_t, test_z, test_t, "severity", baseline, bootstrap=300
+    )
+    assert notes == []
+    true = np.array([1, 1, 0, 0, 0, 0]) / np.sqrt(2)
+    assert spectrum.direction @ true > 0.95 and np.linalg.norm(spectrum.direction) == pytest.approx(
+        1
+    )
+    # the reported rank correlation is the one of the fitted values (independent reference:
+    # pandas' Spearman, a rank-then-Pearson of its own)
+    fitted = test_z @ spectrum.direction * spectrum.slope + spectrum.intercept
+    ref = pd.Series(fitted).corr(pd.Series(test_t), method="spearman")
+    m = spectrum.metrics
+    assert m["spectrum_spearman"] == pytest.approx(ref, abs=1e-12)
+    assert m["spectrum_spearman"] > 0.9 and abs(m["pca_spectrum_spearman"]) < 0.3
+    assert 0 < m["spectrum_spearman_vs_pca_ci_low"] <= m["spectrum_spearman_vs_pca"]
+    assert m["spectrum_spearman_vs_pca"] <= m["spectrum_spearman_vs_pca_ci_high"]
+
+
+def test_spearman_on_known_ranks():
+    # ranks 1..5 against 5,6,7,8,7 -> ranks 1,2,3.5,5,3.5: rho = 0.8207826816681233 (scipy)
+    from scipy.stats import spearmanr
+
+    a, b = np.arange(5.0), np.array([5.0, 6.0, 7.0, 8.0, 7.0])
+    assert latent.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert latent.spearman(a, b) == pytest.approx(0.8207826816681233)
+    assert np.isnan(latent.spearman(a, np.ones(5)))
+
+
+@pytest.mark.parametrize(
+    ("labels", "numeric", "order", "want_name", "want"),
+    [
+        (["0", "2", "4", None], {}, None, "label (ordinal grade)", [0, 2, 4, np.nan]),
+        (["a", "b", "c", "a"], {}, ("c", "b"), "label order c < b", [np.nan, 1, 0, np.nan]),
+        (["a", "b", "c", "a"], {"severity": [0.1, 0.2, np.nan, 0.4]}, None, "severity",
+         [0.1, 0.2, np.nan, 0.4]),
+        (["a", "b", "c", "a"], {}, None, None, None),
+        (["0", "1", "0", "1"], {}, None, None, None),  # two grades: not a spectrum
+    ],
+)  # fmt: skip
+def test_spectrum_target(labels, numeric, order, want_name, want):
+    found = latent.spectrum_target(pd.Series(labels), pd.DataFrame(numeric), order)
+    if want is None:
+        assert found is None
+        return
+    values, name = found
+    assert name == want_name
+    np.testing.assert_array_equal(values, np.array(want, dtype=float))
+
+
+def test_spectrum_with_too_few_levels_is_skipped_with_a_note():
+    z = np.random.default_rng(0).standard_normal((20, 3))
+    t = np.array([0.0, 1.0] * 10)
+    spectrum, notes = latent.spectrum_report(z, t, z, t, "grade")
+    assert spectrum is None and "too few distinct values" in notes[0]

@@ -153,25 +153,49 @@ def map_data(document: str) -> dict:
     return json.loads(document[start : document.index("</script>", start)])
 
 
+HEADER = ["retina-vae latent map: MLflow run 0123abcd, model models/vae.pt", "latent size J = 16"]
+UNKNOWN_SEVERITY = 40  # points without a severity: grey in its colouring, absent on its axis
+K = 5  # nearest neighbours listed on a click
+
+
 def demo_map(path: Path, n: int = N) -> str:
-    """A map of ``n`` points in three label clusters, with eye and source folder columns."""
+    """A map of ``n`` points in three label clusters, with eye and source folder columns, a
+    severity (unknown for some), t-SNE-, PCA- and spectrum-like layouts and neighbours."""
     rng = np.random.default_rng(0)
     k = np.arange(n) % len(LABELS)
+    severity = rng.uniform(0, 1, n)
+    severity[:UNKNOWN_SEVERITY] = np.nan
     points = pd.DataFrame(
         {
-            "x": rng.normal(0, 0.4, n) + 3 * np.cos(2 * np.pi * k / 3),
-            "y": rng.normal(0, 0.4, n) + 3 * np.sin(2 * np.pi * k / 3),
             "label": np.array(LABELS)[k],
             "split": rng.choice(["train", "val", "test"], n),
             "image_id": [f"img-{i:04d}" for i in range(n)],
             "eye": rng.choice(["OD", "OS"], n),
             "source_folder": rng.choice(["dicom", "images"], n),
+            "severity": severity,
         }
     )
+    tsne = np.stack(
+        [
+            rng.normal(0, 0.4, n) + 3 * np.cos(2 * np.pi * k / 3),
+            rng.normal(0, 0.4, n) + 3 * np.sin(2 * np.pi * k / 3),
+        ],
+        axis=1,
+    )
+    layouts = {
+        "t-SNE": (tsne, ["t-SNE 1", "t-SNE 2"]),
+        "PCA": (tsne @ np.array([[0.8, 0.6], [-0.6, 0.8]]), ["PC1 (40%)", "PC2 (20%)"]),
+        "spectrum": (
+            np.stack([severity + rng.normal(0, 0.1, n), severity], axis=1),
+            ["position along the severity direction (latent units)", "severity"],
+        ),
+    }
+    neighbours = (np.arange(n)[:, None] + np.arange(1, K + 1)[None, :]) % n  # (N,K)
     images = rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8)
     latent_map(
-        points, images, ["t-SNE 1", "t-SNE 2"], "test map", path,
-        colour_by=("label", "split", "eye", "source_folder"),
+        points, images, layouts, "test map", path,
+        colour_by=("label", "split", "eye", "source_folder", "severity"),
+        header=HEADER, neighbours=neighbours,
     )  # fmt: skip
     return path.read_text(encoding="utf-8")
 
@@ -195,7 +219,7 @@ def test_colour_by_switches_the_legend(browser, document):
         legend = frame.locator(".legend .traces")
         assert legend.count() == len(LABELS)
         options = frame.locator("#colour-by option").all_inner_texts()
-        assert options == ["label", "split", "eye", "source_folder"]
+        assert options == ["label", "split", "eye", "source_folder", "severity"]
         frame.select_option("#colour-by", "eye")
         frame.wait_for_function("document.querySelectorAll('.legend .traces').length === 2")
         names = frame.evaluate(
@@ -210,5 +234,119 @@ def test_colour_by_switches_the_legend(browser, document):
         page.mouse.move(1, 1)
         legend.first.click()  # hides the first group
         frame.wait_for_function(f"document.querySelectorAll('path.point').length < {N}")
+    finally:
+        page.close()
+
+
+def texts(frame, selector: str) -> list[str]:
+    """The text of SVG elements (Plotly's legend and axis titles), in document order."""
+    return frame.evaluate(
+        f"Array.from(document.querySelectorAll({selector!r})).map(t => t.textContent)"
+    )
+
+
+def drawn_ready(frame, n: int = N) -> None:
+    frame.wait_for_function(
+        f"document.querySelectorAll('path.point').length >= {n}", timeout=RENDER_TIMEOUT_MS
+    )
+
+
+def test_header_names_the_run_and_the_latent_size(browser, document):
+    page, frame = open_in_iframe(browser, document, "blob")
+    try:
+        drawn_ready(frame)
+        assert frame.locator("#header").inner_text().splitlines() == HEADER
+    finally:
+        page.close()
+
+
+def test_continuous_colouring_draws_a_colour_scale(browser, document):
+    page, frame = open_in_iframe(browser, document, "srcdoc")
+    try:
+        drawn_ready(frame)
+        assert frame.locator(".colorbar").count() == 0
+        frame.select_option("#colour-by", "severity")
+        frame.wait_for_function("document.querySelectorAll('.colorbar').length === 1")
+        fills = frame.evaluate(
+            "Array.from(document.querySelectorAll('path.point')).map(p => p.style.fill)"
+        )
+        assert len(fills) == N
+        grey = [f for f in fills if f == "rgb(176, 176, 176)"]
+        assert len(grey) == UNKNOWN_SEVERITY  # unknown severity: grey, outside the scale
+        assert len(set(fills) - set(grey)) > 50  # a continuous scale, not a few categories
+        names = texts(frame, ".legend .legendtext")
+        assert names == [f"severity ({N - UNKNOWN_SEVERITY})", f"(missing) ({UNKNOWN_SEVERITY})"]
+        # hover: the value is in the caption
+        box = frame.locator("path.point").last.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        frame.locator("#thumb").wait_for(state="visible", timeout=10_000)
+        assert "severity: " in frame.locator("#thumb").inner_text()
+    finally:
+        page.close()
+
+
+def test_spectrum_layout_puts_the_images_along_its_axis(browser, document):
+    page, frame = open_in_iframe(browser, document, "srcdoc")
+    try:
+        drawn_ready(frame)
+        assert frame.locator("#layout option").all_inner_texts() == ["t-SNE", "PCA", "spectrum"]
+        frame.select_option("#layout", "spectrum")
+        known = N - UNKNOWN_SEVERITY
+        frame.wait_for_function(f"document.querySelectorAll('path.point').length === {known}")
+        titles = texts(frame, ".xtitle, .ytitle")
+        assert titles == ["position along the severity direction (latent units)", "severity"]
+        # the y axis is the severity: a marker's screen y is a decreasing linear function of its
+        # severity (screen y grows downwards), so the i-th lowest marker on the page has the
+        # i-th smallest severity, on one line
+        data = map_data(document)
+        ys = frame.evaluate(
+            """() => Array.from(document.querySelectorAll('path.point')).map(p => {
+                 const r = p.getBoundingClientRect(); return r.y + r.height / 2; })"""
+        )
+        drawn = sorted(v for v in data["layouts"]["spectrum"]["y"] if v is not None)
+        assert len(ys) == len(drawn)
+        lowest_first = sorted(ys, reverse=True)
+        assert np.corrcoef(lowest_first, drawn)[0, 1] < -0.9999
+        frame.select_option("#layout", "PCA")
+        frame.wait_for_function(f"document.querySelectorAll('path.point').length === {N}")
+        assert texts(frame, ".xtitle") == ["PC1 (40%)"]
+    finally:
+        page.close()
+
+
+def test_search_click_neighbours_and_box_selection(browser, document):
+    page, frame = open_in_iframe(browser, document, "srcdoc")
+    try:
+        drawn_ready(frame)
+        frame.fill("#search", "img-0007")
+        frame.wait_for_function(f"document.querySelectorAll('path.point').length === {N + 1}")
+        assert "1 image(s) whose id contains" in frame.locator("#status").inner_text()
+        assert "found: img-0007 (1)" in texts(frame, ".legend .legendtext")
+        frame.fill("#search", "")
+        frame.wait_for_function(f"document.querySelectorAll('path.point').length === {N}")
+
+        # click a point: it and its K neighbours are listed, and ringed on the map
+        box = frame.locator("path.point").first.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        frame.locator("#neighbours figure").nth(K).wait_for(timeout=10_000)
+        listed = frame.locator("#neighbours figcaption").all_inner_texts()
+        assert len(listed) == K + 1
+        first = int(listed[0].split("img-")[1])
+        want = [f"img-{(first + j) % N:04d}" for j in range(K + 1)]
+        assert [t.splitlines()[-1] for t in listed] == want
+        assert drawn_points(frame) == N + K + 1
+
+        # box-select the whole plot (Plotly's tool bar): every drawn image's id is listed
+        frame.locator('[data-title="Box Select"]').click()
+        area = frame.locator(".nsewdrag").first.bounding_box()
+        page.mouse.move(area["x"] + 2, area["y"] + 2)
+        page.mouse.down()
+        page.mouse.move(area["x"] + area["width"] / 2, area["y"] + area["height"] / 2, steps=5)
+        page.mouse.move(area["x"] + area["width"] - 2, area["y"] + area["height"] - 2, steps=5)
+        page.mouse.up()
+        frame.locator("#selection textarea").wait_for(timeout=10_000)
+        ids = frame.locator("#selection textarea").input_value().split()
+        assert sorted(ids) == sorted(map_data(document)["id"])
+        assert frame.locator("#selection a").get_attribute("download") == "selected_ids.txt"
     finally:
         page.close()
