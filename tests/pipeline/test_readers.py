@@ -298,6 +298,19 @@ def test_exif_orientation_gives_the_upright_picture(tmp_path, fmt, orientation):
     assert d.sizes == [(expected.shape[1], expected.shape[0])]
 
 
+def test_xmp_orientation_counts_when_there_is_no_exif(tmp_path):
+    """Some writers give the orientation only in XMP (tiff:Orientation), as Pillow reads it."""
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>'
+    )
+    path = tmp_path / "xmp.jpg"
+    Image.fromarray(gradient(48, 64, rgb=True)).save(path, quality=95, xmp=xmp)
+    ((_, px),) = read_image(path).frames
+    assert px.shape == (64, 48, 3) and np.array_equal(px, _exif_transposed(path))
+
+
 def test_jpeg_draft_scale_is_chosen_on_the_upright_size(tmp_path):
     """A wide-stored JPEG with Orientation 6 stands tall: the DCT scale must keep the UPRIGHT
     picture at or above the draft bound (width >= 200), and no larger than needed."""
