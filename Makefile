@@ -56,6 +56,7 @@ repro: $(STAMP)
 # The committed baseline that `dvc exp show` and `dvc metrics diff` compare against: the whole
 # pipeline at the committed params, then dvc.lock and metrics/ staged for a commit.
 baseline: $(STAMP)
+	@git diff --quiet HEAD -- params.yaml || { echo "make: params.yaml differs from the last commit: commit or revert it first (the baseline is the committed params' run)"; exit 1; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	git add dvc.lock metrics
 	@echo "==> dvc.lock and metrics/ are staged: commit them, e.g. git commit -m 'baseline: make baseline'"

@@ -4,10 +4,18 @@ that shape its outputs, and not on the ones that only change how it runs."""
 from __future__ import annotations
 
 import ast
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import get_type_hints
 
+import pytest
 import yaml
 
 from pipeline.cli import COMMANDS
@@ -117,3 +125,57 @@ def test_only_tracking_talks_to_mlflow():
         names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         if any(name.split(".")[0] == "mlflow" for name in names):
             assert path.name == "tracking.py", f"{path.name} imports mlflow"
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+# What `make baseline` commits: the lock and every metrics output of a reference run
+BASELINE = ["metrics/ingest.json", "metrics/preprocess.json", "metrics/train.json",
+            "metrics/train_history.csv", "metrics/eval.json"]  # fmt: skip
+
+
+def _git(*args: str, cwd: Path = REPO) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_the_baseline_is_committed_and_is_the_run_the_lock_records():
+    """dvc.lock and metrics/ are in git, and each committed metrics file is the one the lock
+    records (same md5): the baseline's numbers come from the run whose hashes it holds."""
+    tracked = set(_git("ls-files", "dvc.lock", "metrics").split())
+    assert {"dvc.lock", *BASELINE} <= tracked, "run `make baseline` and commit what it stages"
+    lock = yaml.safe_load(_git("show", "HEAD:dvc.lock"))
+    recorded = {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+    }
+    for path in BASELINE:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, check=True
+        ).stdout
+        assert hashlib.md5(committed).hexdigest() == recorded[path], path
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_compares_against_numbers(tmp_path):
+    """`dvc exp show` and `dvc metrics diff` in a fresh clone of this repository: the baseline
+    row holds the committed run's metrics (no `!`, no 'failed to load')."""
+    clone = tmp_path / "clone"
+    _git("clone", "-q", str(REPO), str(clone), cwd=tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(cmd, cwd=clone, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "failed to load" not in done.stderr, done.stderr
+        return done
+
+    committed = json.loads((clone / "metrics/eval.json").read_text())
+    rows = list(csv.DictReader(io.StringIO(run("dvc", "exp", "show", "--csv").stdout)))
+    (base,) = [row for row in rows if row["rev"] != "workspace"]
+    assert float(base["test_neg_elbo"]) == pytest.approx(committed["test_neg_elbo"])
+    assert float(base["val.neg_elbo"]) > 0
+    run("dvc", "metrics", "diff")  # nothing changed: no output, no error
+    lines = run("retina-vae", "exps").stdout.splitlines()
+    assert f"{committed['test_iwae_bpd']:.4f}" in lines[3].split()  # the baseline row

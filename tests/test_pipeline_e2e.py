@@ -164,6 +164,7 @@ def test_operational_param_reruns_nothing(repo):
 
 
 def test_experiment_is_its_own_mlflow_run(repo):
+    _run(["git", "checkout", "--", "params.yaml"], repo)  # the tests above edited it
     before = {r.info.run_id for r in _runs(repo)}
     _run(["dvc", "exp", "run", "--temp", "-n", "tiny-exp", "-S", "model.latent_dim=3"], repo)
     rows = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], repo))))
