@@ -98,7 +98,8 @@ IWAE_DECODE_FACTOR = 4  # IWAE decodes at most this many x evaluate.batch_size i
 ARTIFACT_DIR = "evaluation"  # the folder of the MLflow run that holds everything below
 METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 CONFOUND_TABLE = "confounds.csv"  # tables/: probe on mu for each metadata attribute
-NUMERIC_COLUMNS = (*latent.SEVERITY_COLUMNS, "age")  # continuous per-image columns, when present
+# continuous per-image columns the map can be coloured by, when the tables or manifest have them
+NUMERIC_COLUMNS = (*latent.SEVERITY_COLUMNS, "age", "frame", "width", "height")
 PROBE_FILE = "probe.json"  # the label probe on mu, for `retina-vae encode`
 LAYOUT_FILE = "maps/layout.json"  # the PCA layout of the maps, for `retina-vae encode`
 MAP_POINTS = "maps/map_points.parquet"  # image_id and map coordinates of every point drawn
@@ -709,9 +710,9 @@ def map_header(
         ("test_pca_probe_accuracy", "pixel-PCA probe {:.3f}"),
         ("test_spectrum_spearman", "spectrum Spearman {:.2f}"),
     ]
-    figures_ = [fmt.format(metrics[k]) for k, fmt in keys if k in metrics]
-    if figures_:
-        lines.append("test: " + ", ".join(figures_))
+    shown = [fmt.format(metrics[k]) for k, fmt in keys if k in metrics]
+    if shown:
+        lines.append("test: " + ", ".join(shown))
     return lines
 
 

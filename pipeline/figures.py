@@ -280,6 +280,11 @@ HISTORY_UNITS = {  # y-axis titles of the training curves, by metric name
 }
 
 
+def history_unit(metric: str) -> str:
+    """The y-axis title of a training curve (``""`` for a metric without a known unit)."""
+    return "bits per dimension" if metric.endswith("bpd") else HISTORY_UNITS.get(metric, "")
+
+
 @_fonts
 def history_figure(history: pd.DataFrame, path: Path) -> list[str]:
     """Training curves: one panel per metric with train_/val_ columns, against ``epoch``, with
@@ -301,8 +306,7 @@ def history_figure(history: pd.DataFrame, path: Path) -> list[str]:
         for split in ("train", "val"):
             if f"{split}_{base}" in history:
                 ax.plot(x, history[f"{split}_{base}"], marker=".", label=split)
-        unit = "bits per dimension" if base.endswith("bpd") else HISTORY_UNITS.get(base, "")
-        ax.set(title=base, xlabel="epoch", ylabel=unit)
+        ax.set(title=base, xlabel="epoch", ylabel=history_unit(base))
         ax.legend(fontsize=8, frameon=False)
     for ax in axs[len(bases) :]:
         ax.axis("off")

@@ -186,6 +186,16 @@ def test_pixel_pca_orders_the_severity_and_the_spectrum_is_drawn(evaluated):
     table = pd.read_parquet(root / "evaluation" / "embeddings.parquet")
     mu = table[[f"mu_{j}" for j in range(J)]].to_numpy()
     assert np.ptp(table["spectrum_position"]) > 0 and len(mu) == len(table)
+    # the HTML map: t-SNE, PCA and the spectrum layout; severity and mu_j as continuous colours
+    page = (root / "evaluation" / "latent_map.html").read_text()
+    tag = '<script type="application/json" id="map-data">'
+    start = page.index(tag) + len(tag)
+    data = json.loads(page[start : page.index("</script>", start)])
+    assert list(data["layouts"]) == ["t-SNE", "PCA", "spectrum"]
+    kinds = {c: v["kind"] for c, v in data["columns"].items()}
+    assert kinds["severity"] == kinds["mu_0"] == kinds["spectrum_position"] == "number"
+    assert kinds["label"] == "category"
+    assert "k-means ARI" in data["header"][-1] and "silhouette" in data["header"][-1]
 
 
 def test_iwae_bound_is_above_the_elbo(evaluated):

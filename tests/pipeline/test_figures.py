@@ -15,6 +15,7 @@ from pipeline.figures import (
     UNLABELLED,
     font_family,
     history_figure,
+    history_unit,
     label_names,
     pca_2d,
     plot_map,
@@ -117,6 +118,16 @@ def test_history_figure_plots_train_and_val_metrics(tmp_path):
     )
     assert history_figure(history, tmp_path / "h.png") == ["neg_elbo", "kl"]
     assert _png_size(tmp_path / "h.png")[0] > 300
+
+
+@pytest.mark.parametrize(
+    ("metric", "unit"),
+    [("neg_elbo", "nats per image"), ("kl", "nats per image"),
+     ("neg_elbo_bpd", "bits per dimension"), ("images_per_s", "images per second"),
+     ("something_new", "")],
+)  # fmt: skip
+def test_training_curves_carry_their_units(metric, unit):
+    assert history_unit(metric) == unit
 
 
 def test_save_png_scales_pixels_to_blocks(tmp_path):
