@@ -466,7 +466,7 @@ def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
     result = _fit(params, job, examples)
     write_outputs(params, result, job.extra)
     outbox = tracking.Outbox(job.uri, run_id, job.storage / job.name / OUTBOX)
-    if not outbox.send():
+    if tracking.probe(job.uri) is not None or not outbox.send():  # one line, not two
         raise UserError(
             f"training finished and {params.paths.model} is written, but the tracking server "
             f"{job.uri} is unreachable: {len(outbox.waiting())} epoch(s) of logs wait in "

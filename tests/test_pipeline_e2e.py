@@ -115,3 +115,24 @@ def test_experiment_is_its_own_mlflow_run(repo):
     new = [r for r in _runs(repo) if r.info.run_id not in before]
     assert len(new) == 1
     assert new[0].data.params["model.latent_dim"] == "3"
+
+
+def test_queued_experiment_runs_its_own_code_and_records_its_commit(repo):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    queued_at = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    before = {r.info.run_id for r in _runs(repo)}
+    _run(["dvc", "exp", "run", "--queue", "-S", "model.latent_dim=2"], repo)
+    # committed after queueing: a workspace whose stages all fail
+    cli = repo / "pipeline" / "cli.py"
+    original = cli.read_text()
+    cli.write_text(original + "\nraise SystemExit('the workspace code ran')\n")
+    _run([*git, "commit", "-qam", "breaks every stage"], repo)
+    try:
+        _run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo)
+    finally:
+        cli.write_text(original)
+        _run([*git, "commit", "-qam", "repaired"], repo)
+    new = [r for r in _runs(repo) if r.info.run_id not in before]
+    assert [r.data.params["model.latent_dim"] for r in new] == ["2"]  # it ran, with its code
+    assert new[0].info.status == "FINISHED"
+    assert new[0].data.tags["mlflow.source.git.commit"] == queued_at

@@ -151,6 +151,7 @@ def init_ray(
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     logging.getLogger("ray").setLevel(logging.ERROR)
+    _summarise_tracebacks()
 
 
 def _own_instance(kwargs: dict[str, Any]) -> None:
@@ -175,6 +176,48 @@ def _own_instance(kwargs: dict[str, Any]) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+class TracebackSummary:
+    """Wraps the driver's printer of Ray's process logs: each Python traceback that a Ray
+    process logs (Ray Train's controller warns with one when the machine is overloaded; its
+    placement-group cleaner when it loses track of a cluster) becomes one line, its exception
+    line, counted; the full text stays in Ray's log files."""
+
+    START = "Traceback (most recent call last)"
+    GLUE = ("The above exception", "During handling of the above exception")
+
+    def __init__(self, printer: Callable[[dict], None]) -> None:
+        self.printer = printer
+        self.count = 0
+        self._inside: set[Any] = set()  # processes whose traceback is being read
+
+    def __call__(self, data: dict) -> None:
+        pid = data.get("pid")
+        kept = [out for out in (self._line(line, pid) for line in data["lines"]) if out]
+        if kept:
+            self.printer({**data, "lines": kept})
+
+    def _line(self, line: str, pid: Any) -> str | None:
+        if line.startswith(self.START):
+            self._inside.add(pid)
+            return None
+        if pid not in self._inside:
+            return None if line.startswith(self.GLUE) else line
+        if not line.strip() or line[:1].isspace() or line.startswith(self.GLUE):
+            return None  # a frame, source line or chained-exception glue
+        self._inside.discard(pid)
+        self.count += 1
+        return f"{line.strip()[:200]} [Ray traceback #{self.count} shortened; see Ray's logs]"
+
+
+def _summarise_tracebacks() -> None:
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, printer in list(dispatcher.handlers):
+        if name == "ray_print_logs" and not isinstance(printer, TracebackSummary):
+            dispatcher.remove_handler(name)  # re-added under its name: ray.shutdown removes it
+            dispatcher.add_handler(name, TracebackSummary(printer))
 
 
 def shutdown_ray() -> None:
