@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,54 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger("retina_vae.io")
+
+# Temporaries are named ``.<name>.<host>.<pid>.<random>.tmp``: a stage that starts removes
+# those of dead processes on this host (a SIGKILLed writer leaves its temporary behind), and
+# never one of a live writer (a concurrent stage, ``dvc exp run --queue -j 2``).
+HOST = socket.gethostname().replace(".", "_")
+
+
+def temp_path(path: str | Path) -> Path:
+    """A fresh temporary name beside ``path``, owned by this process (nothing created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.{HOST}.{os.getpid()}."
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    Path(tmp_name).unlink()  # the writer creates it (file or directory)
+    return Path(tmp_name)
+
+
+def _owner_dead(name: str) -> bool:
+    """Whether ``name`` is a :func:`temp_path` of this host whose process has exited."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    parts = name[: -len(".tmp")].rsplit(".", 3)  # [.<name>, host, pid, random]
+    if len(parts) != 4 or parts[1] != HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(folders: list[Path]) -> int:
+    """Delete the temporaries of dead writers directly in ``folders``; return bytes freed."""
+    freed = 0
+    for folder in folders:
+        for path in folder.iterdir() if folder.is_dir() else []:
+            if not _owner_dead(path.name):
+                continue
+            files = [path] if not path.is_dir() else [f for f in path.rglob("*") if f.is_file()]
+            freed += sum(f.stat().st_size for f in files if not f.is_symlink())
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            log.info("removed %s, the temporary output of a killed run", path)
+    return freed
 
 
 @contextmanager
@@ -24,11 +74,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     a killed or failing writer leaves the old output (or none), never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # the writer creates it (file or directory)
+    tmp = temp_path(path)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

@@ -150,6 +150,7 @@ class TrainParams:
     bf16: bool
     channels_last: bool
     max_failures: Annotated[int, Field(ge=-1)]
+    startup_timeout_s: Annotated[float, Field(gt=0.0)]
     image_every: Pos
     checkpoints_to_keep: Pos
     loader_workers: NonNeg

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import ArrowRows, write_table
+from pipeline.io import ArrowRows, temp_path, write_table
 from pipeline.params import Params
 from pipeline.processed import CHANNELS
 
@@ -152,8 +152,7 @@ class CacheWriter:
         self.shape = shape_of(spec)
         self.key = cache_key(spec)
         shutil.rmtree(self.folder, ignore_errors=True)  # never leave an earlier run's cache
-        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = temp_path(self.folder)  # a killed writer's is removed by the next stage
         self.tmp.mkdir(parents=True)
         self._bin = open(self.tmp / MAIN, "wb")  # noqa: SIM115 (closed in close/abort)
         self._rows = ArrowRows(INDEX_SCHEMA)

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pyarrow as pa
 
 from pipeline.errors import UserError
+from pipeline.io import remove_stale_temporaries
 from pipeline.params import Params, load_params
 
 log = logging.getLogger("retina_vae")
@@ -46,7 +48,9 @@ def run_stage(
     # default pool (mimalloc) keeps them, and a stage's peak memory then grows with its tables
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        body(load_params(args.params), args)
+        params = load_params(args.params)
+        _remove_stale_temporaries(params)
+        body(params, args)
     except UserError as exc:
         print(f"retina-vae {name}: error: {exc}", file=sys.stderr)
         return 1
@@ -54,3 +58,11 @@ def run_stage(
         print(f"retina-vae {name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _remove_stale_temporaries(params: Params) -> None:
+    """Temporaries that killed stages left beside (or in) any output path of ``params``."""
+    outputs = [Path(p) for k, p in params.flat().items() if k.startswith("paths.")]
+    freed = remove_stale_temporaries(sorted({*outputs, *(p.parent for p in outputs)}))
+    if freed:
+        log.info("freed %.1f MB of stale temporary outputs", freed / 1e6)

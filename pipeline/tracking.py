@@ -10,6 +10,7 @@ one process logs each event, so a training has exactly one run whatever its work
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,7 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.errors import UserError
 from pipeline.figures import image_grid
+from pipeline.io import write_json
 from pipeline.params import ParamsError, TrackingParams, load_params
 from vae_core.model import LatentMeans
 
@@ -79,6 +82,39 @@ def client(uri: str) -> Any:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import
     return MlflowClient(tracking_uri=uri)
+
+
+def probe(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking store at ``uri`` answers, else why not (one line).
+
+    A tracking server's ``/health`` is asked once, within ``timeout`` seconds (MLflow's own
+    client retries for minutes before it gives up); other stores (a sqlite file, a folder) are
+    opened when used and not probed. Runs in the driver and, as a Ray task, on every node.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+            return None if answer.status == 200 else f"/health answered HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        return f"/health answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(getattr(reason, "strerror", None) or reason)
+
+
+def check_store(uri: str) -> None:
+    """A UserError (one line, within seconds) when no tracking server answers at ``uri``."""
+    why = probe(uri)
+    if why is not None:
+        raise UserError(
+            f"tracking.uri: no MLflow tracking server answers at {uri} ({why}); start it "
+            "(`mlflow server --host 0.0.0.0 --port PORT`) or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at a running one"
+        )
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -218,12 +254,107 @@ def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
     )
 
 
+# Rank 0 sends its epoch logs with one try and a short timeout: a tracking server that is down
+# then costs an epoch milliseconds (a refused connection) or seconds, not MLflow's minutes of
+# retries, and what was not sent waits in the outbox for the next try.
+ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class Outbox:
+    """One run's epoch logs on their way to the tracking store, kept in ``folder`` until sent.
+
+    :meth:`put` writes an epoch's metrics and image grids there; :meth:`send` delivers every
+    waiting epoch in order and removes it, and stops at the first failure, leaving the rest
+    for the next call: training never waits for, or dies of, a tracking server that is down.
+    An epoch whose step the run already holds is not logged again (a resumed training repeats
+    the epoch whose checkpoint the interruption lost). Each outage is reported in one line.
+    """
+
+    def __init__(self, uri: str, run_id: str, folder: str | Path) -> None:
+        self.uri, self.run_id, self.folder = uri, run_id, Path(folder)
+        self.down = False  # inside an outage (reported once)
+        self._held: set[int] | None = None  # steps the run holds; read at the first send
+
+    def put(self, epoch: int, metrics: dict[str, float], grids: dict[str, np.ndarray]) -> None:
+        """Keep epoch ``epoch``'s ``metrics`` and ``grids`` ({key: (H,W,3) uint8})."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for key, grid in grids.items():
+            np.save(self.folder / f"{epoch:06d}.{key}.npy", grid)
+        # the JSON last: an epoch counts as waiting once it is complete
+        write_json(self.folder / f"{epoch:06d}.json", {"metrics": metrics, "time_ms": _now_ms()})
+
+    def waiting(self) -> list[int]:
+        """Epochs not yet sent, in order."""
+        return sorted(int(p.stem) for p in self.folder.glob("*.json"))
+
+    def send(self) -> bool:
+        """Deliver the waiting epochs; True when none is left."""
+        try:
+            with one_try():
+                for epoch in self.waiting():
+                    self._send_epoch(epoch)
+        except Exception as exc:  # any failure to log must leave training running
+            if not self.down:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                log.warning(
+                    "tracking server %s unreachable (%s): training goes on; epoch logs wait "
+                    "in %s and are sent when it answers",
+                    self.uri,
+                    reason,
+                    self.folder,
+                )
+            self.down = True
+            return False
+        if self.down:
+            log.info("tracking server %s answers again: waiting epoch logs sent", self.uri)
+        self.down = False
+        return True
+
+    def _send_epoch(self, epoch: int) -> None:
+        from mlflow.entities import Metric
+
+        entry = json.loads((self.folder / f"{epoch:06d}.json").read_text())
+        metrics = entry["metrics"]
+        mlflow_client = client(self.uri)
+        if self._held is None:  # any key: an epoch's metrics go in one batch
+            key = next(iter(metrics))
+            self._held = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
+        grids = sorted(self.folder.glob(f"{epoch:06d}.*.npy"))
+        if epoch not in self._held:
+            for path in grids:  # (the metrics last: they mark the epoch as logged)
+                key = path.name.split(".")[1]
+                mlflow_client.log_image(self.run_id, np.load(path), key=key, step=epoch)
+            batch = [Metric(k, v, entry["time_ms"], epoch) for k, v in metrics.items()]
+            for i in range(0, len(batch), 1000):  # MLflow's batch limit
+                mlflow_client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self._held.add(epoch)
+        for path in grids:
+            path.unlink()
+        (self.folder / f"{epoch:06d}.json").unlink()
+
+
+@contextmanager
+def one_try() -> Iterator[None]:
+    """MLflow's HTTP settings of :data:`ONE_TRY` for a block (a user's own values win)."""
+    saved = {k: os.environ.get(k) for k in ONE_TRY}
+    os.environ.update({k: saved[k] or v for k, v in ONE_TRY.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class EpochLogger:
     """Rank 0's per-epoch callback: metrics (:func:`mlflow_metrics`) with ``step=epoch``, a
     progress line and, at the first epoch, every ``image_every`` epochs and at the last,
-    reconstruction and prior-sample grids.
+    reconstruction and prior-sample grids, sent through an :class:`Outbox` in ``outbox`` (a
+    folder beside the run's checkpoints).
 
-    Picklable (plain fields only); the MlflowClient is made in the worker on first use.
+    Picklable (plain fields only).
     """
 
     def __init__(
@@ -233,32 +364,23 @@ class EpochLogger:
         epochs: int,
         image_every: int,
         examples: np.ndarray,
+        outbox: str,
         seed: int = 0,
     ) -> None:
         self.uri, self.run_id = uri, run_id
         self.epochs, self.image_every, self.seed = epochs, image_every, seed
         self.examples = np.ascontiguousarray(examples)  # (N,C,H,W) uint8 val images
-        self._client: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        self.outbox = Outbox(uri, run_id, outbox)
 
     def __call__(self, epoch: int, row: dict[str, float], model: Any) -> None:
-        from mlflow.entities import Metric
-
-        if self._client is None:
-            self._client = client(self.uri)
-        now = _now_ms()
-        metrics = [Metric(k, v, now, epoch) for k, v in mlflow_metrics(row).items()]
-        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-            self._client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         log.info(progress_line(epoch, self.epochs, row))
         # the first epoch too: MLflow's image cards open at the first step logged
-        if epoch == 0 or (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs:
-            self.log_grids(epoch, model)
+        due = epoch == 0 or (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs
+        self.outbox.put(epoch, mlflow_metrics(row), self.grids(model) if due else {})
+        self.outbox.send()
 
-    def log_grids(self, epoch: int, model: Any) -> None:
-        """Originals over reconstructions, and samples from the prior, as MLflow images."""
+    def grids(self, model: Any) -> dict[str, np.ndarray]:
+        """Originals over reconstructions, and samples from the prior: {key: (H,W,3) uint8}."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -270,12 +392,10 @@ class EpochLogger:
         model.train(was_training)
         pairs = np.concatenate([self.examples / 255.0, recon])  # row 1 originals, row 2 recon
         ncol = len(self.examples)
-        self._client.log_image(
-            self.run_id, image_grid(pairs, ncol=ncol), key="reconstructions", step=epoch
-        )
-        self._client.log_image(
-            self.run_id, image_grid(samples, ncol=ncol), key="prior_samples", step=epoch
-        )
+        return {
+            "reconstructions": image_grid(pairs, ncol=ncol),
+            "prior_samples": image_grid(samples, ncol=ncol),
+        }
 
 
 def log_kl_profile(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
@@ -556,8 +676,6 @@ def log_training_data(
     profile holds the split sizes; context ``training``. Same effect as ``mlflow.log_input``,
     through the client, so a run in progress stays open.
     """
-    import json
-
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 

@@ -65,6 +65,7 @@ OPERATIONAL = {
     "train.image_every",
     "train.checkpoints_to_keep",
     "train.loader_workers",
+    "train.startup_timeout_s",
     "train.cpus_per_worker",
     "train.gpus_per_worker",
     "cluster.address",
@@ -88,6 +89,7 @@ HISTORY_COLUMNS = [
     "train_contrastive",
 ]
 RUN_STATE = "run.json"  # beside Ray's checkpoints: the MLflow run this Ray run logs into
+OUTBOX = "mlflow-outbox"  # beside them: epoch logs not yet sent to the tracking store
 
 
 # ----------------------------------------------------------------------------- data
@@ -226,6 +228,7 @@ def scaling(params: Params) -> distributed.Scaling:
         gpus_per_worker=t.gpus_per_worker,
         max_failures=t.max_failures,
         checkpoints_to_keep=t.checkpoints_to_keep,
+        startup_timeout_s=t.startup_timeout_s,
     )
 
 
@@ -376,18 +379,21 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     name = f"train-{extra['params_hash'][:10]}-{extra['data_hash'][:10]}"
     run_dir = storage / name
 
+    tracking.check_store(uri)  # before anything is started or deleted
     started = connect(params, uri)
     try:
         check_resources(params)
         check_shared_storage(storage, processed)
+        check_tracking_from_workers(uri)
         params_path = Path(args.params if args else "params.yaml")
         run_id = _open_run(params, uri, run_dir, extra, params_path)
         job = _Job(shape, extra, uri, storage, name, processed)  # extra has the run id now
         try:  # whatever stops the run before its end marks it KILLED or FAILED, not RUNNING
             result = _train_and_log(params, job)
         except BaseException as exc:
-            killed = isinstance(exc, KeyboardInterrupt)
-            tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
+            _finish_anyway(
+                uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            )
             raise
         tracking.finish_run(uri, run_id)
         write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
@@ -405,6 +411,31 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             distributed.shutdown_ray()
 
 
+def _finish_anyway(uri: str, run_id: str, status: str) -> None:
+    """Mark the run ``status`` if the store answers; the error being raised matters more."""
+    try:
+        with tracking.one_try():
+            tracking.finish_run(uri, run_id, status)
+    except Exception as exc:  # the store may be what failed
+        log.warning("could not mark MLflow run %s %s (%s)", run_id, status, type(exc).__name__)
+
+
+def check_tracking_from_workers(uri: str) -> None:
+    """A tracking server must answer from every Ray node, not only here: rank 0 logs from
+    wherever Ray places it (``http://127.0.0.1:...`` on the head is another machine's loopback
+    on a worker node)."""
+    if not uri.startswith(("http://", "https://")):
+        return  # a sqlite file or folder: check_shared_storage's business
+    for node, why in distributed.on_every_node(tracking.probe, uri).items():
+        if why is not None:
+            host = urlsplit(uri).hostname
+            raise UserError(
+                f"tracking.uri: {uri} answers here but not from Ray node {node} ({why}); use "
+                f"an address every node reaches, e.g. {uri.replace(host, distributed.node_ip())} "
+                "with the server started as `mlflow server --host 0.0.0.0`"
+            )
+
+
 def _open_run(
     params: Params, uri: str, run_dir: Path, extra: dict[str, str], params_path: Path
 ) -> str:
@@ -413,10 +444,7 @@ def _open_run(
     is named after the DVC experiment and the params that differ from the committed
     ``params_path``, and tagged with the experiment (:func:`pipeline.tracking.run_labels`)."""
     state = _read_state(run_dir)
-    if state.get("finished"):
-        log.info("a finished training with these params and data exists: starting afresh")
-        shutil.rmtree(run_dir)
-        state = {}
+    fresh = bool(state.get("finished"))
     name, dvc_tags = tracking.run_labels(params.flat(), params_path)
     run_id, resumed = tracking.start_run(
         uri,
@@ -428,9 +456,12 @@ def _open_run(
             **tracking.lineage_tags(REPO, Path("dvc.lock")),
             **dvc_tags,
         },
-        run_id=state.get("mlflow_run_id"),
+        run_id=None if fresh else state.get("mlflow_run_id"),
         run_name=name,
     )
+    if fresh:  # deleted only once the new run exists (a store that fails keeps it)
+        log.info("a finished training with these params and data exists: starting afresh")
+        shutil.rmtree(run_dir)
     extra["mlflow_run_id"] = run_id
     log.info(
         "%s MLflow run %s at %s; checkpoints in %s",
@@ -468,6 +499,13 @@ def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
     examples = _examples(job.processed)  # (n,C,H,W) uint8: epoch grids, the model signature
     result = _fit(params, job, examples)
     write_outputs(params, result, job.extra)
+    outbox = tracking.Outbox(job.uri, run_id, job.storage / job.name / OUTBOX)
+    if tracking.probe(job.uri) is not None or not outbox.send():  # one line, not two
+        raise UserError(
+            f"training finished and {params.paths.model} is written, but the tracking server "
+            f"{job.uri} is unreachable: {len(outbox.waiting())} epoch(s) of logs wait in "
+            f"{outbox.folder}; run the stage again once it answers to send them and log the model"
+        )
     tracking.log_model(
         job.uri,
         run_id,
@@ -490,7 +528,13 @@ def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResu
         train=train_config(params),
         data=ProcessedData(job.processed),
         on_epoch=tracking.EpochLogger(
-            job.uri, job.extra["mlflow_run_id"], t.epochs, t.image_every, examples, t.seed
+            job.uri,
+            job.extra["mlflow_run_id"],
+            t.epochs,
+            t.image_every,
+            examples,
+            str(job.storage / job.name / OUTBOX),
+            t.seed,
         ),
         extra=dict(job.extra),
         loader_workers=t.loader_workers,
@@ -502,6 +546,13 @@ def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResu
     except Exception as exc:
         if not distributed.is_training_failure(exc):
             raise
+        if distributed.is_startup_timeout(exc):
+            raise UserError(
+                f"the {t.num_workers} Ray Train worker(s) did not start within "
+                f"train.startup_timeout_s = {t.startup_timeout_s:g} s: the cluster cannot place "
+                f"{t.num_workers} x {scaling(params).resources()} (a node lost or busy); "
+                "re-run the stage to resume from the last checkpoint once it can"
+            ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"training failed after {t.max_failures} restart(s) ({first[:200]}); "

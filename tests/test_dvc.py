@@ -77,7 +77,7 @@ def _covered(module: str, deps: list[str]) -> bool:
 def test_every_stage_depends_on_the_code_it_imports():
     missing = {}
     for name, stage in _stages().items():
-        command = stage["cmd"].split()[1]  # "retina-vae train" -> train
+        command = stage["cmd"].split()[-1]  # "python -m pipeline.cli train" -> train
         code = _closure(_module_file(COMMANDS[command][0]))
         needed = {m for m in code - SHELL if not m.endswith("__init__.py")}
         lacking = sorted(m for m in needed if not _covered(m, stage["deps"]))

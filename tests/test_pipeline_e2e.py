@@ -214,3 +214,23 @@ def test_editing_an_external_label_sheet_or_source_reruns_ingest(tmp_path):
     report = json.loads((root / "metrics/ingest.json").read_text())
     assert report["unlisted"] == 1
     assert _ran(_run(["dvc", "repro", "ingest"], root)) == set()
+
+
+def test_queued_experiment_runs_its_own_code_and_records_its_commit(repo):
+    queued_at = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    before = {r.info.run_id for r in _runs(repo)}
+    _run(["dvc", "exp", "run", "--queue", "-S", "model.latent_dim=2"], repo)
+    # committed after queueing: a workspace whose stages all fail
+    cli = repo / "pipeline" / "cli.py"
+    original = cli.read_text()
+    cli.write_text(original + "\nraise SystemExit('the workspace code ran')\n")
+    _run([*GIT, "commit", "-qam", "breaks every stage"], repo)
+    try:
+        _run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo)
+    finally:
+        cli.write_text(original)
+        _run([*GIT, "commit", "-qam", "repaired"], repo)
+    new = [r for r in _runs(repo) if r.info.run_id not in before]
+    assert [r.data.params["model.latent_dim"] for r in new] == ["2"]  # it ran, with its code
+    assert new[0].info.status == "FINISHED"
+    assert new[0].data.tags["mlflow.source.git.commit"] == queued_at

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,9 @@ class Scaling:
     gpus_per_worker: float = 1.0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    # seconds Ray Train waits for a worker group's resources (a lost node, a busy cluster)
+    # before the run fails; without a bound it retries the start-up forever
+    startup_timeout_s: float = 120.0
 
     def resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker}
@@ -119,8 +124,11 @@ def init_ray(
 ) -> None:
     """Start an embedded local Ray (``address=None``) or connect to a running cluster.
 
-    Quiet: no dashboard, Ray's own loggers at ERROR in every process (Train workers keep INFO
-    for the application's lines). Connection failures propagate as Ray raises them.
+    The embedded Ray is this process's own: ``address="local"`` never joins another Ray
+    found on the host (``ray start``, ``RAY_ADDRESS``), and its processes are pinned to it
+    (:func:`_own_instance`). Quiet: no dashboard, Ray's own loggers at ERROR in every process
+    (Train workers keep INFO for the application's lines). Connection failures propagate as
+    Ray raises them.
     """
     set_quiet_env(local=address is None)
     kwargs: dict[str, Any] = {
@@ -128,18 +136,88 @@ def init_ray(
         "runtime_env": runtime_env,
     }
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
         kwargs["address"] = address
     # ray.LoggingConfig also reconfigures this process's root logger (level ERROR, one more
     # handler); the driver keeps its own logging, with only Ray's loggers turned down.
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    ray.init(**kwargs)
+    if address is None:
+        _own_instance(kwargs)
+    else:
+        ray.init(**kwargs)
     root.setLevel(level)
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     logging.getLogger("ray").setLevel(logging.ERROR)
+    _summarise_tracebacks()
+
+
+def _own_instance(kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)`` of an embedded Ray whose worker processes know its address.
+
+    Ray Train's placement-group cleaner (a detached actor) finds "its" cluster by scanning the
+    host for Ray instances; with another Ray on the same machine (a shared lab server) it fails
+    with a traceback ("Found multiple active Ray instances") or watches the wrong cluster. So
+    the GCS port is chosen here and every worker gets ``RAY_ADDRESS`` = this instance.
+    """
+    with socket.socket() as s:  # a free port for the GCS (Ray binds it right away)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(kwargs["runtime_env"] or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(**{**kwargs, "runtime_env": env})
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+class TracebackSummary:
+    """Wraps the driver's printer of Ray's process logs: each Python traceback that a Ray
+    process logs (Ray Train's controller warns with one when the machine is overloaded; its
+    placement-group cleaner when it loses track of a cluster) becomes one line, its exception
+    line, counted; the full text stays in Ray's log files."""
+
+    START = "Traceback (most recent call last)"
+    GLUE = ("The above exception", "During handling of the above exception")
+
+    def __init__(self, printer: Callable[[dict], None]) -> None:
+        self.printer = printer
+        self.count = 0
+        self._inside: set[Any] = set()  # processes whose traceback is being read
+
+    def __call__(self, data: dict) -> None:
+        pid = data.get("pid")
+        kept = [out for out in (self._line(line, pid) for line in data["lines"]) if out]
+        if kept:
+            self.printer({**data, "lines": kept})
+
+    def _line(self, line: str, pid: Any) -> str | None:
+        if line.startswith(self.START):
+            self._inside.add(pid)
+            return None
+        if pid not in self._inside:
+            return None if line.startswith(self.GLUE) else line
+        if not line.strip() or line[:1].isspace() or line.startswith(self.GLUE):
+            return None  # a frame, source line or chained-exception glue
+        self._inside.discard(pid)
+        self.count += 1
+        return f"{line.strip()[:200]} [Ray traceback #{self.count} shortened; see Ray's logs]"
+
+
+def _summarise_tracebacks() -> None:
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, printer in list(dispatcher.handlers):
+        if name == "ray_print_logs" and not isinstance(printer, TracebackSummary):
+            dispatcher.remove_handler(name)  # re-added under its name: ray.shutdown removes it
+            dispatcher.add_handler(name, TracebackSummary(printer))
 
 
 def shutdown_ray() -> None:
@@ -172,21 +250,30 @@ def _stat(paths: list[str]) -> dict[str, tuple[int, int] | None]:
 
 
 def stat_on_every_node(paths: list[str]) -> dict[str, dict[str, tuple[int, int] | None]]:
-    """``{node address: {path: (size, mtime_ns) or None}}`` as seen from each alive node.
+    """``{node address: {path: (size, mtime_ns) or None}}`` as seen from each alive node:
+    tells a shared mount (same file everywhere) from a node-local path (missing, or another
+    file of the same name)."""
+    return on_every_node(_stat, paths)
 
-    A zero-CPU task pinned to each node: tells a shared mount (same file everywhere) from a
-    node-local path (missing, or another file of the same name).
-    """
+
+def on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """``{node address (id): fn(*args)}`` run once on each alive node, as a zero-CPU task
+    pinned there (``fn`` must be importable or picklable there)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0)(_stat)
+    task = ray.remote(num_cpus=0)(fn)
     refs = {
         node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": task.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        ).remote(paths)
+        ).remote(*args)
         for node in cluster_nodes()
     }
     return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
+
+
+def node_ip() -> str:
+    """This node's address as the other Ray nodes reach it."""
+    return ray.util.get_node_ip_address()
 
 
 # ----------------------------------------------------------------------------- data
@@ -393,6 +480,8 @@ def fit(
     ``ray.train.TrainingFailedError`` when the workers fail more than ``max_failures`` times.
     """
     set_quiet_env(local=False)
+    # Ray Train reads the start-up bound from the driver's environment (and passes it on)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(scaling.startup_timeout_s)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -404,13 +493,17 @@ def fit(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            # controller_failure_limit=0: a worker group that does not start within the
+            # timeout ends the run (Ray's default retries the start-up without limit)
+            failure_config=ray.train.FailureConfig(
+                max_failures=scaling.max_failures, controller_failure_limit=0
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
     # Local storage is read in place; an object store is downloaded once.
@@ -424,6 +517,37 @@ def fit(
     )
 
 
+def _fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread, so Ctrl-C stays this process's KeyboardInterrupt.
+
+    From the main thread, Ray Train replaces the SIGINT handler with its own (abort the run,
+    then exit 1 without a word); from another thread it leaves it alone. The caller stops the
+    run on KeyboardInterrupt by shutting Ray down (the controller is owned by this driver).
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as raised
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: the main thread must see SIGINT
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def is_training_failure(exc: BaseException) -> bool:
     """True for Ray Train's "workers failed / controller failed" errors."""
     return isinstance(exc, ray.train.TrainingFailedError)
+
+
+def is_startup_timeout(exc: BaseException) -> bool:
+    """True when the workers could not be placed within ``Scaling.startup_timeout_s``."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError)

@@ -1,14 +1,23 @@
 """Atomic outputs: a failing writer leaves the previous output untouched and no temp files."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io
+from pipeline import demo, io
 from pipeline.io import ArrowRows, atomic_path, write_json, write_table
+from pipeline.params import load_params
+from tests.conftest import REPO
+from tests.pipeline.dicom_factory import write_params
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -68,3 +77,66 @@ def test_parquet_is_written_in_bounded_row_groups(tmp_path, monkeypatch, arrow):
     meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3, 3, 2]
     assert pd.read_parquet(tmp_path / "t.parquet").equals(df)
+
+
+# ----------------------------------------------------------------------------- stale temporaries
+
+
+def _dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout)  # that process has exited
+
+
+@pytest.mark.parametrize(
+    ("name", "removed"),
+    [
+        ("dead", True),  # a killed writer on this host
+        ("alive", False),  # a writer still at work (a concurrent stage)
+        ("other-host", False),  # another machine's writer on shared storage: cannot tell
+        ("foreign", False),  # not a temporary of this mechanism
+    ],
+)
+def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path, name, removed):
+    pid = {"dead": _dead_pid(), "alive": os.getpid()}.get(name, _dead_pid())
+    host = "elsewhere" if name == "other-host" else io.HOST
+    entry = tmp_path / (f".out.{host}.{pid}.k2j4.tmp" if name != "foreign" else ".out.tmp")
+    entry.mkdir()
+    (entry / "array.npy").write_bytes(b"x" * 1000)
+    freed = io.remove_stale_temporaries([tmp_path])
+    assert entry.exists() is not removed
+    assert freed == (1000 if removed else 0)
+
+
+def test_temp_path_names_its_owner(tmp_path):
+    tmp = io.temp_path(tmp_path / "processed")
+    assert tmp.name.startswith(f".processed.{io.HOST}.{os.getpid()}.") and not tmp.exists()
+    tmp.mkdir()
+    assert io.remove_stale_temporaries([tmp_path]) == 0 and tmp.exists()  # this process lives
+
+
+@pytest.mark.slow
+def test_a_killed_stage_leaves_a_temporary_that_its_next_run_removes(tmp_path):
+    params = write_params(tmp_path, demo={"patients": 60, "workers": 1})
+    out = Path(load_params(params).paths.demo)
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--params", str(params)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not list(out.parent.glob(f".{out.name}.*.tmp/images/*")):
+        assert stage.poll() is None and time.monotonic() < deadline, "no temporary seen"
+        time.sleep(0.02)
+    os.kill(stage.pid, signal.SIGKILL)  # mid-write
+    stage.wait(timeout=60)
+    (stale,) = out.parent.glob(f".{out.name}.*.tmp")
+    alive = io.temp_path(out)  # a concurrent writer's, in the same folder
+    alive.mkdir()
+
+    assert demo.main(["--params", str(params)]) == 0
+    assert not stale.exists() and alive.exists() and out.is_dir()

@@ -85,3 +85,27 @@ def test_two_ray_workers_draw_different_noise(ray_session, tmp_path):
     result = distributed.fit(_spec(epochs=1), scaling, str(tmp_path), "ranks")
     rng = result.state["rng"]  # every rank's RNG state after the epoch, as gathered
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+def test_ray_process_tracebacks_reach_the_console_as_one_counted_line():
+    # as Ray Train's controller logs it when a request times out on a loaded machine
+    lines = [
+        "Failed to send resource request for train-1. It's safe to ignore this error.",
+        "Traceback (most recent call last):",
+        '  File "/x/autoscaling_coordinator_client.py", line 58, in send_resource_request',
+        "    ray.get(",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "epoch   2/3  train -ELBO    680.85",
+    ]
+    printed: list[dict] = []
+    summary = distributed.TracebackSummary(printed.append)
+    summary({"pid": 7, "is_err": True, "lines": lines[:3]})  # a traceback split over batches
+    summary({"pid": 7, "is_err": True, "lines": lines[3:]})
+    out = [line for batch in printed for line in batch["lines"]]
+    assert out == [
+        lines[0],
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready. "
+        "[Ray traceback #1 shortened; see Ray's logs]",
+        lines[-1],
+    ]
+    assert summary.count == 1
