@@ -109,6 +109,13 @@ def test_repro_builds_every_output(repo):
     (run,) = _runs(repo)
     assert run.info.status == "FINISHED"
     assert "test/neg_elbo" in run.data.metrics and "val/neg_elbo" in run.data.metrics
+    # the logged model carries the last epoch's (step 1) and the evaluation's metrics
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    on_model = {m.key: (m.step, m.value) for m in client.get_logged_model(model.model_id).metrics}
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert on_model["val/neg_elbo"] == (1, pytest.approx(train["val"]["neg_elbo"]))
+    assert on_model["test/neg_elbo"] == (1, pytest.approx(evaluation["test_neg_elbo"]))
 
 
 def _number(text: str) -> bool:
@@ -176,8 +183,8 @@ def test_experiment_is_its_own_mlflow_run(repo):
     # the MLflow run and the DVC experiment name each other
     assert new[0].info.run_name == "tiny-exp: model.latent_dim=3"
     assert new[0].data.tags["dvc.exp_name"] == "tiny-exp"
-    refs = _run(["git", "show-ref"], repo)
-    assert f"{exp['rev']} {new[0].data.tags['dvc.exp_ref']}" in refs
+    refs = dict(line.split()[::-1] for line in _run(["git", "show-ref"], repo).splitlines())
+    assert refs[new[0].data.tags["dvc.exp_ref"]].startswith(exp["rev"])  # CSV: a short sha
 
     # the readable comparison: 120 columns, the changed param, DVC's own figures
     lines = _run(["retina-vae", "exps"], repo).strip().splitlines()
