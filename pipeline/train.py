@@ -19,19 +19,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import tracking
+from pipeline import cluster, run_store, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.params import Params
@@ -68,6 +65,8 @@ OPERATIONAL = {
     "train.gpus_per_worker",
     "cluster.address",
     "cluster.ship_code",
+    "cluster.worker_env",
+    "cluster.forward_env",
     "tracking.register_model",  # registering the model does not change what it learns
 }
 HISTORY_COLUMNS = [
@@ -218,36 +217,17 @@ def scaling(params: Params) -> distributed.Scaling:
 # ----------------------------------------------------------------------------- cluster
 
 
-def _check_reachable(address: str) -> None:
-    """A quick TCP probe of ``host:port`` / ``ray://host:port`` (Ray itself retries for
-    minutes before giving up on an address where nothing listens)."""
-    if address == "auto":
-        return
-    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
-    if not parts.hostname or not parts.port:
-        raise UserError(
-            f"cluster.address: expected auto, host:port or ray://host:port, got {address!r}"
-        )
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
-    except OSError as exc:
-        raise UserError(
-            f"cluster.address: Ray cluster at {address} is unreachable ({exc.strerror or exc}); "
-            "start it with `ray start --head` or set cluster.address: null for a local Ray"
-        ) from None
-
-
 def connect(params: Params, uri: str) -> bool:
     """Start or join Ray; return True when this call started it (and must shut it down)."""
     address = params.cluster.address
+    env: dict[str, Any] = {"env_vars": cluster.worker_env(params, uri)}
     if address is not None:
-        _check_reachable(address)
+        cluster.check_address(address)
     if distributed.ray_is_initialized():
         return False  # a session opened by the caller (tests, notebooks) is reused
     if address is None:
         distributed.init_ray(None, num_cpus=os.cpu_count())
         return True
-    env: dict[str, Any] = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
     if params.cluster.ship_code:
         env["py_modules"] = [str(REPO / "pipeline"), str(REPO / "vae_core")]
     try:
@@ -277,18 +257,18 @@ def check_resources(params: Params) -> None:
         )
 
 
-def check_shared_storage(storage: Path, processed: Path) -> None:
-    """On a multi-node cluster every node must see the same data and checkpoint folder."""
+def check_shared_storage(storage: str, processed: Path) -> None:
+    """On a multi-node cluster every node must see the same data and checkpoint folder (an
+    object store is the same for every node)."""
     if len(distributed.cluster_nodes()) < 2:
         return
-    storage.mkdir(parents=True, exist_ok=True)
-    marker = storage / f".shared-check-{os.getpid()}"
-    marker.write_text("retina-vae")
+    files = {str(f): "paths.processed" for s in FIT_SPLITS for f in image_files(processed, s)}
+    marker = Path(storage) / f".shared-check-{os.getpid()}"
+    if not run_store.is_uri(storage):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("retina-vae")
+        files[str(marker)] = "paths.checkpoints"
     try:
-        files = {
-            str(marker): "paths.checkpoints",
-            **{str(f): "paths.processed" for s in FIT_SPLITS for f in image_files(processed, s)},
-        }
         local = {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
         for node, seen in distributed.stat_on_every_node(list(files)).items():
             for path, key in files.items():
@@ -299,7 +279,8 @@ def check_shared_storage(storage: Path, processed: Path) -> None:
                         "mounts at the same path (NFS, a shared disk) - see README, Scaling out"
                     )
     finally:
-        marker.unlink(missing_ok=True)
+        if str(marker) in files:
+            marker.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -331,11 +312,8 @@ def _examples(processed: Path) -> np.ndarray:
     return np.array(source[:N_EXAMPLES])  # (n,C,H,W) uint8
 
 
-def _read_state(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / RUN_STATE).read_text())
-    except (OSError, ValueError):
-        return {}
+def _read_state(run_dir: str) -> dict[str, Any]:
+    return run_store.read_json(run_store.join(run_dir, RUN_STATE))
 
 
 # ----------------------------------------------------------------------------- stage
@@ -347,13 +325,14 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     shape = check_processed(processed)
     extra = {"params_hash": params_hash(params), "data_hash": data_hash(processed)}
     uri = tracking.resolve_tracking_uri(params.tracking)
-    storage = Path(params.paths.checkpoints).resolve()
+    storage = run_store.location(params.paths.checkpoints)  # a folder or an object-store URI
     name = f"train-{extra['params_hash'][:10]}-{extra['data_hash'][:10]}"
-    run_dir = storage / name
+    run_dir = run_store.join(storage, name)
 
     started = connect(params, uri)
     try:
         check_resources(params)
+        cluster.check_collective(params, cluster.worker_env(params, uri))
         check_shared_storage(storage, processed)
         run_id = _open_run(params, uri, run_dir, extra)
         job = _Job(shape, extra, uri, storage, name, processed)  # extra has the run id now
@@ -364,7 +343,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             tracking.finish_run(uri, run_id, "KILLED" if killed else "FAILED")
             raise
         tracking.finish_run(uri, run_id)
-        write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
+        state = {"mlflow_run_id": run_id, "finished": True, **extra}
+        run_store.write_json(run_store.join(run_dir, RUN_STATE), state)
         last = result.history[-1]
         log.info(
             "done: %d epochs, val -ELBO %.2f; wrote %s",
@@ -378,13 +358,13 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             distributed.shutdown_ray()
 
 
-def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) -> str:
+def _open_run(params: Params, uri: str, run_dir: str, extra: dict[str, str]) -> str:
     """Start (or resume, after an interruption) the MLflow run of this training; a finished
     run of the same params and data starts afresh. Sets ``extra["mlflow_run_id"]``."""
     state = _read_state(run_dir)
     if state.get("finished"):
         log.info("a finished training with these params and data exists: starting afresh")
-        shutil.rmtree(run_dir)
+        run_store.remove_tree(run_dir)
         state = {}
     run_id, resumed = tracking.start_run(
         uri,
@@ -405,8 +385,8 @@ def _open_run(params: Params, uri: str, run_dir: Path, extra: dict[str, str]) ->
         uri,
         run_dir,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
+    state = {"mlflow_run_id": run_id, "finished": False, **extra}
+    run_store.write_json(run_store.join(run_dir, RUN_STATE), state)
     return run_id
 
 
@@ -418,7 +398,7 @@ class _Job:
     shape: tuple[int, int, int]  # (C, H, W) of the training images
     extra: dict[str, str]  # params_hash, data_hash, mlflow_run_id
     uri: str
-    storage: Path
+    storage: str  # paths.checkpoints: an absolute folder or an object-store URI
     name: str
     processed: Path
 
@@ -461,7 +441,7 @@ def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResu
     )
     try:
         return distributed.fit(
-            spec, scaling(params), str(job.storage), job.name, {"MLFLOW_TRACKING_URI": job.uri}
+            spec, scaling(params), job.storage, job.name, cluster.worker_env(params, job.uri)
         )
     except Exception as exc:
         if not distributed.is_training_failure(exc):
