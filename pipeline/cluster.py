@@ -85,8 +85,8 @@ def check_collective(params: Params, env: dict[str, str]) -> None:
         for n in distributed.cluster_nodes()
         if all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items())
     ]
-    if len(nodes) < 2 or t.num_workers < 2:
-        return
+    if len({n["NodeManagerAddress"] for n in nodes}) < 2 or t.num_workers < 2:
+        return  # one host (even with several Ray nodes on it): loopback reaches every rank
     variable = distributed.IFNAME_VARIABLE[t.use_gpu]
     reports = distributed.on_every_node(
         distributed.collective_address, t.use_gpu, env=env, nodes=nodes

@@ -17,6 +17,8 @@ from pipeline.params import load_params
 from tests.pipeline.test_train import _runs, _steps
 from tests.s3 import BUCKET, free_port, moto_s3
 
+EPOCHS = 30
+
 
 @pytest.mark.parametrize(
     "value, expected",
@@ -31,15 +33,15 @@ def test_storage_location_keeps_uris_and_makes_paths_absolute(value, expected):
     assert run_store.location(value) == expected
 
 
-def _committed(uri: str, epoch: int) -> bool:
-    """Whether Ray's controller has taken in the checkpoint of ``epoch`` (its snapshot names
-    it), read from the object store as Ray wrote it."""
+def _committed(uri: str) -> bool:
+    """Whether Ray's controller has taken in a checkpoint (its snapshot names one), read from
+    the object store as Ray wrote it. Checkpoints are committed in order: epoch 0 first."""
     filesystem, root = fs.FileSystem.from_uri(uri)
     selector = fs.FileSelector(root, recursive=True, allow_not_found=True)
     for info in filesystem.get_file_info(selector):
         if info.path.endswith("checkpoint_manager_snapshot.json"):
             with filesystem.open_input_stream(info.path) as f:
-                if f"epoch_{epoch:06d}" in f.read().decode():
+                if "epoch_0" in f.read().decode():
                     return True
     return False
 
@@ -76,15 +78,17 @@ def test_checkpoints_on_s3_and_resume_after_a_failure(
             monkeypatch.setenv(key, value)
         uri = f"s3://{BUCKET}/runs"
         path = params_file(
-            train={"epochs": 3, "num_workers": 2, "image_every": 10, "max_failures": 0},
+            # enough epochs (~0.3 s each) that the kill lands while the run is training
+            train={"epochs": EPOCHS, "num_workers": 2, "image_every": 100, "max_failures": 0},
             paths={"checkpoints": uri},
             cluster={"forward_env": sorted(aws)},
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         first = _stage(path, env, tmp_path)
         deadline = time.monotonic() + 300
-        while not _committed(uri, 0) and first.poll() is None and time.monotonic() < deadline:
+        while not _committed(uri) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert first.poll() is None, first.communicate()[1][-2000:]  # still training
         _kill_a_train_worker(first)  # a lost node, say: no restarts left, the stage fails
         _, err = first.communicate(timeout=120)
         assert first.returncode == 1, err[-2000:]
@@ -97,15 +101,15 @@ def test_checkpoints_on_s3_and_resume_after_a_failure(
 
         assert "resuming after epoch" in err
         history = pd.read_csv(load_params(path).paths.train_history)
-        assert history["epoch"].tolist() == list(range(3))
+        assert history["epoch"].tolist() == list(range(EPOCHS))
         (run,) = _runs(path)
         assert run.info.status == "FINISHED"
         steps = _steps(path, run.info.run_id, "train_neg_elbo")
         # the second run went on from the S3 checkpoint: epoch 0 (committed there before the
         # kill) was trained and logged once
-        assert sorted(set(steps)) == list(range(3)) and steps.count(0) == 1
+        assert sorted(set(steps)) == list(range(EPOCHS)) and steps.count(0) == 1
         filesystem, root = fs.FileSystem.from_uri(uri)
         names = {
             i.base_name for i in filesystem.get_file_info(fs.FileSelector(root, recursive=True))
         }
-        assert {"run.json", "checkpoint.pt", "epoch_000002"} <= names
+        assert {"run.json", "checkpoint.pt", f"epoch_{EPOCHS - 1:06d}"} <= names
