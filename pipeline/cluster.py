@@ -1,7 +1,7 @@
 """Joining a Ray cluster (``cluster.*`` params): the checks that turn Ray's slow or silent
 failures into one line, and the environment every Ray worker gets.
 
-Used by the train stage and the Ray Data engine. See README, "Running on a cluster".
+Used by the train stage. See README, "Running on a cluster".
 """
 
 from __future__ import annotations
