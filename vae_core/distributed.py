@@ -17,6 +17,7 @@ RNG state, history, ``extra`` such as the MLflow run id) while every rank calls
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -113,6 +114,21 @@ def set_quiet_env(local: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+def _beside_job_env(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``runtime_env`` less the variables a Ray job's own runtime env already sets.
+
+    A driver started by ``ray job submit`` runs with the job's runtime env (its variables are
+    in this process's environment too), and ``ray.init`` refuses a second value for any of its
+    keys, even an equal one.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set for a Ray job's driver only
+    if not raw or not runtime_env:
+        return runtime_env
+    job_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in job_vars}
+    return {**runtime_env, "env_vars": env_vars}
+
+
 def init_ray(
     address: str | None = None,
     runtime_env: dict[str, Any] | None = None,
@@ -126,7 +142,7 @@ def init_ray(
     set_quiet_env(local=address is None)
     kwargs: dict[str, Any] = {
         "logging_config": ray.LoggingConfig(log_level="ERROR"),
-        "runtime_env": runtime_env,
+        "runtime_env": _beside_job_env(runtime_env),
     }
     if address is None:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
