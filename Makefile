@@ -42,8 +42,8 @@ $(STAMP): pyproject.toml | python-check $(BIN)/python
 
 # the test tools (pytest, ruff, playwright): `make test` needs them, `make repro` does not
 $(TEST_STAMP): $(STAMP)
-	@echo "==> installing the test extras (pytest, ruff, playwright)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	@echo "==> installing the test extras (pytest, ruff, playwright; Ray's dashboard for the job tests)"
+	$(BIN)/python -m pip install -q -e ".[test,cluster]"
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

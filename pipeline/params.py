@@ -181,6 +181,8 @@ class TrackingParams:
 class ClusterParams:
     address: str | None
     ship_code: bool
+    worker_env: dict[str, str]
+    forward_env: tuple[str, ...]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import tracking
+from pipeline import cluster, run_store, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.params import Params
@@ -70,6 +68,8 @@ OPERATIONAL = {
     "train.gpus_per_worker",
     "cluster.address",
     "cluster.ship_code",
+    "cluster.worker_env",
+    "cluster.forward_env",
     "tracking.register_model",  # registering the model does not change what it learns
 }
 HISTORY_COLUMNS = [
@@ -235,36 +235,17 @@ def scaling(params: Params) -> distributed.Scaling:
 # ----------------------------------------------------------------------------- cluster
 
 
-def _check_reachable(address: str) -> None:
-    """A quick TCP probe of ``host:port`` / ``ray://host:port`` (Ray itself retries for
-    minutes before giving up on an address where nothing listens)."""
-    if address == "auto":
-        return
-    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
-    if not parts.hostname or not parts.port:
-        raise UserError(
-            f"cluster.address: expected auto, host:port or ray://host:port, got {address!r}"
-        )
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
-    except OSError as exc:
-        raise UserError(
-            f"cluster.address: Ray cluster at {address} is unreachable ({exc.strerror or exc}); "
-            "start it with `ray start --head` or set cluster.address: null for a local Ray"
-        ) from None
-
-
 def connect(params: Params, uri: str) -> bool:
     """Start or join Ray; return True when this call started it (and must shut it down)."""
     address = params.cluster.address
+    env: dict[str, Any] = {"env_vars": cluster.worker_env(params, uri)}
     if address is not None:
-        _check_reachable(address)
+        cluster.check_address(address)
     if distributed.ray_is_initialized():
         return False  # a session opened by the caller (tests, notebooks) is reused
     if address is None:
         distributed.init_ray(None, num_cpus=os.cpu_count())
         return True
-    env: dict[str, Any] = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
     if params.cluster.ship_code:
         env["py_modules"] = [str(REPO / "pipeline"), str(REPO / "vae_core")]
     try:
@@ -294,18 +275,18 @@ def check_resources(params: Params) -> None:
         )
 
 
-def check_shared_storage(storage: Path, processed: Path) -> None:
-    """On a multi-node cluster every node must see the same data and checkpoint folder."""
+def check_shared_storage(storage: str, processed: Path) -> None:
+    """On a multi-node cluster every node must see the same data and checkpoint folder (an
+    object store is the same for every node)."""
     if len(distributed.cluster_nodes()) < 2:
         return
-    storage.mkdir(parents=True, exist_ok=True)
-    marker = storage / f".shared-check-{os.getpid()}"
-    marker.write_text("retina-vae")
+    files = {str(f): "paths.processed" for s in FIT_SPLITS for f in image_files(processed, s)}
+    marker = Path(storage) / f".shared-check-{os.getpid()}"
+    if not run_store.is_uri(storage):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("retina-vae")
+        files[str(marker)] = "paths.checkpoints"
     try:
-        files = {
-            str(marker): "paths.checkpoints",
-            **{str(f): "paths.processed" for s in FIT_SPLITS for f in image_files(processed, s)},
-        }
         local = {path: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files}
         for node, seen in distributed.stat_on_every_node(list(files)).items():
             for path, key in files.items():
@@ -316,7 +297,8 @@ def check_shared_storage(storage: Path, processed: Path) -> None:
                         "mounts at the same path (NFS, a shared disk) - see README, Scaling out"
                     )
     finally:
-        marker.unlink(missing_ok=True)
+        if str(marker) in files:
+            marker.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -359,11 +341,8 @@ def _examples(processed: Path) -> np.ndarray:
     return np.array(source[:N_EXAMPLES])  # (n,C,H,W) uint8
 
 
-def _read_state(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / RUN_STATE).read_text())
-    except (OSError, ValueError):
-        return {}
+def _read_state(run_dir: str) -> dict[str, Any]:
+    return run_store.read_json(run_store.join(run_dir, RUN_STATE))
 
 
 # ----------------------------------------------------------------------------- stage
@@ -375,14 +354,15 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     shape = check_processed(processed)
     extra = {"params_hash": params_hash(params), "data_hash": data_hash(processed)}
     uri = tracking.resolve_tracking_uri(params.tracking)
-    storage = Path(params.paths.checkpoints).resolve()
+    storage = run_store.location(params.paths.checkpoints)  # a folder or an object-store URI
     name = f"train-{extra['params_hash'][:10]}-{extra['data_hash'][:10]}"
-    run_dir = storage / name
+    run_dir = run_store.join(storage, name)
 
     tracking.check_store(uri)  # before anything is started or deleted
     started = connect(params, uri)
     try:
         check_resources(params)
+        cluster.check_collective(params, cluster.worker_env(params, uri))
         check_shared_storage(storage, processed)
         check_tracking_from_workers(uri)
         params_path = Path(args.params if args else "params.yaml")
@@ -396,7 +376,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
             )
             raise
         tracking.finish_run(uri, run_id)
-        write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": True, **extra})
+        state = {"mlflow_run_id": run_id, "finished": True, **extra}
+        run_store.write_json(run_store.join(run_dir, RUN_STATE), state)
         last = result.history[-1]
         log.info(
             "done: %d epochs, val -ELBO %.2f, %s; wrote %s",
@@ -437,7 +418,7 @@ def check_tracking_from_workers(uri: str) -> None:
 
 
 def _open_run(
-    params: Params, uri: str, run_dir: Path, extra: dict[str, str], params_path: Path
+    params: Params, uri: str, run_dir: str, extra: dict[str, str], params_path: Path
 ) -> str:
     """Start (or resume, after an interruption) the MLflow run of this training; a finished
     run of the same params and data starts afresh. Sets ``extra["mlflow_run_id"]``. A new run
@@ -461,7 +442,7 @@ def _open_run(
     )
     if fresh:  # deleted only once the new run exists (a store that fails keeps it)
         log.info("a finished training with these params and data exists: starting afresh")
-        shutil.rmtree(run_dir)
+        run_store.remove_tree(run_dir)
     extra["mlflow_run_id"] = run_id
     log.info(
         "%s MLflow run %s at %s; checkpoints in %s",
@@ -470,8 +451,8 @@ def _open_run(
         uri,
         run_dir,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / RUN_STATE, {"mlflow_run_id": run_id, "finished": False, **extra})
+    state = {"mlflow_run_id": run_id, "finished": False, **extra}
+    run_store.write_json(run_store.join(run_dir, RUN_STATE), state)
     return run_id
 
 
@@ -483,9 +464,17 @@ class _Job:
     shape: tuple[int, int, int]  # (C, H, W) of the training images
     extra: dict[str, str]  # params_hash, data_hash, mlflow_run_id
     uri: str
-    storage: Path
+    storage: str  # paths.checkpoints: an absolute folder or an object-store URI
     name: str
     processed: Path
+
+    @property
+    def outbox(self) -> Path:
+        """Rank 0's epoch logs not yet sent: beside the run's checkpoints in a folder, else
+        (checkpoints on object storage) beside the processed data; both every node sees."""
+        if run_store.is_uri(self.storage):
+            return self.processed.parent / OUTBOX / self.name
+        return Path(self.storage) / self.name / OUTBOX
 
 
 def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
@@ -499,7 +488,7 @@ def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
     examples = _examples(job.processed)  # (n,C,H,W) uint8: epoch grids, the model signature
     result = _fit(params, job, examples)
     write_outputs(params, result, job.extra)
-    outbox = tracking.Outbox(job.uri, run_id, job.storage / job.name / OUTBOX)
+    outbox = tracking.Outbox(job.uri, run_id, job.outbox)
     if tracking.probe(job.uri) is not None or not outbox.send():  # one line, not two
         raise UserError(
             f"training finished and {params.paths.model} is written, but the tracking server "
@@ -533,7 +522,7 @@ def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResu
             t.epochs,
             t.image_every,
             examples,
-            str(job.storage / job.name / OUTBOX),
+            str(job.outbox),
             t.seed,
         ),
         extra=dict(job.extra),
@@ -541,7 +530,7 @@ def _fit(params: Params, job: _Job, examples: np.ndarray) -> distributed.FitResu
     )
     try:
         return distributed.fit(
-            spec, scaling(params), str(job.storage), job.name, {"MLFLOW_TRACKING_URI": job.uri}
+            spec, scaling(params), job.storage, job.name, cluster.worker_env(params, job.uri)
         )
     except Exception as exc:
         if not distributed.is_training_failure(exc):

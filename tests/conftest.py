@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
         return write_params(tmp_path, **groups)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A two-host Ray cluster in two network namespaces (tests/netns.py); skipped with the
+    reason where namespaces cannot be made. One per test module: start-up takes ~20 s."""
+    from tests import netns
+
+    yield from netns.two_host_cluster(tmp_path_factory.mktemp("cluster"), f"{os.getpid() % 10000}")

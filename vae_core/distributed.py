@@ -17,6 +17,7 @@ RNG state, history, ``extra`` such as the MLflow run id) while every rank calls
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -117,6 +118,21 @@ def set_quiet_env(local: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+def _beside_job_env(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``runtime_env`` less the variables a Ray job's own runtime env already sets.
+
+    A driver started by ``ray job submit`` runs with the job's runtime env (its variables are
+    in this process's environment too), and ``ray.init`` refuses a second value for any of its
+    keys, even an equal one.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set for a Ray job's driver only
+    if not raw or not runtime_env:
+        return runtime_env
+    job_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in job_vars}
+    return {**runtime_env, "env_vars": env_vars}
+
+
 def init_ray(
     address: str | None = None,
     runtime_env: dict[str, Any] | None = None,
@@ -133,7 +149,7 @@ def init_ray(
     set_quiet_env(local=address is None)
     kwargs: dict[str, Any] = {
         "logging_config": ray.LoggingConfig(log_level="ERROR"),
-        "runtime_env": runtime_env,
+        "runtime_env": _beside_job_env(runtime_env),
     }
     if address is None:
         kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False)
@@ -249,6 +265,28 @@ def _stat(paths: list[str]) -> dict[str, tuple[int, int] | None]:
     return out
 
 
+def on_every_node(
+    fn: Callable[..., Any],
+    *args: Any,
+    env: dict[str, str] | None = None,
+    nodes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``{node address (id): fn(*args)}``, run once on each of ``nodes`` (default: every alive
+    node) as a zero-CPU task pinned there, with ``env`` set as a Ray worker's would be."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(fn)
+    runtime_env = {"env_vars": env} if env else None
+    refs = {
+        node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+            runtime_env=runtime_env,
+        ).remote(*args)
+        for node in (cluster_nodes() if nodes is None else nodes)
+    }
+    return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
+
+
 def stat_on_every_node(paths: list[str]) -> dict[str, dict[str, tuple[int, int] | None]]:
     """``{node address: {path: (size, mtime_ns) or None}}`` as seen from each alive node:
     tells a shared mount (same file everywhere) from a node-local path (missing, or another
@@ -256,19 +294,73 @@ def stat_on_every_node(paths: list[str]) -> dict[str, dict[str, tuple[int, int] 
     return on_every_node(_stat, paths)
 
 
-def on_every_node(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-    """``{node address (id): fn(*args)}`` run once on each alive node, as a zero-CPU task
-    pinned there (``fn`` must be importable or picklable there)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def auth_refused(address: str) -> str | None:
+    """Ray's message when the GCS at ``address`` (``host:port``, known to listen) refuses this
+    process's credentials (token authentication), else None.
 
-    task = ray.remote(num_cpus=0)(fn)
-    refs = {
-        node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": task.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        ).remote(*args)
-        for node in cluster_nodes()
-    }
-    return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
+    One GCS client: a second or two, where ``ray.init`` retries for 20-40 s and then raises a
+    ConnectionError that names no cause.
+    """
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=address)
+    except ray.exceptions.AuthenticationError as exc:
+        return exc.message
+    return None
+
+
+# The variable that names the network interface of torch.distributed's backend.
+IFNAME_VARIABLE = {False: "GLOO_SOCKET_IFNAME", True: "NCCL_SOCKET_IFNAME"}
+
+
+def _interface_address(name: str) -> str | None:
+    import psutil
+
+    addrs = psutil.net_if_addrs().get(name, [])
+    return next((a.address for a in addrs if a.family == socket.AF_INET), None)
+
+
+def _hostname_address() -> str:
+    """Gloo's default (torch's ProcessGroupGloo::createDefaultDevice): the first address the
+    host name resolves to that a socket can bind, else the loopback address."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return "127.0.0.1"
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind((sockaddr[0], 0))
+            return sockaddr[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+
+def _first_interface_address() -> str:
+    """NCCL's default: the first interface that is up and neither loopback nor docker."""
+    import psutil
+
+    for name, stats in psutil.net_if_stats().items():
+        if stats.isup and not name.startswith(("lo", "docker")):
+            address = _interface_address(name)
+            if address:
+                return address
+    return "127.0.0.1"
+
+
+def collective_address(use_gpu: bool) -> tuple[str, str | None]:
+    """``(how, address)``: the address this node's torch.distributed backend (Gloo on CPU,
+    NCCL on GPU) will advertise to the other ranks, and where it comes from; address None when
+    the interface that ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` names does not exist."""
+    variable = IFNAME_VARIABLE[use_gpu]
+    name = os.environ.get(variable, "").split(",")[0]
+    if name:
+        return f"{variable}={name}", _interface_address(name)
+    if use_gpu:
+        return "the first network interface", _first_interface_address()
+    return f"host name {socket.gethostname()}", _hostname_address()
 
 
 def node_ip() -> str:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 import pipeline.train as train
 from pipeline.params import load_params
 from pipeline.tracking import resolve_tracking_uri, using_uri
-from tests.conftest import REPO, write_params
+from tests.conftest import write_params
 from vae_core.checkpoint import load_checkpoint, read_checkpoint
 
 # The kill helpers below run inside Ray workers: ship them by value, not by module name.
@@ -303,64 +302,6 @@ def test_use_gpu_without_gpu_is_one_line(ray_session, processed, params_file, ca
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
     assert len(err) == 1 and "train.use_gpu is true but the Ray cluster has 0 GPU" in err[0]
     assert _runs(path) == []  # nothing was started
-
-
-TWO_NODES = r"""
-import os, socket, subprocess, sys, time
-repo, params, tmp = sys.argv[1:4]
-ray = os.path.join(os.path.dirname(sys.executable), "ray")
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-address = f"127.0.0.1:{port}"
-common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                         f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1", *common])
-nodes = [head]
-try:
-    time.sleep(8)
-    nodes.append(subprocess.Popen([ray, "start", f"--address={address}",
-                                   "--node-ip-address=127.0.0.1", *common]))
-    import yaml
-    raw = yaml.safe_load(open(params)); raw["cluster"]["address"] = address
-    yaml.safe_dump(raw, open(params, "w"))
-    for _ in range(60):  # wait until both nodes joined
-        out = subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
-                             text=True).stdout
-        if out.count("node_") >= 2:
-            break
-        time.sleep(1)
-    rc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--params", params],
-                        cwd=repo).returncode
-finally:
-    for p in reversed(nodes):  # only the processes this script started, by handle
-        p.send_signal(2)
-    for p in reversed(nodes):
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-sys.exit(rc)
-"""
-
-
-@pytest.mark.slow
-def test_two_node_cluster_uses_both_nodes(processed, params_file, tmp_path):
-    path = params_file(train={"epochs": 2, "num_workers": 2, "cpus_per_worker": 1})
-    script = tmp_path / "two_nodes.py"
-    script.write_text(TWO_NODES)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # Ray 2.60 clusters use token auth; every process here shares ~/.ray/auth_token.
-    env["RAY_AUTH_MODE"] = "token"
-    temp = Path("/tmp") / f"rt{os.getpid()}"  # short: Ray's socket paths have a length limit
-    done = subprocess.run(
-        [sys.executable, str(script), str(REPO), str(path), str(temp)],
-        env=env,
-        timeout=540,
-    )
-    assert done.returncode == 0
-    metrics = json.loads(Path(load_params(path).paths.train_metrics).read_text())
-    assert metrics["workers"] == 2 and metrics["nodes"] == 2
-    assert len(_runs(path)) == 1
 
 
 @pytest.mark.slow

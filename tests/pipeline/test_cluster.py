@@ -1,0 +1,63 @@
+"""pipeline/cluster.py without a cluster: address forms, the workers' environment, and the
+address torch.distributed's backend would advertise (the two-host behaviour is in
+test_train_two_hosts.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from pipeline import cluster
+from pipeline.errors import UserError
+from pipeline.params import load_params
+from vae_core import distributed
+
+
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("ray://head:10001", "Ray Client addresses (ray://head:10001) are not supported"),
+        ("head", "expected auto or host:port, got 'head'"),
+        ("http://head:8265", "expected auto or host:port"),
+    ],
+)
+def test_unusable_address_is_one_line(address, says):
+    with pytest.raises(UserError, match="^cluster.address: ") as err:
+        cluster.check_address(address)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_worker_env_has_the_uri_the_params_and_the_forwarded_values(params_file, monkeypatch):
+    path = params_file(
+        cluster={"worker_env": {"GLOO_SOCKET_IFNAME": "eth1"}, "forward_env": ["S3_SECRET"]}
+    )
+    monkeypatch.setenv("S3_SECRET", "s3cr3t")
+    env = cluster.worker_env(load_params(path), "http://mlflow:5000")
+    assert env == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "GLOO_SOCKET_IFNAME": "eth1",
+        "S3_SECRET": "s3cr3t",
+    }
+
+
+def test_forwarding_an_unset_variable_is_one_line(params_file, monkeypatch):
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    params = load_params(params_file(cluster={"forward_env": ["NOT_SET_HERE"]}))
+    with pytest.raises(UserError, match="^cluster.forward_env: NOT_SET_HERE is not set"):
+        cluster.worker_env(params, "sqlite:///x.db")
+
+
+def _ip_address(interface: str) -> str:
+    """The interface's IPv4 address as iproute2 reports it (an independent reference)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", interface], capture_output=True)
+    return out.stdout.decode().split()[3].split("/")[0]
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_collective_address_follows_the_ifname_variable(monkeypatch, use_gpu):
+    variable = distributed.IFNAME_VARIABLE[use_gpu]
+    monkeypatch.setenv(variable, "lo")
+    assert distributed.collective_address(use_gpu) == (f"{variable}=lo", _ip_address("lo"))
+    monkeypatch.setenv(variable, "nosuchif0")
+    assert distributed.collective_address(use_gpu) == (f"{variable}=nosuchif0", None)

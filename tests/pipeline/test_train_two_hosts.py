@@ -1,0 +1,107 @@
+"""Issue 18 on a real two-host Ray cluster (tests/netns.py): token auth, Gloo's interface, Ray
+Jobs, object-storage checkpoints. Each stage runs as the user would, `retina-vae train`, inside
+one of the two network namespaces."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import load_params
+from tests.netns import IFACE
+from tests.pipeline.test_train import _runs
+from tests.s3 import BUCKET, moto_s3
+
+pytestmark = pytest.mark.slow
+
+LIST_BUCKET = f"""
+import boto3
+for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket={BUCKET!r}):
+    for item in page.get("Contents", []):
+        print(item["Key"])
+"""
+
+
+def _train(host, params, env) -> tuple[int, list[str], float]:
+    """`retina-vae train` on ``host``: (exit code, stderr lines, seconds)."""
+    start = time.monotonic()
+    done = host.run(["retina-vae", "train", "--params", params], env=env, timeout=300)
+    return done.returncode, done.stderr.strip().splitlines(), time.monotonic() - start
+
+
+def test_bed_has_two_nodes_on_two_addresses(two_hosts):
+    probe = "import ray; ray.init(); print(sorted(n['NodeManagerAddress'] for n in ray.nodes()))"
+    out = two_hosts.worker.run(
+        ["python", "-c", probe], env=two_hosts.env(RAY_ADDRESS=two_hosts.address), timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str([two_hosts.head.ip, two_hosts.worker.ip])
+
+
+@pytest.mark.parametrize(
+    "auth, extra, says",
+    [
+        # the token file alone (RAY_AUTH_TOKEN_PATH set, RAY_AUTH_MODE not): Ray sends no token
+        (False, {}, "authentication required; set RAY_AUTH_MODE=token"),
+        (True, {"RAY_AUTH_TOKEN": "0" * 64}, "authentication failed"),
+    ],
+    ids=["no-auth-mode", "wrong-token"],
+)
+def test_driver_refused_by_token_auth_says_authentication_in_one_line(
+    two_hosts, processed, params_file, auth, extra, says
+):
+    path = params_file(cluster={"address": two_hosts.address})
+    rc, err, seconds = _train(two_hosts.worker, path, two_hosts.env(auth=auth, **extra))
+    print(f"one-line auth error after {seconds:.1f} s (stage start included)")
+    assert rc == 1
+    assert err[-1].startswith("retina-vae train: error: cluster.address: the Ray cluster at ")
+    assert says in err[-1] and "\n" not in err[-1]
+
+
+def test_loopback_collective_address_is_one_line_naming_gloo_socket_ifname(
+    two_hosts, processed, params_file
+):
+    # /etc/hosts on both hosts: "127.0.1.1 <hostname>", Debian's stock line (tests/netns.py)
+    path = params_file(cluster={"address": two_hosts.address})
+    rc, err, seconds = _train(two_hosts.head, path, two_hosts.env())
+    print(f"one-line Gloo error after {seconds:.1f} s")
+    assert rc == 1
+    assert err[-1].startswith("retina-vae train: error: GLOO_SOCKET_IFNAME: on Ray node ")
+    assert "would advertise 127.0.1.1" in err[-1] and "cluster.worker_env" in err[-1]
+
+
+def test_two_host_training_as_a_ray_job_with_checkpoints_on_s3(two_hosts, processed, params_file):
+    """README's recipe: `ray job submit` from another machine to the head's dashboard; Gloo on
+    the nodes' interface from cluster.worker_env; checkpoints in an S3 bucket whose
+    credentials reach the workers through cluster.forward_env."""
+    with moto_s3(two_hosts.head.ip, 9000, wrap=two_hosts.head.argv) as aws:
+        path = params_file(
+            train={"epochs": 2, "num_workers": 2, "cpus_per_worker": 1, "image_every": 5},
+            paths={"checkpoints": f"s3://{BUCKET}/runs"},
+            cluster={
+                "address": "auto",
+                "worker_env": {"GLOO_SOCKET_IFNAME": IFACE},
+                "forward_env": sorted(aws),
+            },
+        )
+        submit = ["ray", "job", "submit", "--address", two_hosts.dashboard]
+        submit += ["--runtime-env-json", json.dumps({"env_vars": aws}), "--"]
+        start = time.monotonic()
+        done = two_hosts.worker.run(
+            [*submit, "retina-vae", "train", "--params", path], env=two_hosts.env(), timeout=420
+        )
+        print(f"ray job submit: {time.monotonic() - start:.0f} s")
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        listing = two_hosts.head.run(
+            ["python", "-c", LIST_BUCKET], env={**two_hosts.env(), **aws}, timeout=120
+        )
+    assert "succeeded" in done.stdout
+    params = load_params(path)
+    metrics = json.loads(Path(params.paths.train_metrics).read_text())
+    assert metrics["workers"] == 2 and metrics["nodes"] == 2  # one rank on each host
+    (run,) = _runs(path)
+    assert run.info.status == "FINISHED"
+    assert "/epoch_000001/checkpoint.pt" in listing.stdout  # the last epoch, in the bucket
