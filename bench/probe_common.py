@@ -163,9 +163,12 @@ def report(title: str, result: dict, split: str, references: dict[str, dict]) ->
     print(f"  val -ELBO {_mean_spread([r['val_neg_elbo'] / dims_ln2 for r in runs])} bits/dim, "
           f"active units {_mean_spread([r['active_units'] for r in runs])}, "
           f"train {_mean_spread([r['train_seconds'] for r in runs])} s")  # fmt: skip
-    if split == "test":
+    if split == "test" and all("test_iwae_bpd" in r["metrics"] for r in runs):
         iwae = [r["metrics"]["test_iwae_bpd"] for r in runs]
         print(f"  test IWAE (k={raw['evaluate']['iwae_k']}) {_mean_spread(iwae)} bits/dim")
+    elif split == "test":  # bernoulli: no bits/dim (not a density), the bound in nats
+        iwae = [-r["metrics"]["test_iwae"] for r in runs]
+        print(f"  test -IWAE (k={raw['evaluate']['iwae_k']}) {_mean_spread(iwae)} nats")
     keys = PROBE_KEYS if split == "val" else PROBE_KEYS[:2]
     print(f"  {'linear probe on':<34}" + "".join(f"{HEADERS[k]:>20}" for k in keys))
     means = [_mean_spread([r.get(k, float("nan")) for r in runs]) for k in keys]

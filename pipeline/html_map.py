@@ -229,17 +229,19 @@ PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title>
 <style>
-  html, body { margin: 0; padding: 0; font-family: system-ui, -apple-system, "Segoe UI",
-    Roboto, Helvetica, Arial, sans-serif; font-size: 13px; color: #222; background: #fff; }
+  html, body { margin: 0; padding: 0; height: 100%; font-family: system-ui, -apple-system,
+    "Segoe UI", Roboto, Helvetica, Arial, sans-serif; font-size: 13px; color: #222;
+    background: #fff; }
+  body { display: flex; flex-direction: column; }
   #header { padding: 6px 10px 0; }
   #header div:first-child { font-weight: 600; font-size: 14px; }
   #header div { color: #333; }
   #bar { display: flex; gap: 12px; align-items: center; padding: 6px 10px; flex-wrap: wrap; }
   #status { color: #555; }
-  #main { display: flex; }
-  #latent-map { flex: 1; min-width: 0; height: calc(100vh - 110px); min-height: 420px; }
-  #side { width: 220px; padding: 4px 8px; overflow-y: auto; max-height: calc(100vh - 110px);
-    display: none; border-left: 1px solid #ddd; }
+  #main { display: flex; flex: 1; min-height: 420px; }  /* the map takes what is left */
+  #latent-map { flex: 1; min-width: 0; }
+  #side { width: 220px; padding: 4px 8px; overflow-y: auto; display: none;
+    border-left: 1px solid #ddd; }
   #side h4 { margin: 6px 0 4px; font-size: 12px; }
   #neighbours figure { margin: 0 0 6px; display: flex; gap: 6px; align-items: center; }
   #neighbours img { width: 48px; image-rendering: pixelated; }
@@ -354,7 +356,13 @@ PAGE = """<!DOCTYPE html>
     var ringed = [], ringName = "";  // points ringed by a search or a click
     function draw() {
       var lay = data.layouts[pick.value], ts = traces(data, lay, select.value);
-      layout.legend.title.text = esc(select.value);
+      var numeric = data.columns[select.value].kind === "number";
+      layout.legend.title.text = numeric ? "" : esc(select.value);
+      // a colour scale takes the right margin: its legend (known / missing) goes on top
+      layout.legend.orientation = numeric ? "h" : "v";
+      layout.legend.x = numeric ? 0 : 1.02;
+      layout.legend.y = numeric ? 1.0 : 1;
+      layout.legend.yanchor = numeric ? "bottom" : "top";
       layout.xaxis.title.text = esc(lay.axes[0]);
       layout.yaxis.title.text = esc(lay.axes[1]);
       var rows = placed(lay, ringed);

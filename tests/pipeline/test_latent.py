@@ -198,6 +198,25 @@ def test_margin_interval_contains_the_margin_and_excludes_zero_when_clear():
         assert 0 < low <= m[f"probe_{key}_vs_pca"] <= high
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_auc_matches_sklearn_with_ties(n_classes):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(n_classes)
+    classes = CLASSES[:n_classes]
+    y = rng.choice(classes, 300)
+    proba = rng.dirichlet(np.ones(n_classes), 300).round(1)  # rounded: many ties
+    proba /= proba.sum(1, keepdims=True)  # rows sum to 1 again (rows alike stay tied)
+    pred = classes[proba.argmax(1)]
+    if n_classes == 2:
+        want = roc_auc_score(y == classes[1], proba[:, 1])
+    else:
+        want = roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=classes)
+    assert latent.probe_scores(y, pred, proba, classes)["probe_auc"] == pytest.approx(
+        want, abs=1e-12
+    )
+
+
 def test_auc_of_a_resample_missing_a_class_is_nan_not_an_error():
     classes = np.array(["a", "b", "c"])
     proba = np.full((4, 3), 1 / 3)

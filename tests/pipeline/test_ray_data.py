@@ -88,7 +88,8 @@ def _source(tmp_path: Path) -> Path:
         ("images/pages.tif", "DME", "994", "R"),
         ("images/copy.png", "NORMAL", "996", "R"),
     ]
-    table = pd.concat([table, pd.DataFrame(extra, columns=table.columns)], ignore_index=True)
+    columns = ["path", "label", "patient_id", "eye"]  # no severity: left empty
+    table = pd.concat([table, pd.DataFrame(extra, columns=columns)], ignore_index=True)
     table.to_csv(src / "labels.csv", index=False)
     return src
 
