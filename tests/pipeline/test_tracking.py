@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 
 import numpy as np
@@ -62,10 +63,12 @@ def test_start_run_reopens_a_known_run_and_creates_otherwise(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_epoch_logger_logs_metrics_per_step_and_grids(store):
+def test_epoch_logger_logs_metrics_per_step_and_grids(store, tmp_path):
     run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
     examples = make_images(3, 32, 1, 0)
-    logger = tracking.EpochLogger(store, run_id, epochs=3, image_every=2, examples=examples)
+    logger = tracking.EpochLogger(
+        store, run_id, epochs=3, image_every=2, examples=examples, outbox=str(tmp_path / "out")
+    )
     model = ConvVAE(VAEConfig(height=32, width=32, widths=(8,), latent_dim=2))
     keys = ("train_neg_elbo", "val_neg_elbo", "train_kl", "val_active_units")
     keys += ("train_images_per_s", "train_kl_dim_0", "val_kl_dim_1")
@@ -87,6 +90,31 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store):
     # the first epoch (MLflow's image cards open there), every 2nd (step 1) and the last
     assert steps("reconstructions") == [0, 1, 2]
     assert steps("prior_samples") == [0, 1, 2]
+    assert not list((tmp_path / "out").iterdir())  # all sent
+
+
+@pytest.mark.slow
+def test_outbox_keeps_what_a_down_server_missed_and_never_logs_a_step_twice(store, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: a tracking server that is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
+    grid = np.zeros((10, 20, 3), np.uint8)
+    outage = tracking.Outbox(down, run_id, tmp_path / "out")
+    for epoch in (0, 1):
+        outage.put(epoch, {"train_kl": float(epoch)}, {"reconstructions": grid})
+        assert not outage.send() and outage.down
+    assert outage.waiting() == [0, 1]
+
+    back = tracking.Outbox(store, run_id, tmp_path / "out")  # the server answers again
+    assert back.send() and back.waiting() == []
+    back.put(1, {"train_kl": 9.0}, {"reconstructions": grid})  # epoch 1 trained again
+    back.put(2, {"train_kl": 2.0}, {})
+    assert tracking.Outbox(store, run_id, tmp_path / "out").send()  # (a resumed worker)
+    history = MlflowClient(store).get_metric_history(run_id, "train_kl")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    images = [a.path for a in MlflowClient(store).list_artifacts(run_id, "images")]
+    assert sorted(p.split("+")[2] for p in images if p.endswith(".png")) == ["0", "1"]
 
 
 @pytest.mark.slow
