@@ -323,8 +323,9 @@ def _eval(flags: dict) -> dict:
 
 
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) in the conv and matmul inputs; the
-# per-image sums over pixels and latent dims stay float32, so the ELBO moves by well under 1%.
-BF16_ELBO_RTOL = 1e-2
+# per-image sums over pixels and latent dims stay float32, so the ELBO moves by well under 0.5%
+# (5e-4 relative measured on this test's data).
+BF16_ELBO_RTOL = 5e-3
 
 
 @pytest.mark.skipif(not CPU_BF16, reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
@@ -360,6 +361,7 @@ def test_cpu_channels_last_trains_like_contiguous():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's
 def test_compile_failure_is_one_line(monkeypatch):
     # No working C++ compiler: inductor's CPU backend cannot build its kernels.
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
