@@ -149,6 +149,9 @@ class TrainParams:
     gpus_per_worker: Annotated[float, Field(gt=0.0)]
     bf16: bool
     channels_last: bool
+    cpu_bf16: bool
+    cpu_channels_last: bool
+    compile: bool
     max_failures: Annotated[int, Field(ge=-1)]
     startup_timeout_s: Annotated[float, Field(gt=0.0)]
     image_every: Pos

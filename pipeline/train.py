@@ -203,6 +203,9 @@ def train_config(params: Params) -> TrainConfig:
         seed=t.seed,
         bf16=t.bf16,
         channels_last=t.channels_last,
+        cpu_bf16=t.cpu_bf16,
+        cpu_channels_last=t.cpu_channels_last,
+        compile=t.compile,
         free_bits=t.free_bits,
         augment=AugmentConfig(t.augment_rotation, t.augment_jitter, t.augment_hflip),
         view=ViewConfig(

@@ -513,11 +513,28 @@ def _quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def worker_threads(assigned_cpus: float | None) -> int:
+    """Intra-op threads for a worker holding ``assigned_cpus`` Ray CPUs: floor, at least 1.
+
+    More threads than CPUs make DDP ranks on one machine fight over cores; fewer leave them idle.
+    """
+    return max(1, int(assigned_cpus or 1))
+
+
+def _set_worker_threads() -> int:
+    # Set explicitly: torch in a Ray worker otherwise follows OMP_NUM_THREADS, which Ray fills
+    # in only when it is unset in the driver's environment.
+    threads = worker_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker function run by TorchTrainer (``config={"spec": RunSpec}``)."""
     spec: RunSpec = config["spec"]
     cfg = spec.train
     _quiet_worker_logs()
+    _set_worker_threads()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

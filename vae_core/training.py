@@ -8,9 +8,10 @@ returns the same global figures.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +39,11 @@ class TrainConfig:
     kl_warmup_epochs: int  # linear KL warm-up from 0 to beta over this many epochs
     samples: int  # L, reparameterised samples per image (seed eq. 42)
     seed: int
-    bf16: bool = False  # bf16 autocast, CUDA only
-    channels_last: bool = False  # channels-last memory format, CUDA only
+    bf16: bool = False  # bf16 autocast on CUDA
+    channels_last: bool = False  # channels-last memory format on CUDA
+    cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 dot products (use_bf16)
+    cpu_channels_last: bool = False  # channels-last memory format on CPU
+    compile: bool = False  # torch.compile the model (inductor; needs a C++ compiler on CPU)
     free_bits: float = 0.0  # nats per latent dim below which the KL is not penalised (training)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training batches only
     view: ViewConfig = field(default_factory=ViewConfig)  # encoder's view in training only
@@ -49,12 +53,45 @@ def _on_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bf16 dot products natively (AVX512-BF16 or AMX).
+
+    Without them oneDNN emulates bf16 with float32 FMAs plus conversions: slower, not faster.
+    """
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(torch.backends.mkldnn.is_available() and native)
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device | str) -> bool:
+    """Whether training and evaluation on ``device`` run under bf16 autocast.
+
+    CUDA: ``cfg.bf16``. CPU: ``cfg.cpu_bf16`` and only where :func:`cpu_supports_bf16`.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return cfg.bf16
+    return kind == "cpu" and cfg.cpu_bf16 and cpu_supports_bf16()
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device | str) -> bool:
+    """Whether weights and inputs on ``device`` use the channels-last (NHWC) memory format."""
+    kind = torch.device(device).type
+    return cfg.channels_last if kind == "cuda" else kind == "cpu" and cfg.cpu_channels_last
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed (no C++ compiler, an unsupported op, ...); ``str()`` is one line."""
+
+
 def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device | str) -> nn.Module:
-    """Move ``model`` to ``device``; channels-last weights when asked for and on CUDA."""
+    """Move ``model`` to ``device``; channels-last weights and torch.compile when asked for.
+
+    Compilation is lazy: a failure surfaces at the first step as :class:`CompileError`.
+    """
     model = model.to(device)
-    if cfg.channels_last and _on_cuda(device):
+    if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return torch.compile(model) if cfg.compile else model
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -106,9 +143,22 @@ def to_input(
 
 
 def _autocast(cfg: TrainConfig, device: torch.device | str) -> torch.autocast:
-    device = torch.device(device)
-    enabled = cfg.bf16 and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    # The ELBO sums stay float32 under autocast: vae_core.likelihoods and ConvVAE.encode upcast.
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+
+
+@contextlib.contextmanager
+def _compile_errors() -> Iterator[None]:
+    """Turn torch.compile's multi-page failure into one line of :class:`CompileError`."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        first = lines[0][:200] if lines else type(exc).__name__
+        raise CompileError(
+            f"torch.compile failed ({type(exc).__name__}: {first}); set train.compile: false"
+        ) from None
 
 
 class _Sums:
@@ -208,26 +258,27 @@ def train_epoch(
     model.train()
     _set_epoch(loader, epoch)
     steps = len(loader)
-    channels_last = cfg.channels_last and _on_cuda(device)
+    channels_last = use_channels_last(cfg, device)
     sums = _Sums(unwrap(model).config.latent_dim, device, cfg.view.metrics)
     weight, pending = kl_weight(cfg, epoch, 0, steps), None
     start = time.perf_counter()
-    for step, batch in enumerate(loader):
-        x, _ = augment(to_input(batch, device, channels_last), cfg.augment)
-        weight = kl_weight(cfg, epoch, step, steps)
-        with _autocast(cfg, device):
-            terms = view_terms(model, x, cfg.view, cfg.samples, weight, cfg.free_bits)
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        norm = _grad_norm(model, cfg.grad_clip)
-        # Check the previous step, not this one: the host then never waits for the GPU work it
-        # has just queued. Loss and grad norm together: the norm is identical on every DDP rank,
-        # so a NaN on one rank stops all of them at the same step.
-        _check_finite(pending, epoch)
-        pending = (step, terms.loss.detach(), norm.detach())
-        optimizer.step()
-        scheduler.step()
-        sums.add(terms)
+    with _compile_errors():  # compilation happens at the first forward and backward
+        for step, batch in enumerate(loader):
+            x, _ = augment(to_input(batch, device, channels_last), cfg.augment)
+            weight = kl_weight(cfg, epoch, step, steps)
+            with _autocast(cfg, device):
+                terms = view_terms(model, x, cfg.view, cfg.samples, weight, cfg.free_bits)
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            norm = _grad_norm(model, cfg.grad_clip)
+            # Check the previous step, not this one: the host then never waits for the GPU work it
+            # has just queued. Loss and grad norm together: the norm is identical on every DDP rank,
+            # so a NaN on one rank stops all of them at the same step.
+            _check_finite(pending, epoch)
+            pending = (step, terms.loss.detach(), norm.detach())
+            optimizer.step()
+            scheduler.step()
+            sums.add(terms)
     _check_finite(pending, epoch)
     if _on_cuda(device):
         torch.cuda.synchronize(device)
@@ -246,13 +297,14 @@ def evaluate_epoch(
     no augmentation.
     """
     model.eval()
-    channels_last = cfg.channels_last and _on_cuda(device)
+    channels_last = use_channels_last(cfg, device)
     sums = _Sums(unwrap(model).config.latent_dim, device)
     start = time.perf_counter()
-    for batch in loader:
-        x = to_input(batch, device, channels_last)
-        with _autocast(cfg, device):
-            sums.add(elbo_terms(model, x, cfg.samples, cfg.beta, cfg.free_bits))
+    with _compile_errors():
+        for batch in loader:
+            x = to_input(batch, device, channels_last)
+            with _autocast(cfg, device):
+                sums.add(elbo_terms(model, x, cfg.samples, cfg.beta, cfg.free_bits))
     if _on_cuda(device):
         torch.cuda.synchronize(device)
     return sums.finish(time.perf_counter() - start)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -31,6 +33,16 @@ class Images(Dataset):
 class Data:
     def __call__(self) -> tuple[Images, Images]:
         return Images(40, 0), Images(12, 1)
+
+
+class RecordThreads:
+    """on_epoch callback: writes the worker's intra-op thread count to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, epoch: int, row: dict, model: torch.nn.Module) -> None:
+        self.path.write_text(str(torch.get_num_threads()))
 
 
 def _spec(epochs: int = 2) -> distributed.RunSpec:
@@ -109,3 +121,18 @@ def test_ray_process_tracebacks_reach_the_console_as_one_counted_line():
         lines[-1],
     ]
     assert summary.count == 1
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(None, 1), (0.5, 1), (1.0, 1), (2.0, 2), (3.5, 3)])
+def test_worker_threads_follow_the_assigned_cpus(cpus, threads):
+    assert distributed.worker_threads(cpus) == threads
+
+
+@pytest.mark.slow
+def test_ray_worker_uses_one_thread_per_assigned_cpu(ray_session, tmp_path):
+    record = tmp_path / "threads.txt"
+    spec = dataclasses.replace(_spec(epochs=1), on_epoch=RecordThreads(record))
+    scaling = distributed.Scaling(num_workers=1, cpus_per_worker=2)
+    # OMP_NUM_THREADS=1 in the worker's environment would otherwise leave torch one thread.
+    distributed.fit(spec, scaling, str(tmp_path / "runs"), "threads", {"OMP_NUM_THREADS": "1"})
+    assert record.read_text() == "2"

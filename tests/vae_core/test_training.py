@@ -1,6 +1,8 @@
 """The pure-PyTorch training loop: schedules, steps, metrics, errors, and the DDP all-reduce."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from vae_core.checkpoint import load_checkpoint, save_checkpoint
 from vae_core.elbo import elbo_terms
 from vae_core.model import ConvVAE, VAEConfig
 from vae_core.training import (
+    CompileError,
     TrainConfig,
+    cpu_supports_bf16,
     evaluate_epoch,
     fit_local,
     history_row,
@@ -23,6 +27,8 @@ from vae_core.training import (
     make_scheduler,
     to_input,
     train_epoch,
+    use_bf16,
+    use_channels_last,
 )
 from vae_core.views import ViewConfig
 
@@ -271,6 +277,100 @@ def test_bf16_and_channels_last_are_ignored_on_cpu():
         history = fit_local(_model(), loader, loader, _cfg(epochs=1, **flags), CPU)
         runs.append({k: v for k, v in history[0].items() if not k.endswith("images_per_s")})
     assert runs[0] == runs[1]
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags the Linux kernel reports (independent of torch's own probe)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux /proc/cpuinfo")
+def test_cpu_bf16_support_matches_the_kernel_cpu_flags():
+    native = bool({"avx512_bf16", "amx_tile"} & _cpu_flags())
+    assert cpu_supports_bf16() == (native and torch.backends.mkldnn.is_available())
+
+
+CPU_BF16 = cpu_supports_bf16()
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "bf16", "channels_last"),
+    [
+        ("cuda", {}, False, False),
+        ("cuda", {"bf16": True, "channels_last": True}, True, True),
+        ("cuda:1", {"bf16": True}, True, False),
+        # the CPU switches do not reach CUDA, and the CUDA ones do not reach the CPU
+        ("cuda", {"cpu_bf16": True, "cpu_channels_last": True}, False, False),
+        ("cpu", {"bf16": True, "channels_last": True}, False, False),
+        ("cpu", {"cpu_channels_last": True}, False, True),
+        ("cpu", {"cpu_bf16": True}, CPU_BF16, False),  # only with native bf16 dot products
+        ("mps", {"bf16": True, "cpu_bf16": True, "cpu_channels_last": True}, False, False),
+    ],
+)
+def test_autocast_and_memory_format_decisions_per_device(device, flags, bf16, channels_last):
+    cfg = _cfg(**flags)
+    assert use_bf16(cfg, device) is bf16
+    assert use_channels_last(cfg, device) is channels_last
+
+
+def _eval(flags: dict) -> dict:
+    model, images = _model(likelihood="gaussian"), _blobs(16)
+    torch.manual_seed(1)  # the same eps for both runs
+    return evaluate_epoch(model, DataLoader(images, batch_size=8), _cfg(**flags), CPU)
+
+
+# bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2%) in the conv and matmul inputs; the
+# per-image sums over pixels and latent dims stay float32, so the ELBO moves by well under 0.5%
+# (5e-4 relative measured on this test's data).
+BF16_ELBO_RTOL = 5e-3
+
+
+@pytest.mark.skipif(not CPU_BF16, reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_cpu_bf16_elbo_matches_float32_within_tolerance():
+    fp32, bf16 = _eval({}), _eval({"cpu_bf16": True})
+    assert bf16["neg_elbo"] != fp32["neg_elbo"]  # bf16 really ran
+    for key in ("neg_elbo", "recon", "kl"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=BF16_ELBO_RTOL), key
+
+
+@pytest.mark.skipif(not CPU_BF16, reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_cpu_bf16_training_follows_the_float32_run():
+    images = _blobs(16)
+    runs = []
+    for flags in ({}, {"cpu_bf16": True}):
+        loader = DataLoader(images, batch_size=8)
+        runs.append(fit_local(_model(), loader, loader, _cfg(epochs=2, **flags), CPU)[-1])
+    for key in ("train_neg_elbo", "val_neg_elbo"):
+        assert runs[1][key] == pytest.approx(runs[0][key], rel=BF16_ELBO_RTOL), key
+
+
+def test_cpu_channels_last_trains_like_contiguous():
+    images = _blobs(8)
+    runs, models = [], []
+    for flags in ({}, {"cpu_channels_last": True}):
+        loader = DataLoader(images, batch_size=4)
+        models.append(_model())
+        runs.append(fit_local(models[-1], loader, loader, _cfg(epochs=1, **flags), CPU)[0])
+    conv = models[1].encoder[3].weight  # (16,8,3,3): the second stride-2 conv
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for key in ("train_neg_elbo", "val_neg_elbo", "val_kl"):
+        assert runs[1][key] == pytest.approx(runs[0][key], rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inductor's
+def test_compile_failure_is_one_line(monkeypatch):
+    # No working C++ compiler: inductor's CPU backend cannot build its kernels.
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    loader = DataLoader(_blobs(4), batch_size=4)
+    with pytest.raises(CompileError) as err:
+        fit_local(_model(), loader, loader, _cfg(epochs=1, compile=True), CPU)
+    message = str(err.value)
+    assert "\n" not in message and "/nonexistent/c++" in message
+    assert "train.compile: false" in message
 
 
 @pytest.fixture
