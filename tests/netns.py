@@ -79,6 +79,7 @@ def make_hosts(tag: str) -> tuple[Host, Host]:
     possible. ``tag``: a short unique suffix (names stay within 15 characters)."""
     subnet = f"10.213.{os.getpid() % 250 + 1}"
     head, worker = Host(f"rvae{tag}h", f"{subnet}.1"), Host(f"rvae{tag}w", f"{subnet}.2")
+    remove_hosts(head, worker)  # left by a killed run of the same tag, if any
     try:
         for host in (head, worker):
             _ip("netns", "add", host.ns)

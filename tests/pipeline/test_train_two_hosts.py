@@ -87,12 +87,13 @@ def test_two_host_training_as_a_ray_job_with_checkpoints_on_s3(two_hosts, proces
                 "forward_env": sorted(aws),
             },
         )
-        submit = ["ray", "job", "submit", "--address", two_hosts.dashboard]
-        submit += ["--runtime-env-json", json.dumps({"env_vars": aws}), "--"]
+        # the credentials reach the driver only (as if exported on the head): the workers on
+        # the other host get them through cluster.forward_env alone
+        credentials = [f"{k}={v}" for k, v in sorted(aws.items())]
+        entrypoint = ["env", *credentials, "retina-vae", "train", "--params", str(path)]
+        submit = ["ray", "job", "submit", "--address", two_hosts.dashboard, "--", *entrypoint]
         start = time.monotonic()
-        done = two_hosts.worker.run(
-            [*submit, "retina-vae", "train", "--params", path], env=two_hosts.env(), timeout=420
-        )
+        done = two_hosts.worker.run(submit, env=two_hosts.env(), timeout=420)
         print(f"ray job submit: {time.monotonic() - start:.0f} s")
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         listing = two_hosts.head.run(
