@@ -38,10 +38,9 @@ from sklearn.neighbors import NearestNeighbors
 
 from pipeline import html_map, readers
 from pipeline.errors import UserError
-from pipeline.evaluate import LAYOUT_FILE, MAP_POINTS, PROBE_FILE
 from pipeline.html_map import UNKNOWN
 from pipeline.io import write_table
-from pipeline.latent import probe_predict
+from pipeline.latent import LAYOUT_FILE, MAP_POINTS, PROBE_FILE, probe_predict
 from pipeline.model_io import encode_images, load_model
 from pipeline.params import Params
 from pipeline.pixels import prepare_file, prepare_npz_row

@@ -83,7 +83,14 @@ from sklearn.neighbors import NearestNeighbors
 from pipeline import figures, html_map, latent, processed, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json
-from pipeline.latent import LabelReport, label_metrics, pixel_pca
+from pipeline.latent import (
+    LAYOUT_FILE,
+    MAP_POINTS,
+    PROBE_FILE,
+    LabelReport,
+    label_metrics,
+    pixel_pca,
+)
 from pipeline.model_io import batches, encode_images, load_model
 from pipeline.params import EvaluateParams, Params
 from pipeline.processed import SPLITS
@@ -100,9 +107,6 @@ METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE"}
 CONFOUND_TABLE = "confounds.csv"  # tables/: probe on mu for each metadata attribute
 # continuous per-image columns the map can be coloured by, when the tables or manifest have them
 NUMERIC_COLUMNS = (*latent.SEVERITY_COLUMNS, "age", "frame", "width", "height")
-PROBE_FILE = "probe.json"  # the label probe on mu, for `retina-vae encode`
-LAYOUT_FILE = "maps/layout.json"  # the PCA layout of the maps, for `retina-vae encode`
-MAP_POINTS = "maps/map_points.parquet"  # image_id and map coordinates of every point drawn
 
 
 # ----------------------------------------------------------------------------- inputs

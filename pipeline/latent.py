@@ -36,6 +36,11 @@ SILHOUETTE_MAX_POINTS = 5000
 PCA_FIT_MAX = 2000
 CI_LEVEL = 0.95  # confidence intervals of every latent-vs-PCA comparison
 
+# Files of an evaluation folder that `retina-vae encode --map` reads back (evaluate writes them)
+PROBE_FILE = "probe.json"  # the label probe on mu, for `retina-vae encode`
+LAYOUT_FILE = "maps/layout.json"  # the PCA layout of the maps, for `retina-vae encode`
+MAP_POINTS = "maps/map_points.parquet"  # image_id and map coordinates of every point drawn
+
 
 def fit_probe(train_z: np.ndarray, train_y: np.ndarray, seed: int = 0) -> Pipeline:
     """Multinomial logistic regression on standardised features (N,J), fit on train."""
