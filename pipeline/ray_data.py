@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import pixel_cache, pixels
+from pipeline import libwarn, pixel_cache, pixels
 from pipeline.errors import UserError
 from pipeline.params import Params
 
@@ -188,9 +188,11 @@ def inspect_files(tasks: list[tuple], inspect: Inspect, cache: Path | None = Non
 
 def _prepare_batch(batch: dict, spec: tuple) -> dict:
     """map_batches: decode each file's listed frames, write each image into its shard slot."""
-    errors = []
+    errors, warned = [], []
     for path, frames, slots in zip(batch["path"], batch["frames"], batch["slots"], strict=True):
-        res = pixels.prepare_frames((str(path), json.loads(frames), *spec))
+        with libwarn.caught() as noted:  # counted on the driver, never printed by the worker
+            res = pixels.prepare_frames((str(path), json.loads(frames), *spec))
+        warned.append(json.dumps(noted))
         if isinstance(res, str):
             errors.append(res)
             continue
@@ -204,6 +206,7 @@ def _prepare_batch(batch: dict, spec: tuple) -> dict:
     return {
         "i": batch["i"],
         "error": np.asarray(errors, dtype=object),
+        "warnings": np.asarray(warned, dtype=object),
         "node": np.asarray([_node()] * len(errors), dtype=object),
     }
 
@@ -224,14 +227,17 @@ def prepare_files(groups: list[tuple[str, list[int], list[tuple[str, int]]]], sp
         _prepare_batch, batch_size=FILES_PER_BATCH, batch_format="numpy", fn_args=(spec,)
     )
     nodes: Counter = Counter()
+    warned: Counter = Counter()  # library warnings per kind, as the local engine counts them
     done = 0
     for row in ds.iter_rows():
         nodes[row["node"]] += 1
+        warned.update(json.loads(row["warnings"]))
         if row["error"]:
             path = groups[int(row["i"])][0]
             raise UserError(
                 f"{path}: {row['error']} (changed since ingest? re-run retina-vae ingest)"
             )
         done += 1
+    libwarn.report(warned, log)
     _log_nodes("preprocess", nodes)
     return done

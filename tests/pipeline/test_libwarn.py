@@ -85,3 +85,23 @@ def test_pydicom_colour_warnings_are_one_counted_line_without_paths(tmp_path, ca
     assert [r.name for r in caplog.records if "Photometric" in r.message] == [
         "retina_vae.preprocess"
     ]
+
+
+@pytest.mark.slow
+def test_ray_engine_counts_decode_warnings_like_the_local_engine(ray_session, tmp_path, caplog):
+    """Preprocess's Ray Data tasks catch their decode warnings and the driver reports them as
+    one counted line (they were printed raw by the workers before)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        _mismatched_colour_dicom(src / f"PHI-7781234-{k}.dcm", seed=k)
+    groups = {"ingest": {"source": str(src), "modality": "fundus"}, "data": {"engine": "ray"}}
+    params = write_params(tmp_path, **groups)
+    assert ingest.main(["--params", str(params)]) == 0
+    # another image size than ingest prepared: preprocess's Ray tasks decode the files again
+    params = write_params(tmp_path, **groups, preprocess={"image_size": [40, 40]})
+    caplog.clear()
+    assert preprocess.main(["--params", str(params)]) == 0
+    counted = [r for r in caplog.records if "Photometric" in r.getMessage()]
+    assert [(r.name, r.getMessage()[:8]) for r in counted] == [("retina_vae.ray_data", "2 files:")]
+    assert "7781234" not in counted[0].getMessage()
