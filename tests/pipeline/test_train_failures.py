@@ -115,7 +115,7 @@ def test_ctrl_c_marks_the_run_killed_exits_130_leaves_no_process_and_a_rerun_res
     (resumed,) = _runs(path)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags.get("retina_vae.resumed") == "true"
-    assert _steps(path, run.info.run_id, "train_neg_elbo") == [0, 1, 2]
+    assert _steps(path, run.info.run_id, "train/neg_elbo") == [0, 1, 2]
     print(f"MEASURED Ctrl-C: exit 130 after {took:.1f} s, no process left after {gone:.1f} s")
 
 
@@ -131,7 +131,7 @@ def test_driver_killed_right_after_a_logged_epoch_a_rerun_logs_each_step_once(
         if not list((tmp_path / "checkpoints").glob("*/run.json")):
             return False  # the stage is still creating the store: do not race it
         runs = _runs(path)
-        return bool(runs) and 1 in _steps(path, runs[0].info.run_id, "train_neg_elbo")
+        return bool(runs) and 1 in _steps(path, runs[0].info.run_id, "train/neg_elbo")
 
     _wait(epoch_1_logged, 900, "epoch 2's metrics in MLflow")
     stage.send_signal(signal.SIGKILL)  # the driver only, right after the epoch was logged
@@ -143,7 +143,7 @@ def test_driver_killed_right_after_a_logged_epoch_a_rerun_logs_each_step_once(
 
     assert train.main(["--params", str(path)]) == 0
     (run,) = _runs(path)
-    for key in ("train_neg_elbo", "val_kl", "train_lr"):
+    for key in ("train/neg_elbo", "val/kl", "train/lr"):
         assert _steps(path, run.info.run_id, key) == [0, 1, 2], key
     images = _images(path, run.info.run_id)
     assert _grid_steps(images, "reconstructions") == [0, 1, 2]
@@ -264,7 +264,7 @@ def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
     def first_epoch_logged() -> bool:
         try:
             runs = _runs(path)
-            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train_kl"))
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train/kl"))
         except Exception:
             return False
 
@@ -288,7 +288,7 @@ def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
     took = time.monotonic() - started
     (done,) = _runs(path)
     assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_kl")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/kl")] == [0, 1, 2]
     assert _grid_steps(_images(path, run.info.run_id), "reconstructions") == [0, 1, 2]
     print(f"MEASURED server down for epochs 2-3: 0 restarts, 0 steps lost; re-run {took:.0f} s")
 

@@ -104,7 +104,7 @@ def test_checkpoints_on_s3_and_resume_after_a_failure(
         assert history["epoch"].tolist() == list(range(EPOCHS))
         (run,) = _runs(path)
         assert run.info.status == "FINISHED"
-        steps = _steps(path, run.info.run_id, "train_neg_elbo")
+        steps = _steps(path, run.info.run_id, "train/neg_elbo")
         # the second run went on from the S3 checkpoint: epoch 0 (committed there before the
         # kill) was trained and logged once
         assert sorted(set(steps)) == list(range(EPOCHS)) and steps.count(0) == 1
