@@ -16,7 +16,7 @@ def _row(rev: str, params: dict, train: dict | None, evaluation: dict | None, **
 
 
 BASE = {"model": {"latent_dim": 16, "widths": [32, 64]}, "train": {"beta": 1.0}}
-EVAL = {"test_iwae_bpd": 0.61234, "test_active_units": 12.0, "test_probe_auc": 0.9,
+EVAL = {"test_iwae": -612.34, "test_active_units": 12.0, "test_probe_auc": 0.9,
         "test_probe_auc_vs_pca": 0.0251, "test_kl_dim_0": 3.0}  # fmt: skip
 LONG = {f"k{i:02d}": i for i in range(40)}  # an experiment that changed many params
 
@@ -38,15 +38,15 @@ SHOW = [
 
 def test_one_line_per_row_with_the_changed_params_and_headline_metrics():
     lines = exps.table(SHOW).splitlines()
-    assert lines[0].split() == ["experiment", "val", "-ELBO", "test", "bits/dim", "active",
+    assert lines[0].split() == ["experiment", "val", "-ELBO", "test", "IWAE", "active",
                                 "probe", "AUC", "vs", "PCA", "params", "changed"]  # fmt: skip
     assert set(lines[1]) == {"-"}
     rows = {line.split()[0] if not line.startswith("└") else line.split()[1]: line.split()
             for line in lines[2:]}  # fmt: skip
-    assert rows["workspace"] == ["workspace", "700.00", "0.6123", "12", "0.900", "+0.025",
+    assert rows["workspace"] == ["workspace", "700.00", "-612.3", "12", "0.900", "+0.025",
                                  "train.beta=4.0"]  # fmt: skip
-    assert rows["main"] == ["main", "650.50", "0.6123", "12", "0.900", "+0.025"]
-    assert rows["sober-goat"] == ["└", "sober-goat", "640.12", "0.6123", "12", "nan", "+0.025",
+    assert rows["main"] == ["main", "650.50", "-612.3", "12", "0.900", "+0.025"]
+    assert rows["sober-goat"] == ["└", "sober-goat", "640.12", "-612.3", "12", "nan", "+0.025",
                                   "model.latent_dim=8", "model.widths=[16,32]"]  # fmt: skip
     assert rows["failed-one"] == ["└", "failed-one", "-", "-", "-", "-", "-"]
     assert all(len(line) <= exps.WIDTH for line in lines)
