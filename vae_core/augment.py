@@ -27,9 +27,15 @@ class AugmentConfig:
         return self.rotation > 0 or self.jitter > 0 or self.hflip
 
 
+def draw_device(x: Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where random numbers for x are drawn: the generator's own device (a CPU generator
+    cannot fill a CUDA tensor), else x's."""
+    return generator.device if generator is not None else x.device
+
+
 def uniform(n: int, half_width: float, x: Tensor, generator: torch.Generator | None) -> Tensor:
     """n draws from U(-half_width, half_width) on x's device, float32."""
-    u = torch.rand(n, generator=generator, device=generator.device if generator else x.device)
+    u = torch.rand(n, generator=generator, device=draw_device(x, generator))
     return ((2.0 * u - 1.0) * half_width).to(x.device)
 
 

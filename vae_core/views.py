@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vae_core.augment import jitter, rotate, uniform
+from vae_core.augment import draw_device, jitter, rotate, uniform
 from vae_core.elbo import ELBOTerms, elbo_terms
 
 
@@ -99,16 +99,11 @@ def mask_patches(
     b, _, h, w = x.shape
     rows, cols = math.ceil(h / patch), math.ceil(w / patch)
     n_masked = round(ratio * rows * cols)
-    scores = torch.rand(b, rows * cols, generator=generator, device=_device(x, generator))
+    scores = torch.rand(b, rows * cols, generator=generator, device=draw_device(x, generator))
     rank = scores.to(x.device).argsort(1).argsort(1)  # (B,P) rank of each patch's score
     keep = (rank >= n_masked).to(x.dtype).view(b, 1, rows, cols)  # (B,P) -> (B,1,rows,cols)
     keep = keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :h, :w]
     return x * keep
-
-
-def _device(x: Tensor, generator: torch.Generator | None) -> torch.device:
-    # Draw on the generator's own device (a CPU generator cannot fill a CUDA tensor).
-    return generator.device if generator is not None else x.device
 
 
 def make_view(x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
@@ -125,7 +120,7 @@ def make_view(x: Tensor, cfg: ViewConfig, generator: torch.Generator | None = No
     if cfg.jitter > 0:
         x = jitter(x, cfg.jitter, generator)
     if cfg.noise > 0:
-        eps = torch.randn(x.shape, generator=generator, device=_device(x, generator))
+        eps = torch.randn(x.shape, generator=generator, device=draw_device(x, generator))
         x = x + cfg.noise * eps.to(x.device, x.dtype)
     x = x.clamp(0.0, 1.0)
     if cfg.mask_ratio > 0:
