@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline import evaluate, ingest, preprocess, processed, train
 from pipeline.latent import flat_pixels, linear_probe, pixel_pca
+from pipeline.model_io import encoder_features, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (ingest, preprocess, train, evaluate)
@@ -79,14 +81,34 @@ def latent_probe(raw: dict, split: str) -> dict[str, float]:
     is small, its figures noisy; test stays untouched either way).
     """
     table = pd.read_parquet(Path(raw["paths"]["evaluation"]) / "embeddings.parquet")
-    table = table[table["label"].notna()]
-    mu = table.filter(regex=r"^mu_\d+$").to_numpy()
-    train_rows, rows = (table["split"] == "train").to_numpy(), (table["split"] == split).to_numpy()
-    y = table["label"].astype(str).to_numpy()
-    out = linear_probe(mu[train_rows], y[train_rows], mu[rows], y[rows])
+    mu = {s: table[table["split"] == s].filter(regex=r"^mu_\d+$").to_numpy() for s in (
+        "train", split)}  # fmt: skip
+    return split_probe(mu, raw, split)
+
+
+def features_probe(raw: dict, split: str) -> dict[str, float]:
+    """The same probe on the encoder's pooled last feature map (the bottleneck diagnostic)."""
+    model, _ = load_model(raw["paths"]["model"], torch.device("cpu"))
+    folder = Path(raw["paths"]["processed"])
+    feats = {
+        s: encoder_features(model, processed.open_images(folder, s), 256, torch.device("cpu"))
+        for s in ("train", split)
+    }
+    return split_probe(feats, raw, split)
+
+
+def split_probe(z: dict[str, np.ndarray], raw: dict, split: str) -> dict[str, float]:
+    """Probe fit on ``z["train"]``, scored on ``z[split]`` (rows in the processed tables'
+    order), plus the 5-fold ``cv_*`` over both when ``split == "val"``."""
+    folder = Path(raw["paths"]["processed"])
+    y = {s: pd.read_parquet(processed.table_path(folder, s))["label"] for s in ("train", split)}
+    keep = {s: y[s].notna().to_numpy() for s in y}
+    zr, yr = z["train"][keep["train"]], y["train"][keep["train"]].astype(str).to_numpy()
+    zt, yt = z[split][keep[split]], y[split][keep[split]].astype(str).to_numpy()
+    out = linear_probe(zr, yr, zt, yt)
     if split == "val":
-        both = train_rows | rows
-        out.update({f"cv_{k}": v for k, v in cross_validated_probe(mu[both], y[both]).items()})
+        cv = cross_validated_probe(np.concatenate([zr, zt]), np.concatenate([yr, yt]))
+        out.update({f"cv_{k}": v for k, v in cv.items()})
     return out
 
 
@@ -134,6 +156,7 @@ def run(work: Path, updates: dict[str, dict], args: argparse.Namespace) -> dict:
             {
                 "seed": seed,
                 **latent_probe(raw, args.split),
+                "features": features_probe(raw, args.split),
                 "val_neg_elbo": float(history["val_neg_elbo"].iloc[-1]),
                 "active_units": metrics["test_active_units"],
                 "train_seconds": seconds["train"],
@@ -173,6 +196,9 @@ def report(title: str, result: dict, split: str, references: dict[str, dict]) ->
     print(f"  {'linear probe on':<34}" + "".join(f"{HEADERS[k]:>20}" for k in keys))
     means = [_mean_spread([r.get(k, float("nan")) for r in runs]) for k in keys]
     print(f"  {f'VAE latent means ({j}-d)':<34}" + "".join(f"{c:>20}" for c in means))
+    feats = [_mean_spread([r["features"].get(k, float("nan")) for r in runs]) for k in keys]
+    name = f"VAE encoder features ({m['widths'][-1]}-d)"
+    print(f"  {name:<34}" + "".join(f"{c:>20}" for c in feats))
     for name, row in {**result["baselines"], **references}.items():
         cells = [f"{row[k]:.3f}" if k in row else "-" for k in keys]
         print(f"  {name:<34}" + "".join(f"{c:>20}" for c in cells))

@@ -35,6 +35,10 @@ Metrics (MLflow metrics and the flat JSON ``paths.eval_metrics``), all on the te
   test_pca_probe_accuracy, test_pca_probe_auc   the same probe on the first J principal
                          components of the pixels (J = latent size): the baseline to beat
   test_probe_accuracy_vs_pca, test_probe_auc_vs_pca   latent minus PCA (> 0: the latent wins)
+  test_features_probe_accuracy, test_features_probe_auc   the same probe on the encoder's last
+                         feature map averaged over space (what the bottleneck reads): well
+                         above the mu probe means the labels reach the encoder and are lost at
+                         the bottleneck
   test_probe_*_vs_pca_ci_low, _ci_high   its 95% percentile bootstrap interval over the test
                          images (evaluate.bootstrap resamples; both probes stay fit on train)
   test_spectrum_spearman Spearman correlation on test of a linear fit (on train) of the spectrum
@@ -91,7 +95,7 @@ from pipeline.latent import (
     label_metrics,
     pixel_pca,
 )
-from pipeline.model_io import batches, encode_images, load_model
+from pipeline.model_io import batches, encode_images, encoder_features, load_model
 from pipeline.params import EvaluateParams, Params
 from pipeline.processed import SPLITS
 from pipeline.stage import run_stage
@@ -667,6 +671,10 @@ def latent_reports(
         (table["split"] == "test").to_numpy(),
     )
     baseline = pixel_pca(data["train"][0], data["test"][0], model.config.latent_dim, ev.seed)
+    device = next(model.parameters()).device
+    features = tuple(
+        encoder_features(model, data[s][0], ev.batch_size, device) for s in ("train", "test")
+    )  # 2 x (N, widths[-1])
     report = label_metrics(
         mu_all[is_train],
         table.loc[is_train, "label"],
@@ -676,6 +684,7 @@ def latent_reports(
         ev.seed,
         baseline=baseline,
         bootstrap=ev.bootstrap,
+        features=features,
     )
     results = Results(
         table, attributes, numeric, report, confounds(mu_all, table, attributes, ev.seed)
@@ -763,6 +772,7 @@ SUMMARY = (  # the stage's last line: (metric, how it is printed)
     ("test_probe_accuracy", "probe accuracy {:.3f}"),
     ("test_pca_probe_accuracy", "pixel PCA {:.3f}"),
     ("test_probe_accuracy_vs_pca", "margin {:+.3f}"),
+    ("test_features_probe_accuracy", "encoder features {:.3f}"),
     ("test_spectrum_spearman", "spectrum Spearman {:.3f}"),
     ("test_pca_spectrum_spearman", "pixel PCA {:.3f}"),
     ("test_spectrum_spearman_vs_pca", "margin {:+.3f}"),

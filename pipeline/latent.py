@@ -224,6 +224,7 @@ def label_metrics(
     seed: int = 0,
     baseline: tuple[np.ndarray, np.ndarray] | None = None,
     bootstrap: int = 0,
+    features: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LabelReport:
     """Every disease-spectrum metric on mu, or a note saying why it cannot be computed.
 
@@ -231,7 +232,9 @@ def label_metrics(
     gets the same probe as mu: ``pca_probe_accuracy``/``_auc``, and ``probe_*_vs_pca`` is the
     latent's margin over it (positive: the latent reads the labels better than the pixels do),
     with its ``CI_LEVEL`` interval from ``bootstrap`` resamples of the test images
-    (``probe_*_vs_pca_ci_low``/``_high``; 0: no interval).
+    (``probe_*_vs_pca_ci_low``/``_high``; 0: no interval). ``features`` (train (N,F), test
+    (M,F), e.g. the encoder's pooled last feature map) gets the same probe too:
+    ``features_probe_accuracy``/``_auc``, the bottleneck diagnostic.
 
     Unlabelled rows are left out. Metrics need >= 2 classes among the labelled train images
     (probe, k-NN) or test images (silhouette, k-means); otherwise they are skipped with a note
@@ -291,6 +294,11 @@ def label_metrics(
                     report.metrics[f"probe_{key}_vs_pca"] = margin
             if bootstrap:
                 report.metrics.update(margin_ci(yt[seen], latent_out, pca_out, bootstrap, seed))
+        if features is not None:
+            fr, _ = _labelled(features[0], train_labels)
+            ft, _ = _labelled(features[1], test_labels)
+            scores = linear_probe(fr, yr, ft[seen], yt[seen], seed)
+            report.metrics.update({f"features_{k}": v for k, v in scores.items()})
     return report
 
 

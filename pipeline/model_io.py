@@ -66,3 +66,15 @@ def encode_images(
     if not mus:
         return np.zeros((0, j), np.float32), np.zeros((0, j), np.float32)
     return torch.cat(mus).numpy(), torch.cat(logvars).numpy()
+
+
+@torch.no_grad()
+def encoder_features(
+    model: ConvVAE, images: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """The encoder's last feature map, averaged over space, for every image (N,C,H,W) uint8:
+    (N, widths[-1]) float32 numpy (:meth:`ConvVAE.features`, what the bottleneck reads)."""
+    parts = [model.features(x).cpu() for x in batches(images, batch_size, device)]
+    if not parts:
+        return np.zeros((0, model.config.widths[-1]), np.float32)
+    return torch.cat(parts).numpy()

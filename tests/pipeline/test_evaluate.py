@@ -137,7 +137,8 @@ LABELS = ["test_probe_accuracy", "test_probe_auc", "test_knn_accuracy", "test_si
           "test_pca_probe_accuracy", "test_pca_probe_auc", "test_probe_accuracy_vs_pca",
           "test_probe_auc_vs_pca", "test_probe_accuracy_vs_pca_ci_low",
           "test_probe_accuracy_vs_pca_ci_high", "test_probe_auc_vs_pca_ci_low",
-          "test_probe_auc_vs_pca_ci_high"]  # fmt: skip
+          "test_probe_auc_vs_pca_ci_high", "test_features_probe_accuracy",
+          "test_features_probe_auc"]  # fmt: skip
 SPECTRUM = ["test_spectrum_spearman", "test_pca_spectrum_spearman",
             "test_spectrum_spearman_vs_pca", "test_spectrum_spearman_vs_pca_ci_low",
             "test_spectrum_spearman_vs_pca_ci_high"]  # fmt: skip

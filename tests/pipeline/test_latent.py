@@ -158,6 +158,30 @@ def test_baseline_margin_is_latent_minus_baseline():
     assert m["probe_auc_vs_pca"] == pytest.approx(m["probe_auc"] - m["pca_probe_auc"])
 
 
+def test_features_probe_reads_the_labels_the_bottleneck_lost():
+    """The bottleneck diagnostic: features that carry the labels score high while a mu that
+    lost them scores at chance; unlabelled rows are left out of both alike."""
+    rng = np.random.default_rng(1)
+    y_train = pd.Series(["A", "B"] * 50 + [None] * 4)
+    y_test = pd.Series(["A", "B"] * 20 + [None] * 2)
+
+    def carrying(y: pd.Series) -> np.ndarray:
+        sign = np.where((y == "A").to_numpy()[:, None], 2.0, -2.0)
+        return sign + rng.normal(size=(len(y), 8))
+
+    lost_train, lost_test = rng.normal(size=(104, 2)), rng.normal(size=(42, 2))
+    report = label_metrics(
+        lost_train, y_train, lost_test, y_test, 3, features=(carrying(y_train), carrying(y_test))
+    )
+    m = report.metrics
+    assert m["features_probe_accuracy"] == 1.0 and m["features_probe_auc"] == 1.0
+    assert m["probe_accuracy"] < 0.75
+    assert (
+        "features_probe_accuracy"
+        not in label_metrics(lost_train, y_train, lost_test, y_test, 3).metrics
+    )
+
+
 # ----------------------------------------------------------------------------- intervals
 
 

@@ -5,10 +5,14 @@ one of the two network namespaces."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from pipeline.params import load_params
 from tests.netns import IFACE
@@ -16,6 +20,15 @@ from tests.pipeline.test_train import _runs
 from tests.s3 import BUCKET, moto_s3
 
 pytestmark = pytest.mark.slow
+
+HEALTH = """
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1] + "/health", timeout=2)
+except OSError:
+    sys.exit(1)
+"""
+MLFLOW_PORT = 5055  # inside the head's namespace: its own loopback, so no clash with this host
 
 LIST_BUCKET = f"""
 import boto3
@@ -106,3 +119,42 @@ def test_two_host_training_as_a_ray_job_with_checkpoints_on_s3(two_hosts, proces
     (run,) = _runs(path)
     assert run.info.status == "FINISHED"
     assert "/epoch_000001/checkpoint.pt" in listing.stdout  # the last epoch, in the bucket
+
+
+def test_tracking_uri_only_the_head_reaches_is_one_line_naming_a_reachable_one(
+    two_hosts, processed, params_file, tmp_path
+):
+    """An `mlflow server` on the head's loopback: the driver on the head reaches it, rank 0 on
+    the other host would not. The stage checks from every node before training."""
+    uri = f"http://127.0.0.1:{MLFLOW_PORT}"
+    store = tmp_path / "server"
+    server = two_hosts.head.popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", MLFLOW_PORT, "--workers", 1]
+        + ["--backend-store-uri", f"sqlite:///{store}.db", "--artifacts-destination", store],
+        env=two_hosts.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own group: uvicorn's worker goes with it
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while two_hosts.head.run(["python", "-c", HEALTH, uri], env=two_hosts.env()).returncode:
+            assert time.monotonic() < deadline, "mlflow server did not answer on the head"
+            time.sleep(0.5)
+        path = params_file(
+            tracking={"uri": uri},
+            cluster={"address": two_hosts.address, "worker_env": {"GLOO_SOCKET_IFNAME": IFACE}},
+        )
+        rc, err, seconds = _train(two_hosts.head, path, two_hosts.env())
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+    print(f"MEASURED head-only tracking URI: one line after {seconds:.1f} s (stage start included)")
+    assert rc == 1, err[-5:]
+    assert err[-1].startswith(f"retina-vae train: error: tracking.uri: {uri} answers here but ")
+    assert f"not from Ray node {two_hosts.worker.ip}" in err[-1]
+    assert f"http://{two_hosts.head.ip}:{MLFLOW_PORT}" in err[-1]  # the address to use instead
+    runs = MlflowClient(f"sqlite:///{store}.db").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{store}.db").search_experiments()]
+    )
+    assert runs == []  # checked before the run was opened: nothing to clean up
