@@ -9,7 +9,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import psutil
 
 from pipeline.errors import UserError
 from pipeline.params import Params
@@ -101,3 +104,43 @@ def check_collective(params: Params, env: dict[str, str]) -> None:
                 f"cluster.worker_env: {{{variable}: <the nodes' network interface, e.g. eth0>}}"
                 f" - {SEE}"
             )
+
+
+def is_train_stage(argv: list[str]) -> bool:
+    """True for the command line of a train stage: ``python -m pipeline.cli train`` (what
+    ``dvc.yaml`` runs) or ``retina-vae train`` (the console script, also ``python .../retina-vae
+    train``). A shell wrapping one (``sh -c "python -m pipeline.cli train"``) is not one."""
+    names = [Path(a).name for a in argv]
+    pairs = zip(names, names[1:], strict=False)  # each argument with the next
+    return any(a in ("pipeline.cli", "retina-vae") and b == "train" for a, b in pairs)
+
+
+def other_trainings() -> list[int]:
+    """PIDs of the train stages running on this host besides this process and its parents,
+    e.g. the other experiments of ``dvc exp run --run-all -j N``."""
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = proc.info["cmdline"] or []  # None: a process we may not read
+        if proc.info["pid"] not in mine and is_train_stage(argv):
+            found.append(proc.info["pid"])
+    return found
+
+
+def shared_cores_warning(params: Params, others: list[int], cores: int) -> str | None:
+    """A one-line warning when this embedded-Ray training and ``others`` (their PIDs) on the
+    same host would together want more threads than ``cores``: each embedded Ray claims every
+    core, so N concurrent experiments should each take ``num_workers x cpus_per_worker <=
+    cores / N``. None when they fit (or nothing else runs)."""
+    t = params.train
+    mine, share = t.num_workers * t.cpus_per_worker, cores // (len(others) + 1)
+    if not others or mine <= max(share, 1):
+        return None
+    return (
+        f"train: {len(others)} other training(s) run on this host "
+        f"(pid {', '.join(map(str, others))}); this one asks {t.num_workers} worker(s) x "
+        f"{t.cpus_per_worker:g} CPU of {cores} cores,"
+        f" so they share them and each runs slower: for `dvc exp run -j {len(others) + 1}` set "
+        f"train.num_workers x train.cpus_per_worker <= {max(share, 1)} - see README, Queued "
+        "experiments"
+    )

@@ -244,10 +244,15 @@ def connect(params: Params, uri: str) -> bool:
     env: dict[str, Any] = {"env_vars": cluster.worker_env(params, uri)}
     if address is not None:
         cluster.check_address(address)
+    cores = os.cpu_count() or 1
+    if address is None:  # this host's cores: other queued experiments may want them too
+        warning = cluster.shared_cores_warning(params, cluster.other_trainings(), cores)
+        if warning is not None:
+            log.warning("%s", warning)
     if distributed.ray_is_initialized():
         return False  # a session opened by the caller (tests, notebooks) is reused
     if address is None:
-        distributed.init_ray(None, num_cpus=os.cpu_count())
+        distributed.init_ray(None, num_cpus=cores)
         return True
     if params.cluster.ship_code:
         env["py_modules"] = [str(REPO / "pipeline"), str(REPO / "vae_core")]

@@ -5,6 +5,7 @@ test_train_two_hosts.py)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +62,59 @@ def test_collective_address_follows_the_ifname_variable(monkeypatch, use_gpu):
     assert distributed.collective_address(use_gpu) == (f"{variable}=lo", _ip_address("lo"))
     monkeypatch.setenv(variable, "nosuchif0")
     assert distributed.collective_address(use_gpu) == (f"{variable}=nosuchif0", None)
+
+
+# ----------------------------------------------------------------------------- shared cores
+
+
+@pytest.mark.parametrize(
+    "argv, is_train",
+    [
+        (["/v/bin/python", "-m", "pipeline.cli", "train", "--params", "p.yaml"], True),  # dvc.yaml
+        (["/v/bin/python", "/v/bin/retina-vae", "train"], True),  # console script via its shebang
+        (["retina-vae", "train", "--params", "p.yaml"], True),
+        (["/bin/sh", "-c", "python -m pipeline.cli train"], False),  # the shell DVC wraps it in
+        (["/v/bin/python", "-m", "pipeline.cli", "evaluate"], False),
+        (["retina-vae", "exps"], False),
+        (["ray::RayTrainWorker.__init__"], False),
+        ([], False),
+    ],
+)
+def test_train_stage_command_lines(argv, is_train):
+    assert cluster.is_train_stage(argv) is is_train
+
+
+def test_other_trainings_finds_a_running_train_command_line_and_not_this_process():
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", "-m", "pipeline.cli", "train"]
+    other = subprocess.Popen(argv)
+    try:
+        assert other.pid in cluster.other_trainings()
+    finally:
+        other.kill()
+        other.wait()
+    assert other.pid not in cluster.other_trainings()
+
+
+@pytest.mark.parametrize(
+    "workers, cpus, others, cores, share",
+    [
+        (2, 1, [11], 2, 1),  # -j 2 on 2 cores, default 2 workers: told to take 1
+        (1, 1, [11], 2, None),  # sized as the README says: silent
+        (2, 1, [], 2, None),  # alone: silent
+        (4, 2, [11, 12, 13], 16, 4),  # -j 4 on 16 cores: 4 CPUs each
+        (2, 2, [11, 12, 13], 16, None),  # 4 of 16: its share exactly
+        (1, 1, [11, 12, 13], 2, None),  # more experiments than cores: 1 is the least there is
+        (2, 1, [11, 12, 13], 2, 1),
+    ],
+)
+def test_shared_cores_warning_says_the_share_for_j_n(
+    params_file, workers, cpus, others, cores, share
+):
+    path = params_file(train={"num_workers": workers, "cpus_per_worker": cpus})
+    line = cluster.shared_cores_warning(load_params(path), others, cores)
+    if share is None:
+        assert line is None
+        return
+    assert f"dvc exp run -j {len(others) + 1}` set" in line
+    assert f"train.num_workers x train.cpus_per_worker <= {share} " in line
+    assert "\n" not in line

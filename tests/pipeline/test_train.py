@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -122,6 +123,26 @@ def _killer(armed: Path, pid_file: Path, checkpoints: Path, epoch: int) -> threa
 
 
 # ----------------------------------------------------------------------------- tests
+
+
+def test_a_second_training_on_the_host_is_told_how_to_share_the_cores(
+    ray_session, params_file, caplog, monkeypatch
+):
+    """`dvc exp run -j 2` on 2 cores: a train stage already runs (a real process with that
+    command line); this one, asking 2 workers, says in one line to take 1 as it joins Ray."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # CI's machine, whatever this one has
+    argv = [sys.executable, "-c", "import time; time.sleep(300)", "-m", "pipeline.cli", "train"]
+    other = subprocess.Popen(argv)
+    try:
+        params = load_params(params_file(train={"num_workers": 2, "cpus_per_worker": 1}))
+        train.connect(params, params.tracking.uri)
+    finally:
+        other.kill()
+        other.wait()
+    (line,) = [r.getMessage() for r in caplog.records if "other training" in r.getMessage()]
+    assert line.startswith(f"train: 1 other training(s) run on this host (pid {other.pid}); ")
+    assert "asks 2 worker(s) x 1 CPU of 2 cores" in line
+    assert line.endswith("<= 1 - see README, Queued experiments")
 
 
 @pytest.mark.slow
