@@ -86,7 +86,8 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
             raise UserError(f"{path}: no column {name!r} (ingest.{key}; found {found})")
         else:
             out[role] = ""
-    out["split"] = df["split"] if "split" in df.columns else ""
+    split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
+    out["split"] = df[_header(split)] if split and _header(split) in df.columns else ""
     out["severity"] = df["severity"] if "severity" in df.columns else ""
     _check(path, out, root)
     out["path"] = [p.replace("\\", "/").removeprefix("./") for p in out["path"]]

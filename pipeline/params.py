@@ -71,6 +71,7 @@ class IngestParams:
     label_column: Annotated[str, Field(min_length=1)]
     patient_column: Annotated[str, Field(min_length=1)]
     eye_column: Annotated[str, Field(min_length=1)]
+    split_column: Annotated[str, Field(min_length=1)] | None
     folder_labels: bool
     modality: Literal["oct", "fundus"]
     patient_pattern: str

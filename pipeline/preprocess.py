@@ -281,7 +281,17 @@ def preprocess(params: Params) -> dict:
     df = read_manifest(params)
     modality = df["modality"].iloc[0]
     channels = CHANNELS[modality]
+    sheet = params.ingest.labels is not None and not is_npz(source_root(params))
+    explicit = sheet and "split" in df.columns and df["split"].notna().all()
     df["split"] = assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
+    if explicit and pp.test_fraction > 0 and not (df["split"] == "test").any():
+        counts = df["split"].value_counts()
+        raise UserError(
+            f"{params.ingest.labels}: the test split is empty: the sheet's split column "
+            f"(ingest.split_column) gives every image (train {counts.get('train', 0)}, val "
+            f"{counts.get('val', 0)}, test 0); set ingest.split_column: null to split by subject "
+            "with preprocess.val_fraction/test_fraction"
+        )
     report = {
         "image_size": list(pp.image_size),
         "channels": channels,

@@ -177,6 +177,41 @@ def test_npz_arrays_and_official_split(tmp_path):
         assert np.array_equal(x[0], data["train_images"][0].transpose(2, 0, 1))
 
 
+@pytest.mark.parametrize("split_column", ["split", None])
+def test_a_sheet_that_puts_every_image_in_train(tmp_path, capsys, split_column):
+    """As PALM and IDRiD are often shared: a split column that says train on every row. Used,
+    it leaves no test image: one line naming the key; ignored, the subjects are split."""
+    from PIL import Image
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for k in range(20):
+        Image.fromarray(np.full((40, 40, 3), 10 * k + 20, np.uint8)).save(src / f"{k}.png")
+    rows = "".join(f"{k}.png,{'AB'[k % 2]},train\n" for k in range(20))
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + rows)
+    params = write_params(
+        tmp_path,
+        ingest={"source": str(src), "labels": str(tmp_path / "labels.csv"),
+                "modality": "fundus", "split_column": split_column},
+        preprocess={"image_size": [32, 32], "val_fraction": 0.2, "test_fraction": 0.2},
+    )  # fmt: skip
+    assert ingest.main(["--params", str(params)]) == 0
+    code = preprocess.main(["--params", str(params)])
+    if split_column is None:
+        assert code == 0
+        sizes = json.loads(Path(load_params(params).paths.preprocess_report).read_text())
+        assert {s: sizes["splits"][s]["images"] for s in ("train", "val", "test")} == {
+            "train": 12, "val": 4, "test": 4
+        }  # fmt: skip
+        return
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith(
+        f"retina-vae preprocess: error: {tmp_path / 'labels.csv'}: "
+    )
+    assert "(train 20, val 0, test 0); set ingest.split_column: null to split by subject" in err
+    assert not Path(load_params(params).paths.processed).exists()  # nothing half-written
+
+
 def test_missing_manifest_is_one_line_error(tmp_path, capsys):
     params = write_params(tmp_path)
     assert preprocess.main(["--params", str(params)]) == 1
