@@ -61,28 +61,28 @@ def session(params: Params) -> Iterator[None]:
 
 
 def connect(params: Params) -> bool:
-    """Start or join Ray for a data stage; True when this call started it (shut it down).
-
-    The same way as the train stage: the cluster's address and token checked first (one line
-    within seconds, :func:`pipeline.cluster.check_address`), an embedded Ray of this process's
-    own otherwise (:func:`vae_core.distributed.init_ray`)."""
+    """Start or join Ray for a data stage; True when this call started it (shut it down)."""
     import ray
-
-    from pipeline import cluster
-    from vae_core import distributed
 
     if ray.is_initialized():
         return False
     address = params.cluster.address
-    if address is None:
-        distributed.init_ray(None, num_cpus=os.cpu_count())
-        return True
-    cluster.check_address(address)
-    env = {"py_modules": [str(REPO / "pipeline")]} if params.cluster.ship_code else None
+    quiet = {"logging_config": ray.LoggingConfig(log_level="ERROR")}
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     try:
-        distributed.init_ray(address, runtime_env=env)
+        if address is None:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        else:
+            env = {"py_modules": [str(REPO / "pipeline")]} if params.cluster.ship_code else None
+            ray.init(address=address, runtime_env=env, **quiet)
     except ConnectionError as exc:
         raise UserError(f"cluster.address: cannot connect to Ray at {address} ({exc})") from None
+    finally:  # ray.LoggingConfig reconfigures the root logger: the stage keeps its own
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        logging.getLogger("ray").setLevel(logging.ERROR)
     return True
 
 
