@@ -343,6 +343,6 @@ def test_a_failure_after_training_marks_the_run_failed(
 
 @pytest.mark.parametrize("key", ["cpu_bf16", "cpu_channels_last", "compile"])
 def test_cpu_speed_switches_go_from_params_to_the_train_config(tmp_path, key):
-    assert getattr(train.train_config(load_params(write_params(tmp_path))), key) is False
-    params = load_params(write_params(tmp_path, train={key: True}))
-    assert getattr(train.train_config(params), key) is True
+    for value in (False, True):
+        params = load_params(write_params(tmp_path, train={key: value}))
+        assert getattr(train.train_config(params), key) is value
