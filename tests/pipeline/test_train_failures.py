@@ -51,6 +51,9 @@ def _start_stage(params: Path, mark: str, stage: str = "train") -> subprocess.Po
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a terminal's foreground job gets Ctrl-C even when this suite was started in the
+        # background (`cmd &` in a script starts it with SIGINT ignored, and children inherit it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
