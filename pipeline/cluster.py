@@ -1,5 +1,6 @@
-"""Joining a Ray cluster (``cluster.*`` params): the checks that turn Ray's slow or silent
-failures into one line, and the environment every Ray worker gets.
+"""Training on a Ray cluster (``cluster.*`` params): the checks that turn Ray's slow or silent
+failures into one line (the head's address itself: :mod:`pipeline.ray_address`), and the
+environment every Ray worker gets.
 
 Used by the train stage. See README, "Running on a cluster".
 """
@@ -8,59 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
 
 from pipeline.errors import UserError
 from pipeline.params import Params
+from pipeline.ray_address import SEE
 from vae_core import distributed
-
-SEE = "see README, Running on a cluster"
-
-
-def check_address(address: str) -> None:
-    """``cluster.address`` is a listening Ray head that accepts this process's credentials.
-
-    A TCP probe (Ray itself retries for minutes where nothing listens), then a token check
-    (``ray.init`` retries ~40 s and names no cause); each fails within seconds with one line.
-    Raises UserError.
-    """
-    if address == "auto":
-        return
-    if address.startswith("ray://"):
-        raise UserError(
-            f"cluster.address: Ray Client addresses ({address}) are not supported; use the "
-            "head's host:port (GCS, default port 6379), or submit the stage with `ray job "
-            f"submit` - {SEE}"
-        )
-    parts = urlsplit(f"ray-gcs://{address}")
-    if not parts.hostname or not parts.port:
-        raise UserError(f"cluster.address: expected auto or host:port, got {address!r}")
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
-    except OSError as exc:
-        raise UserError(
-            f"cluster.address: Ray cluster at {address} is unreachable ({exc.strerror or exc}); "
-            "start it with `ray start --head` or set cluster.address: null for a local Ray"
-        ) from None
-    if distributed.auth_refused(address) is not None:
-        raise UserError(f"cluster.address: {_auth_advice(address)}")
-
-
-def _auth_advice(address: str) -> str:
-    token = "its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return (
-            f"the Ray cluster at {address} refused the connection: authentication required; "
-            f"set RAY_AUTH_MODE=token and {token} here and on every node - {SEE}"
-        )
-    return (
-        f"the Ray cluster at {address} refused the connection: authentication failed, this "
-        f"process's token is not the cluster's; set {token} to the head's token - {SEE}"
-    )
 
 
 def worker_env(params: Params, uri: str) -> dict[str, str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import libwarn, pixel_cache, pixels
+from pipeline import libwarn, pixel_cache, pixels, ray_address
 from pipeline.errors import UserError
 from pipeline.params import Params
 
@@ -74,6 +74,7 @@ def connect(params: Params) -> bool:
         if address is None:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
         else:
+            ray_address.check_address(address)  # seconds, where ray.init stalls or names no cause
             env = {"py_modules": [str(REPO / "pipeline")]} if params.cluster.ship_code else None
             ray.init(address=address, runtime_env=env, **quiet)
     except ConnectionError as exc:

@@ -273,7 +273,9 @@ class Outbox:
     def __init__(self, uri: str, run_id: str, folder: str | Path) -> None:
         self.uri, self.run_id, self.folder = uri, run_id, Path(folder)
         self.down = False  # inside an outage (reported once)
-        self._held: set[int] | None = None  # steps the run holds; read at the first send
+        # what the run holds, read at the first send and after each failure: metric steps,
+        # and (key, step) of image grids
+        self._held: tuple[set[int], set[tuple[str, int]]] | None = None
 
     def put(self, epoch: int, metrics: dict[str, float], grids: dict[str, np.ndarray]) -> None:
         """Keep epoch ``epoch``'s ``metrics`` and ``grids`` ({key: (H,W,3) uint8})."""
@@ -294,6 +296,9 @@ class Outbox:
                 for epoch in self.waiting():
                     self._send_epoch(epoch)
         except Exception as exc:  # any failure to log must leave training running
+            # The server may have applied the request whose answer was lost: read what the
+            # run holds again before the next send, so nothing is logged twice.
+            self._held = None
             if not self.down:
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 log.warning(
@@ -316,21 +321,31 @@ class Outbox:
         entry = json.loads((self.folder / f"{epoch:06d}.json").read_text())
         metrics = entry["metrics"]
         mlflow_client = client(self.uri)
-        if self._held is None:  # any key: an epoch's metrics go in one batch
-            key = next(iter(metrics))
-            self._held = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
+        if self._held is None:
+            self._held = self._read_held(mlflow_client, next(iter(metrics)))
+        steps, images = self._held
         grids = sorted(self.folder.glob(f"{epoch:06d}.*.npy"))
-        if epoch not in self._held:
+        if epoch not in steps:
             for path in grids:  # (the metrics last: they mark the epoch as logged)
                 key = path.name.split(".")[1]
-                mlflow_client.log_image(self.run_id, np.load(path), key=key, step=epoch)
+                if (key, epoch) not in images:
+                    mlflow_client.log_image(self.run_id, np.load(path), key=key, step=epoch)
+                    images.add((key, epoch))
             batch = [Metric(k, v, entry["time_ms"], epoch) for k, v in metrics.items()]
             for i in range(0, len(batch), 1000):  # MLflow's batch limit
                 mlflow_client.log_batch(self.run_id, metrics=batch[i : i + 1000])
-            self._held.add(epoch)
+            steps.add(epoch)
         for path in grids:
             path.unlink()
         (self.folder / f"{epoch:06d}.json").unlink()
+
+    def _read_held(self, mlflow_client: Any, key: str) -> tuple[set[int], set[tuple[str, int]]]:
+        """The metric steps of ``key`` (any: an epoch's metrics go in one batch) and the
+        (key, step) of the image grids the run holds (MLflow names them ``key+step+N+...``)."""
+        steps = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
+        names = [Path(a.path).name for a in mlflow_client.list_artifacts(self.run_id, "images")]
+        parts = [n.split("+") for n in names if n.endswith(".png")]
+        return steps, {(p[0], int(p[2])) for p in parts if len(p) > 2 and p[2].isdigit()}
 
 
 @contextmanager

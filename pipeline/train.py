@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import cluster, run_store, tracking
+from pipeline import cluster, ray_address, run_store, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
 from pipeline.params import Params
@@ -243,7 +243,7 @@ def connect(params: Params, uri: str) -> bool:
     address = params.cluster.address
     env: dict[str, Any] = {"env_vars": cluster.worker_env(params, uri)}
     if address is not None:
-        cluster.check_address(address)
+        ray_address.check_address(address)
     cores = os.cpu_count() or 1
     if address is None:  # this host's cores: other queued experiments may want them too
         warning = cluster.shared_cores_warning(params, cluster.other_trainings(), cores)

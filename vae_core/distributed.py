@@ -294,22 +294,6 @@ def stat_on_every_node(paths: list[str]) -> dict[str, dict[str, tuple[int, int] 
     return on_every_node(_stat, paths)
 
 
-def auth_refused(address: str) -> str | None:
-    """Ray's message when the GCS at ``address`` (``host:port``, known to listen) refuses this
-    process's credentials (token authentication), else None.
-
-    One GCS client: a second or two, where ``ray.init`` retries for 20-40 s and then raises a
-    ConnectionError that names no cause.
-    """
-    from ray._raylet import GcsClient
-
-    try:
-        GcsClient(address=address)
-    except ray.exceptions.AuthenticationError as exc:
-        return exc.message
-    return None
-
-
 # The variable that names the network interface of torch.distributed's backend.
 IFNAME_VARIABLE = {False: "GLOO_SOCKET_IFNAME", True: "NCCL_SOCKET_IFNAME"}
 

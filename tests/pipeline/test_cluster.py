@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline import cluster
+from pipeline import cluster, ray_address
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from vae_core import distributed
@@ -25,7 +25,7 @@ from vae_core import distributed
 )
 def test_unusable_address_is_one_line(address, says):
     with pytest.raises(UserError, match="^cluster.address: ") as err:
-        cluster.check_address(address)
+        ray_address.check_address(address)
     assert says in str(err.value) and "\n" not in str(err.value)
 
 

@@ -118,6 +118,35 @@ def test_outbox_keeps_what_a_down_server_missed_and_never_logs_a_step_twice(stor
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lost", ["log_batch", "log_image"])
+def test_outbox_never_resends_what_the_server_applied_before_its_answer_was_lost(
+    store, tmp_path, monkeypatch, lost
+):
+    """The server dies after applying a request but before answering (the at-least-once window
+    of a retry): the next send must find the step, or the grid, already in the run."""
+    run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
+    grid = np.zeros((10, 20, 3), np.uint8)
+    outbox = tracking.Outbox(store, run_id, tmp_path / "out")
+    outbox.put(0, {"train_kl": 0.0}, {"reconstructions": grid})
+    assert outbox.send()  # the run's holdings are read now, before the outage
+    applied = getattr(MlflowClient, lost)
+
+    def applied_then_lost(self, *args, **kwargs):
+        applied(self, *args, **kwargs)
+        raise ConnectionError("Connection aborted: RemoteDisconnected")
+
+    monkeypatch.setattr(MlflowClient, lost, applied_then_lost)
+    outbox.put(1, {"train_kl": 1.0}, {"reconstructions": grid})
+    assert not outbox.send() and outbox.waiting() == [1]
+    monkeypatch.setattr(MlflowClient, lost, applied)  # the server answers again
+    assert outbox.send() and outbox.waiting() == []
+    history = MlflowClient(store).get_metric_history(run_id, "train_kl")
+    assert sorted(m.step for m in history) == [0, 1]
+    images = [a.path for a in MlflowClient(store).list_artifacts(run_id, "images")]
+    assert sorted(p.split("+")[2] for p in images if p.endswith(".png")) == ["0", "1"]
+
+
+@pytest.mark.slow
 def test_experiment_opens_in_the_model_training_view(store):
     client = MlflowClient(store)
     new = tracking.experiment_id(store, "fresh")

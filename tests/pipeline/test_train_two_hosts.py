@@ -74,6 +74,30 @@ def test_driver_refused_by_token_auth_says_authentication_in_one_line(
     assert says in err[-1] and "\n" not in err[-1]
 
 
+def test_data_stage_on_ray_refused_by_token_auth_says_authentication_in_one_line(
+    two_hosts, params_file
+):
+    """The Ray Data engine (data.engine: ray) joins cluster.address through the same check."""
+    path = params_file(
+        demo={"patients": 2, "images_per_eye": 1},
+        data={"engine": "ray"},
+        cluster={"address": two_hosts.address},
+    )
+    env = two_hosts.env(auth=False)
+    made = two_hosts.worker.run(["retina-vae", "demo", "--params", str(path)], env=env, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    start = time.monotonic()
+    done = two_hosts.worker.run(
+        ["retina-vae", "ingest", "--params", str(path)], env=env, timeout=300
+    )
+    print(f"one-line auth error after {time.monotonic() - start:.1f} s (stage start included)")
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1
+    assert err[-1].startswith("retina-vae ingest: error: cluster.address: the Ray cluster at ")
+    assert "authentication required; set RAY_AUTH_MODE=token" in err[-1]
+    assert not Path(load_params(path).paths.manifest).exists()  # nothing written
+
+
 def test_loopback_collective_address_is_one_line_naming_gloo_socket_ifname(
     two_hosts, processed, params_file
 ):
