@@ -6,9 +6,10 @@ For each image shape (default 64 px x 1 channel and 128 px x 3 channels):
    ``torch.utils.flop_counter.FlopCounterMode`` on the real model, not estimated by hand.
 2. The practical peak of this machine in the same run: GFLOP/s of a large ``torch.mm`` in
    float32, and in bf16 where the CPU has native bf16 (measured before and after, best of N).
-3. Plain-loop variants (float32 baseline, channels-last, bf16 autocast, both, torch.compile on
-   request) in interleaved rounds: every round runs one training epoch of each variant, so a
-   load change hits all of them alike; the first round is warm-up, the best later round counts.
+3. Plain-loop variants (float32 baseline, channels-last, bf16 autocast, both, torch.compile and
+   other batch sizes on request, e.g. ``bf16+bs32``) in interleaved rounds: every round runs one
+   training epoch of each variant, so a load change hits all of them alike; the first round is
+   warm-up, the best later round counts.
    Printed: images/s, achieved GFLOP/s, share of the fp32 (and bf16) peak, ratio to float32.
 4. Ray Train worker x thread splits of the same CPUs (default 1x2 and 2x1 on 2 CPUs), each with
    the fastest plain variant's settings and a plain-loop epoch of that variant right before it;
@@ -155,9 +156,11 @@ def loader_images_per_s(plain: Plain) -> float:
 
 
 def variant_spec(base: distributed.RunSpec, name: str) -> distributed.RunSpec:
+    """``name``'s tokens joined by '+': VARIANT_FLAGS keys, or bsN for a batch size of N."""
     flags: dict = {}
     for token in name.split("+"):
-        flags.update(VARIANT_FLAGS[token])
+        bs = token.removeprefix("bs")
+        flags.update({"batch_size": int(bs)} if bs.isdigit() else VARIANT_FLAGS[token])
     return dataclasses.replace(base, train=dataclasses.replace(base.train, **flags))
 
 
@@ -260,7 +263,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="fp32,cl,bf16,bf16+cl",
-        help="plain-loop variants, tokens fp32|cl|bf16|compile joined by '+' (fp32 always runs)",
+        help="plain-loop variants, tokens fp32|cl|bf16|compile|bsN (batch size N) joined by '+' "
+        "(fp32 at --batch-size always runs)",
     )
     parser.add_argument(
         "--splits",
