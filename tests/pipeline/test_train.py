@@ -242,13 +242,26 @@ def test_view_objective_trains_under_ray_train_with_two_workers(
 
 
 @pytest.mark.parametrize(
-    ("active", "latent_dim", "hint"),
-    [(16, 16, False), (4, 16, False), (3, 16, True), (0, 8, True), (2, 8, False)],
+    ("active", "kl_per_dim", "says"),
+    [
+        (16, [1.0] * 16, None),
+        (4, [1.0] * 4 + [0.0] * 12, None),  # a quarter: no hint
+        (3, [1.0] * 3 + [0.001] * 13, "13 copy the prior; try train.free_bits"),
+        (0, [0.0] * 8, "8 copy the prior; try train.free_bits"),
+        (2, [0.5] * 2 + [0.0] * 6, None),
+        # IDRiD with a learned Gaussian scale: Var(mu) ~0.001 everywhere, posterior sd ~0.01,
+        # KL of several nats per dim; nothing copies the prior
+        (0, [6.0] * 12 + [0.002] * 4, "but only 4 copy the prior (KL < 0.01 nats)"),
+    ],
 )
-def test_active_units_summary_counts_and_hints_at_collapse(active, latent_dim, hint):
-    text = train.active_units_summary(float(active), latent_dim)
-    assert text.startswith(f"{active} of {latent_dim} latent units active")
-    assert ("free_bits" in text) is hint
+def test_active_units_summary_tells_collapse_from_a_narrow_latent(active, kl_per_dim, says):
+    text = train.active_units_summary(float(active), kl_per_dim)
+    assert text.startswith(f"{active} of {len(kl_per_dim)} latent units active")
+    if says is None:
+        assert "(" not in text and "copy the prior" not in text
+    else:
+        assert says in text
+    assert ("free_bits" in text) is (says is not None and "try train.free_bits" in says)
 
 
 @pytest.mark.slow
