@@ -284,14 +284,8 @@ def preprocess(params: Params) -> dict:
     sheet = params.ingest.labels is not None and not is_npz(source_root(params))
     explicit = sheet and "split" in df.columns and df["split"].notna().all()
     df["split"] = assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
-    if explicit and pp.test_fraction > 0 and not (df["split"] == "test").any():
-        counts = df["split"].value_counts()
-        raise UserError(
-            f"{params.ingest.labels}: the test split is empty: the sheet's split column "
-            f"(ingest.split_column) gives every image (train {counts.get('train', 0)}, val "
-            f"{counts.get('val', 0)}, test 0); set ingest.split_column: null to split by subject "
-            "with preprocess.val_fraction/test_fraction"
-        )
+    if explicit and pp.test_fraction > 0:
+        check_sheet_test_split(df["split"], params.ingest.labels)
     report = {
         "image_size": list(pp.image_size),
         "channels": channels,
@@ -317,6 +311,20 @@ def preprocess(params: Params) -> dict:
         sizes,
     )
     return report
+
+
+def check_sheet_test_split(splits: pd.Series, labels: str | None) -> None:
+    """UserError when the label sheet's own split column (``ingest.split_column``) leaves the
+    test split empty, as sheets that say ``train`` on every row do."""
+    if (splits == "test").any():
+        return
+    counts = splits.value_counts()
+    raise UserError(
+        f"{labels}: the test split is empty: the sheet's split column (ingest.split_column) "
+        f"gives every image (train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
+        "test 0); set ingest.split_column: null to split by subject with "
+        "preprocess.val_fraction/test_fraction"
+    )
 
 
 def read_manifest(params: Params) -> pd.DataFrame:
