@@ -159,9 +159,21 @@ def variant_spec(base: distributed.RunSpec, name: str) -> distributed.RunSpec:
     """``name``'s tokens joined by '+': VARIANT_FLAGS keys, or bsN for a batch size of N."""
     flags: dict = {}
     for token in name.split("+"):
-        bs = token.removeprefix("bs")
-        flags.update({"batch_size": int(bs)} if bs.isdigit() else VARIANT_FLAGS[token])
+        if token.startswith("bs") and token[2:].isdigit() and int(token[2:]) > 0:
+            flags["batch_size"] = int(token[2:])
+        elif token in VARIANT_FLAGS:
+            flags.update(VARIANT_FLAGS[token])
+        else:
+            raise SystemExit(f"--variants: unknown token {token!r} in {name!r} "
+                             f"(expected {'|'.join(VARIANT_FLAGS)} or bsN, N > 0)")  # fmt: skip
     return dataclasses.replace(base, train=dataclasses.replace(base.train, **flags))
+
+
+def largest_batch(args: argparse.Namespace) -> int:
+    """The largest batch any variant asks for (--batch-size or a bsN token)."""
+    tokens = args.variants.replace(",", "+").split("+")
+    sizes = [int(t[2:]) for t in tokens if t.startswith("bs") and t[2:].isdigit()]
+    return max([args.batch_size, *sizes])
 
 
 # ----------------------------------------------------------------------------- report
@@ -222,7 +234,7 @@ def bench_shape(args: argparse.Namespace, size: int, channels: int, base_flop: f
     model = VAEConfig(in_channels=channels, height=size, width=size, widths=WIDTHS[channels])
     flop = flop_per_image(model, cfg)
     # The same work per epoch for every shape: fewer images of a costlier shape.
-    n = max(2 * args.batch_size, round(args.images * (base_flop or flop) / flop))
+    n = max(2 * largest_batch(args), round(args.images * (base_flop or flop) / flop))
     spec = distributed.RunSpec(model=model, train=cfg, data=Data(n, size, channels))
     print(f"\n== {size} px x {channels} channel(s), widths {model.widths}, {n} images, "
           f"batch {args.batch_size}: {flop / 1e9:.3f} GFLOP per image (forward + backward, "

@@ -3,7 +3,7 @@ not listen, or that refuses this process's credentials, where Ray itself retries
 or names no cause.
 
 Without torch (imports Ray only when asked), so the data stages' Ray engine
-(:mod:`pipeline.ray_data`) and the train stage (:mod:`pipeline.cluster`) share it without a
+(:mod:`pipeline.ray_data`) and the train stage (:mod:`pipeline.train`) share it without a
 model edit re-running ingest. See README, "Running on a cluster".
 """
 

@@ -341,10 +341,18 @@ class Outbox:
 
     def _read_held(self, mlflow_client: Any, key: str) -> tuple[set[int], set[tuple[str, int]]]:
         """The metric steps of ``key`` (any: an epoch's metrics go in one batch) and the
-        (key, step) of the image grids the run holds (MLflow names them ``key+step+N+...``)."""
+        (key, step) of the image grids the run holds in full.
+
+        MLflow's ``log_image`` writes ``images/<key>+step+<s>+timestamp+<t>+<uuid>.png`` and then
+        its ``...+compressed.webp`` (the UI's thumbnail): a grid counts as held only when both
+        files are there, so one cut off between them is sent again. (Grid keys come from file
+        names here, so they never hold the "/" that MLflow would write as "~".)
+        """
         steps = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
         names = [Path(a.path).name for a in mlflow_client.list_artifacts(self.run_id, "images")]
-        parts = [n.split("+") for n in names if n.endswith(".png")]
+        png = {n.removesuffix(".png") for n in names if n.endswith(".png")}
+        webp = {n.removesuffix("+compressed.webp") for n in names if n.endswith(".webp")}
+        parts = [stem.split("+") for stem in png & webp]
         return steps, {(p[0], int(p[2])) for p in parts if len(p) > 2 and p[2].isdigit()}
 
 

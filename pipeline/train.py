@@ -338,25 +338,29 @@ PRIOR_COPY_NATS = 0.01
 
 def active_units_summary(active: float, kl_per_dim: list[float]) -> str:
     """'A of J latent units active' (Burda et al.: Var_x(mu_j) > 0.01), with a hint when under a
-    quarter are. The hint reads the per-dim KL (nats): units whose KL is ~0 copy the prior
-    (posterior collapse); units with KL but Var_x(mu_j) under 0.01 encode the images on a scale
-    far below the prior's (a narrow posterior, as a learned Gaussian scale can give), which the
-    absolute threshold does not count."""
+    quarter are. The hint reads the per-dim KL (nats), since the two kinds of inactive unit
+    need different cures: C copy the prior (KL < PRIOR_COPY_NATS: posterior collapse, where
+    free bits or a KL warm-up help), and the other J - A - C carry KL with means that vary
+    less than the absolute threshold (a narrow posterior, as a learned Gaussian scale can give),
+    which the linear probe, on standardised means, still reads."""
     latent_dim = len(kl_per_dim)
     text = f"{int(active)} of {latent_dim} latent units active"
     if active >= latent_dim / 4:
         return text
     copies = sum(kl < PRIOR_COPY_NATS for kl in kl_per_dim)
-    if copies >= latent_dim / 2:
-        return text + (
-            f" (few: {copies} copy the prior; try train.free_bits 0.1-0.5, "
-            "train.kl_warmup_epochs, or train.beta < 1)"
+    others = max(latent_dim - int(active) - copies, 0)
+    notes = []
+    if copies:
+        notes.append(
+            f"{copies} copy the prior: try train.free_bits 0.1-0.5, train.kl_warmup_epochs, "
+            "or train.beta < 1"
         )
-    return text + (
-        f" by Var(mu) > 0.01, but only {copies} copy the prior (KL < {PRIOR_COPY_NATS} nats): "
-        "the others vary on a scale far below the prior's, with narrow posteriors (samples "
-        "from the prior decode poorly; the probe standardises and reads them)"
-    )
+    if others:
+        notes.append(
+            f"{others} carry KL >= {PRIOR_COPY_NATS} nats but their means vary less than 0.01: "
+            "narrow posteriors, see val/kl_dim_*"
+        )
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def _examples(processed: Path) -> np.ndarray:

@@ -117,33 +117,48 @@ def test_outbox_keeps_what_a_down_server_missed_and_never_logs_a_step_twice(stor
     assert sorted(p.split("+")[2] for p in images if p.endswith(".png")) == ["0", "1"]
 
 
+def _complete_grids(store: str, run_id: str) -> list[str]:
+    """Steps of the grids the run holds in full: the PNG and its thumbnail (MLflow's UI card)."""
+    names = [a.path for a in MlflowClient(store).list_artifacts(run_id, "images")]
+    png = {n.removesuffix(".png") for n in names if n.endswith(".png")}
+    webp = {n.removesuffix("+compressed.webp") for n in names if n.endswith(".webp")}
+    return sorted(stem.split("+")[2] for stem in png & webp)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("lost", ["log_batch", "log_image"])
+@pytest.mark.parametrize("lost", ["log_batch", "log_image", "thumbnail"])
 def test_outbox_never_resends_what_the_server_applied_before_its_answer_was_lost(
     store, tmp_path, monkeypatch, lost
 ):
     """The server dies after applying a request but before answering (the at-least-once window
-    of a retry): the next send must find the step, or the grid, already in the run."""
+    of a retry): the next send must find the step, or the grid, already in the run. A grid
+    cut off between its PNG and its thumbnail ("thumbnail") is sent again, not lost."""
     run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
     grid = np.zeros((10, 20, 3), np.uint8)
     outbox = tracking.Outbox(store, run_id, tmp_path / "out")
     outbox.put(0, {"train_kl": 0.0}, {"reconstructions": grid})
     assert outbox.send()  # the run's holdings are read now, before the outage
-    applied = getattr(MlflowClient, lost)
+    method = "log_batch" if lost == "log_batch" else "log_image"
+    applied = getattr(MlflowClient, method)
 
     def applied_then_lost(self, *args, **kwargs):
         applied(self, *args, **kwargs)
         raise ConnectionError("Connection aborted: RemoteDisconnected")
 
-    monkeypatch.setattr(MlflowClient, lost, applied_then_lost)
+    monkeypatch.setattr(MlflowClient, method, applied_then_lost)
     outbox.put(1, {"train_kl": 1.0}, {"reconstructions": grid})
     assert not outbox.send() and outbox.waiting() == [1]
-    monkeypatch.setattr(MlflowClient, lost, applied)  # the server answers again
+    if lost == "thumbnail":  # the PNG landed, the thumbnail upload did not
+        (thumbnail,) = (tmp_path / "mlartifacts").rglob("reconstructions+step+1+*.webp")
+        thumbnail.unlink()
+    monkeypatch.setattr(MlflowClient, method, applied)  # the server answers again
     assert outbox.send() and outbox.waiting() == []
     history = MlflowClient(store).get_metric_history(run_id, "train_kl")
     assert sorted(m.step for m in history) == [0, 1]
+    assert _complete_grids(store, run_id) == ["0", "1"]
     images = [a.path for a in MlflowClient(store).list_artifacts(run_id, "images")]
-    assert sorted(p.split("+")[2] for p in images if p.endswith(".png")) == ["0", "1"]
+    pngs = sorted(p.split("+")[2] for p in images if p.endswith(".png"))
+    assert pngs == (["0", "1", "1"] if lost == "thumbnail" else ["0", "1"])
 
 
 @pytest.mark.slow

@@ -242,26 +242,32 @@ def test_view_objective_trains_under_ray_train_with_two_workers(
 
 
 @pytest.mark.parametrize(
-    ("active", "kl_per_dim", "says"),
+    ("active", "kl_per_dim", "copies", "narrow"),
     [
-        (16, [1.0] * 16, None),
-        (4, [1.0] * 4 + [0.0] * 12, None),  # a quarter: no hint
-        (3, [1.0] * 3 + [0.001] * 13, "13 copy the prior; try train.free_bits"),
-        (0, [0.0] * 8, "8 copy the prior; try train.free_bits"),
-        (2, [0.5] * 2 + [0.0] * 6, None),
+        (16, [1.0] * 16, None, None),
+        (4, [1.0] * 4 + [0.0] * 12, None, None),  # a quarter: no hint
+        (3, [1.0] * 3 + [0.001] * 13, 13, None),
+        (0, [0.0] * 8, 8, None),
+        (2, [0.5] * 2 + [0.0] * 6, None, None),
         # IDRiD with a learned Gaussian scale: Var(mu) ~0.001 everywhere, posterior sd ~0.01,
         # KL of several nats per dim; nothing copies the prior
-        (0, [6.0] * 12 + [0.002] * 4, "but only 4 copy the prior (KL < 0.01 nats)"),
+        (0, [6.0] * 16, None, 16),
+        (0, [6.0] * 12 + [0.002] * 4, 4, 12),
+        (3, [6.0] * 3 + [0.5] * 8 + [0.0] * 5, 5, 8),  # the 3 active units are not "narrow"
     ],
 )
-def test_active_units_summary_tells_collapse_from_a_narrow_latent(active, kl_per_dim, says):
+def test_active_units_summary_tells_collapse_from_a_narrow_latent(
+    active, kl_per_dim, copies, narrow
+):
     text = train.active_units_summary(float(active), kl_per_dim)
     assert text.startswith(f"{active} of {len(kl_per_dim)} latent units active")
-    if says is None:
-        assert "(" not in text and "copy the prior" not in text
-    else:
-        assert says in text
-    assert ("free_bits" in text) is (says is not None and "try train.free_bits" in says)
+    assert ("copy the prior" in text) is (copies is not None)
+    assert ("free_bits" in text) is (copies is not None)
+    if copies is not None:
+        assert f"({copies} copy the prior" in text
+    assert ("narrow posteriors" in text) is (narrow is not None)
+    if narrow is not None:
+        assert f"{narrow} carry KL >= 0.01 nats" in text
 
 
 @pytest.mark.slow
