@@ -454,8 +454,10 @@ def test_two_ranks_report_the_global_metrics(tmp_path):
     single = evaluate_epoch(_model(), DataLoader(_blobs(10), batch_size=3), _cfg(), CPU)
     assert rank0["eval"]["images"] == single["images"] == 10
     assert rank0["train"]["images"] == 10
+    # rel 1e-3: float32 sums over other batch shapes, in other processes, land ~1e-4 apart (seen
+    # in CI); one rank's own half of the data differs from the whole by 8-30%
     for key in ["kl", "active_units"] + [f"kl_dim_{j}" for j in range(4)]:
-        assert rank0["eval"][key] == pytest.approx(single[key], rel=1e-5), key
+        assert rank0["eval"][key] == pytest.approx(single[key], rel=1e-3), key
 
 
 @pytest.mark.slow
