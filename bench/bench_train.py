@@ -155,12 +155,18 @@ def loader_images_per_s(plain: Plain) -> float:
     return n / (time.perf_counter() - start)
 
 
+def batch_token(token: str) -> int | None:
+    """N for a variant token bsN (N > 0), else None."""
+    digits = token.removeprefix("bs")
+    return int(digits) if token.startswith("bs") and digits.isdigit() and int(digits) else None
+
+
 def variant_spec(base: distributed.RunSpec, name: str) -> distributed.RunSpec:
     """``name``'s tokens joined by '+': VARIANT_FLAGS keys, or bsN for a batch size of N."""
     flags: dict = {}
     for token in name.split("+"):
-        if token.startswith("bs") and token[2:].isdigit() and int(token[2:]) > 0:
-            flags["batch_size"] = int(token[2:])
+        if batch_token(token):
+            flags["batch_size"] = batch_token(token)
         elif token in VARIANT_FLAGS:
             flags.update(VARIANT_FLAGS[token])
         else:
@@ -172,8 +178,7 @@ def variant_spec(base: distributed.RunSpec, name: str) -> distributed.RunSpec:
 def largest_batch(args: argparse.Namespace) -> int:
     """The largest batch any variant asks for (--batch-size or a bsN token)."""
     tokens = args.variants.replace(",", "+").split("+")
-    sizes = [int(t[2:]) for t in tokens if t.startswith("bs") and t[2:].isdigit()]
-    return max([args.batch_size, *sizes])
+    return max([args.batch_size, *filter(None, map(batch_token, tokens))])
 
 
 # ----------------------------------------------------------------------------- report

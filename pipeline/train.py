@@ -48,7 +48,7 @@ from vae_core import distributed
 from vae_core.augment import AugmentConfig
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import VAEConfig
-from vae_core.training import TrainConfig
+from vae_core.training import ACTIVE_UNIT_THRESHOLD, TrainConfig
 from vae_core.views import ViewConfig
 
 log = logging.getLogger("retina_vae.train")
@@ -337,12 +337,12 @@ PRIOR_COPY_NATS = 0.01
 
 
 def active_units_summary(active: float, kl_per_dim: list[float]) -> str:
-    """'A of J latent units active' (Burda et al.: Var_x(mu_j) > 0.01), with a hint when under a
-    quarter are. The hint reads the per-dim KL (nats), since the two kinds of inactive unit
-    need different cures: C copy the prior (KL < PRIOR_COPY_NATS: posterior collapse, where
-    free bits or a KL warm-up help), and the other J - A - C carry KL with means that vary
-    less than the absolute threshold (a narrow posterior, as a learned Gaussian scale can give),
-    which the linear probe, on standardised means, still reads."""
+    """'A of J latent units active' (Burda et al.: Var_x(mu_j) > ACTIVE_UNIT_THRESHOLD), with a
+    hint when under a quarter are. The hint reads the per-dim KL (nats), since the two kinds of
+    inactive unit need different cures: C copy the prior (KL < PRIOR_COPY_NATS: posterior
+    collapse, where free bits or a KL warm-up help), and the other J - A - C carry KL with means
+    that vary less than the absolute threshold (a narrow posterior, as a learned Gaussian scale
+    can give), which the linear probe, on standardised means, still reads."""
     latent_dim = len(kl_per_dim)
     text = f"{int(active)} of {latent_dim} latent units active"
     if active >= latent_dim / 4:
@@ -357,8 +357,8 @@ def active_units_summary(active: float, kl_per_dim: list[float]) -> str:
         )
     if others:
         notes.append(
-            f"{others} carry KL >= {PRIOR_COPY_NATS} nats but their means vary less than 0.01: "
-            "narrow posteriors, see val/kl_dim_*"
+            f"{others} carry KL >= {PRIOR_COPY_NATS} nats but their means vary less than "
+            f"{ACTIVE_UNIT_THRESHOLD}: narrow posteriors, see val/kl_dim_*"
         )
     return f"{text} ({'; '.join(notes)})" if notes else text
 
