@@ -13,7 +13,8 @@ are meant to be seen (README, "Your own data", lists each decision):
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
-  modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
+  modality LUT) and the VOI LUT or window (each frame its own from an enhanced image's
+  functional groups), MONOCHROME1 is inverted; YBR is converted to RGB;
   non-8-bit results are scaled from the VOI's output range when there is one, else from the
   min..max of the whole file (all frames, also when only some are kept).
 - ``draft``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose upright size
@@ -36,6 +37,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
+from pydicom.sequence import Sequence
 
 from pipeline.errors import UserError
 
@@ -344,9 +346,7 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
     if any(i >= n for i in frames):
         raise BadImage(f"frame index not in file ({n} frames)", "frame index not in file")
     try:
-        arr = _dicom_values(ds, frames, n)  # (F, H, W[, 3])
-        if arr.dtype != np.uint8:
-            arr = to_uint8(arr, *_dicom_scale(ds, arr, frames, n))
+        arr = _dicom_uint8(ds, frames, n)  # (F, H, W[, 3])
     except BadImage:
         raise
     except Exception as exc:  # any decoder failure: corrupt stream, missing plugin, ...
@@ -366,14 +366,33 @@ def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, 
     return Decoded(out, cols, rows, n, pid, eye, info, sizes)
 
 
-def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndarray:
-    """The listed frames as they are meant to be seen, (F, H, W) or (F, H, W, 3): uint8, or
-    the display values (16-bit, rescaled, windowed) that the caller scales over the file.
+Range = tuple[float, float]
+# The grey pixel transforms (PS3.3 C.11.1 Modality LUT, C.11.2 VOI LUT) by the functional group
+# that carries them in an enhanced / multi-frame image (PS3.3 C.7.6.16.2.9 Pixel Value
+# Transformation, C.7.6.16.2.10 Frame VOI LUT). A frame's own Per-frame Functional Groups item
+# overrides the Shared one, which overrides the top-level attributes.
+_TRANSFORM_GROUPS = {
+    "PixelValueTransformationSequence": (
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "ModalityLUTSequence",
+    ),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"),
+}
+_IMAGE_PIXEL = ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation")
+
+
+def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
+    """The listed frames as they are meant to be seen, each as (values, range): (H, W) or
+    (H, W, 3) values, uint8 or the display values (16-bit, rescaled, windowed), and the
+    (lo, hi) that is black..white for them, or None where the caller scales over the file.
 
     Stored values are cut to Bits Stored first (whatever the transfer syntax), then: a palette
     is looked up (PALETTE COLOR -> RGB); grey images get the modality rescale or LUT, the VOI
-    LUT or window, and MONOCHROME1 is inverted within the range those give; YBR comes from
-    pydicom already converted to RGB."""
+    LUT or window (each frame its own, from the functional groups of an enhanced image), and
+    MONOCHROME1 is inverted within the range those give; YBR comes from pydicom already
+    converted to RGB."""
     frames = list(frames)
     if frames == list(range(n)):
         arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
@@ -383,27 +402,82 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> np.ndar
     arr = _stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
-        return _palette_rgb(arr, ds)
+        return [(a, (0.0, 255.0)) for a in _palette_rgb(arr, ds)]
     if ds.get("SamplesPerPixel", 1) != 1:
-        return arr
-    lo, hi = _display_range(ds)
-    arr = apply_voi_lut(apply_rescale(arr, ds), ds)  # modality rescale/LUT, then VOI
-    if photometric == "MONOCHROME1":  # the lowest value is white
-        flipped = lo + hi - arr.astype(np.float64)
-        exact = arr.dtype == np.uint8 and (lo, hi) == (0, 255)
-        arr = flipped.astype(np.uint8) if exact else flipped
-    return arr
+        return [(a, (0.0, 255.0) if a.dtype == np.uint8 else None) for a in arr]
+    return [_grey_frame(a, _frame_header(ds, i)) for a, i in zip(arr, frames, strict=True)]
 
 
-def _dicom_scale(ds: pydicom.Dataset, arr: np.ndarray, frames: list[int], n: int):
-    """(lo, hi) mapped to 0..255: a VOI LUT's or window's output range (what it shows as black
-    and white), else the min..max of every frame of the file, whichever frames are kept."""
-    if _has_voi(ds):
-        lo, hi = _display_range(ds)
-        if hi > lo:
-            return lo, hi
-    whole = arr if set(frames) == set(range(n)) else _dicom_values(ds, range(n), n)
-    return _value_range([whole])
+def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Range | None]:
+    """One grey frame's stored values (H, W) through its modality and VOI transforms (pydicom's
+    ``apply_rescale`` and ``apply_voi_lut`` on the frame's header ``view``), MONOCHROME1
+    inverted; with the range shown black..white (a VOI's output range; 0..255 for values
+    still 8-bit), else None (scaled over the file)."""
+    lo, hi = _display_range(view)
+    shown = apply_voi_lut(apply_rescale(px, view), view)
+    if _has_voi(view) and hi > lo:
+        fixed = (lo, hi)
+    else:
+        fixed = (0.0, 255.0) if shown.dtype == np.uint8 else None
+    if view.get("PhotometricInterpretation") == "MONOCHROME1":  # the lowest value is white
+        flipped = lo + hi - shown.astype(np.float64)
+        exact = shown.dtype == np.uint8 and (lo, hi) == (0, 255)
+        shown = flipped.astype(np.uint8) if exact else flipped
+    return shown, fixed
+
+
+def _frame_header(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """The header frame ``index`` is shown by: a small Dataset (for pydicom's ``apply_*``) of
+    the Image Pixel attributes and the modality / VOI transforms, each group of those taken
+    from the frame's Per-frame Functional Groups item, else the Shared one, else the top
+    level. Empty elements count as absent."""
+    view = pydicom.Dataset()
+    view.file_meta = ds.file_meta  # a LUT's byte order
+    for keyword in _IMAGE_PIXEL + sum(_TRANSFORM_GROUPS.values(), ()):
+        if keyword in ds:
+            view.add(ds[keyword])
+    shared, per_frame = "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"
+    for groups, i in ((shared, 0), (per_frame, index)):
+        level = _item(ds.get(groups), i)
+        for sequence, keywords in _TRANSFORM_GROUPS.items():
+            item = _item(level.get(sequence) if level is not None else None, 0)
+            if item is None:
+                continue
+            for keyword in keywords:  # the group is replaced as a whole
+                if keyword in view:
+                    del view[keyword]
+                if keyword in item:
+                    view.add(item[keyword])
+    for elem in list(view):
+        if elem.is_empty:
+            del view[elem.tag]
+    return view
+
+
+def _item(sequence: object, index: int) -> pydicom.Dataset | None:
+    """Item ``index`` of a sequence value, or None (absent, empty or too short)."""
+    if not isinstance(sequence, Sequence) or index >= len(sequence):
+        return None
+    return sequence[index]
+
+
+def _dicom_uint8(ds: pydicom.Dataset, frames: list[int], n: int) -> np.ndarray:
+    """The listed frames as (F, H, W[, 3]) uint8: each frame's display values scaled from the
+    range that is black..white for them, or, where there is none, from the min..max of every
+    such frame of the file (all frames, also when only some are kept)."""
+    shown, whole = _dicom_values(ds, frames, n), (0.0, 0.0)
+    if any(r is None for _, r in shown):
+        every = shown if sorted(frames) == list(range(n)) else _dicom_values(ds, range(n), n)
+        whole = _value_range(a for a, r in every if r is None)
+    return np.stack([_scaled(a, whole if r is None else r) for a, r in shown])
+
+
+def _scaled(values: np.ndarray, shown: Range) -> np.ndarray:
+    """``values`` scaled from ``shown`` (lo, hi) to 0..255 uint8; 8-bit values already on
+    0..255 are kept as they are."""
+    if values.dtype == np.uint8 and shown == (0, 255):
+        return values
+    return to_uint8(values.astype(np.float64), *shown)
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:

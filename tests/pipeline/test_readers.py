@@ -9,7 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence
 
 from pipeline.readers import BadImage, is_candidate, is_dicom, read_image
 from tests.pipeline.dicom_factory import (
@@ -625,3 +627,104 @@ def test_every_transfer_syntax_gives_the_native_pixels(tmp_path, kind, syntax):
             assert np.abs(a.astype(int) - b).mean() < 4 and np.abs(ta.astype(int) - tb).mean() < 4
         else:
             assert np.array_equal(a, b) and np.array_equal(ta, tb)
+
+
+# Enhanced / multi-frame DICOM (OCT volumes) carry rescale and window in functional groups
+# (Shared, Per-frame: Pixel Value Transformation, Frame VOI LUT), a frame's own item first.
+def _rescale(slope: float, intercept: float) -> dict:
+    return {"RescaleSlope": slope, "RescaleIntercept": intercept, "RescaleType": "US"}
+
+
+def _window(center: float, width: float) -> dict:
+    return {"WindowCenter": center, "WindowWidth": width}
+
+
+def _group(values: dict) -> Dataset:
+    """A functional groups item holding ``values`` in the macro each belongs to."""
+    item = Dataset()
+    for seq, keys in (
+        ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+        ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth")),
+    ):
+        mine = {k: v for k, v in values.items() if k in keys}
+        if mine:
+            inner = Dataset()
+            for k, v in mine.items():
+                setattr(inner, k, v)
+            setattr(item, seq, Sequence([inner]))
+    return item
+
+
+# case: (top-level, shared, per-frame, what each frame means: its flat attributes)
+FUNCTIONAL_GROUPS = {
+    "shared window": ({}, _window(1000, 800), [{}, {}], [_window(1000, 800)] * 2),
+    "per-frame rescale": (
+        {},
+        {},
+        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
+        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
+    ),
+    "per-frame window over shared": (
+        {},
+        _window(1000, 800),
+        [{}, _window(1500, 2000)],
+        [_window(1000, 800), _window(1500, 2000)],
+    ),
+    "per-frame rescale and window": (
+        {},
+        _rescale(2.0, -100.0),
+        [_window(900, 400), {**_rescale(0.5, 10.0), **_window(700, 600)}],
+        [
+            {**_rescale(2.0, -100.0), **_window(900, 400)},
+            {**_rescale(0.5, 10.0), **_window(700, 600)},
+        ],
+    ),
+    "shared rescale over top level": (
+        _rescale(3.0, 0.0),
+        _rescale(-1.0, 5000.0),
+        [{}, {}],
+        [_rescale(-1.0, 5000.0)] * 2,
+    ),
+    "shared window over top level": (
+        _window(3000, 500),
+        _window(1000, 800),
+        [{}, {}],
+        [_window(1000, 800)] * 2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_GROUPS)
+def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
+    """Reference: pydicom's modality and VOI transforms on each frame with its known values
+    at the top level; a window's output range (Bits Stored through the rescale) is
+    black..white, without one the volume is scaled over its min..max."""
+    top, shared, per_frame, meant = FUNCTIONAL_GROUPS[case]
+    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
+    vol = np.stack([v, v // 2 + 100])
+    path = make_dicom(tmp_path / "fg.dcm", vol, bits_stored=12, sop_class=OCT_TOMOGRAPHY)
+    ds = pydicom.dcmread(path)
+    for k, value in top.items():
+        setattr(ds, k, value)
+    ds.SharedFunctionalGroupsSequence = Sequence([_group(shared)])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([_group(f) for f in per_frame])
+    ds.save_as(path)
+    shown, ranges = [], []
+    for i, values in enumerate(meant):
+        flat = pydicom.dcmread(path)
+        del flat.SharedFunctionalGroupsSequence, flat.PerFrameFunctionalGroupsSequence
+        for k in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            flat.pop(k, None)
+        for k, value in values.items():
+            setattr(flat, k, value)
+        shown.append(apply_voi_lut(apply_modality_lut(vol[i], flat), flat))
+        slope, intercept = values.get("RescaleSlope", 1.0), values.get("RescaleIntercept", 0.0)
+        window = sorted((intercept, 4095 * slope + intercept)) if "WindowWidth" in values else None
+        ranges.append(window)
+    whole = (min(s.min() for s in shown), max(s.max() for s in shown))
+    expected = [_scaled(s, *(r or whole)) for s, r in zip(shown, ranges, strict=True)]
+    d = read_image(path)
+    for (_, px), want in zip(d.frames, expected, strict=True):
+        assert np.abs(px.astype(int) - want).max() == 0
+    ((_, second),) = read_image(path, frames=[1]).frames  # one scale whichever frames are kept
+    assert np.array_equal(second, expected[1])
