@@ -109,6 +109,7 @@ def frames(path: Path, params: Params, size: tuple[int, int]) -> list[tuple[str,
         min_size=params.ingest.min_size,
         max_pixels=params.ingest.max_pixels,
         illumination=params.preprocess.illumination,
+        allow_burned_in=params.ingest.allow_burned_in_annotation,
     )
     return [(str(path), i, arr) for i, arr in enumerate(arrays)]
 

@@ -261,7 +261,7 @@ def inspect(task: tuple) -> dict:
 
 
 def _inspect(task: tuple) -> dict:
-    path, oct_central, min_size, max_pixels, salt, spec = task
+    path, oct_central, min_size, max_pixels, burned_in, salt, spec = task
     try:
         stat = pixel_cache.file_stat(path)  # before decoding: a later change shows as a miss
     except OSError:
@@ -273,6 +273,7 @@ def _inspect(task: tuple) -> dict:
             max_pixels=max_pixels,
             draft=CHECK_SIZE,
             oct_central=oct_central,
+            allow_burned_in=burned_in,
         )
     except readers.BadImage as exc:
         return {"reason": str(exc), "kind": exc.kind}
@@ -388,8 +389,9 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     central = ing.modality == "oct" and ing.oct_frames == "central"
     spec = pixel_cache.prepare_spec(params) if cache is not None else None
     top = str(root)  # os.path.join, not pathlib: no interned string per file name
+    burned_in = ing.allow_burned_in_annotation
     tasks = (
-        (os.path.join(top, e.source), central, ing.min_size, ing.max_pixels, salt, spec)
+        (os.path.join(top, e.source), central, ing.min_size, ing.max_pixels, burned_in, salt, spec)
         for e in entries
     )
     if ray_data.engine(params) == "ray":

@@ -79,6 +79,7 @@ class IngestParams:
     min_size: Pos
     max_pixels: Pos
     max_quarantine_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+    allow_burned_in_annotation: bool
     salt: str | None
     workers: Pos
 

@@ -149,6 +149,7 @@ def prepare_file(
     min_size: int = 1,
     max_pixels: int | None = None,
     illumination: str = "none",
+    allow_burned_in: bool = False,
 ) -> list[np.ndarray]:
     """Decode any accepted image file exactly as the pipeline does -> list of (C, H, W) uint8.
 
@@ -162,6 +163,7 @@ def prepare_file(
         max_pixels=max_pixels,
         draft=draft_size(image_size),
         oct_central=central,
+        allow_burned_in=allow_burned_in,
     )
     return [
         prepare_pixels(px, modality, image_size, oct_aspect, illumination=illumination)
@@ -171,10 +173,13 @@ def prepare_file(
 
 def prepare_frames(task: tuple) -> list[np.ndarray] | str:
     """Worker: the listed frames of one file -> (C, H, W) uint8 arrays, or the one-line reason
-    it failed. ``task``: (path, frames, modality, image_size, oct_aspect, illumination)."""
-    path, frames, modality, image_size, oct_aspect, illumination = task
+    it failed. ``task``: (path, frames, modality, image_size, oct_aspect, illumination,
+    allow_burned_in)."""
+    path, frames, modality, image_size, oct_aspect, illumination, burned_in = task
     try:
-        d = readers.read_image(path, draft=draft_size(image_size), frames=frames)
+        d = readers.read_image(
+            path, draft=draft_size(image_size), frames=frames, allow_burned_in=burned_in
+        )
     except readers.BadImage as exc:
         return str(exc)
     return [

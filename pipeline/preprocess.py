@@ -123,8 +123,9 @@ def _fill(df: pd.DataFrame, params: Params, put) -> dict[str, int]:
     if is_npz(root):
         return _fill_npz(df, params, root, put)
     todo, cached = _from_cache(df, params, root, put)
+    burned_in = params.ingest.allow_burned_in_annotation
     tasks = [
-        (str(root / src), frames, modality, (height, width), aspect, light)
+        (str(root / src), frames, modality, (height, width), aspect, light, burned_in)
         for src, _, frames in todo
     ]
     results = parallel_imap(_prepare, tasks, params.preprocess.workers, desc="preprocess")
@@ -206,7 +207,8 @@ def _fill_on_ray(df: pd.DataFrame, params: Params, write, split_of, position) ->
     for src, rows, frames in todo:
         slots = [write.slot(split_of[r], position[r]) for r in rows]  # (file, byte offset)
         groups.append((os.path.abspath(root / src), frames, [(str(f), o) for f, o in slots]))
-    spec = (df["modality"].iloc[0], tuple(pp.image_size), pp.oct_aspect, pp.illumination)
+    burned_in = params.ingest.allow_burned_in_annotation
+    spec = (df["modality"].iloc[0], tuple(pp.image_size), pp.oct_aspect, pp.illumination, burned_in)
     if groups:
         with ray_data.session(params):
             ray_data.prepare_files(groups, spec)

@@ -161,7 +161,8 @@ def inspect_files(tasks: list[tuple], inspect: Inspect, cache: Path | None = Non
     """ingest's ``inspect(task)`` for every task, on Ray Data; results in task order, the same
     as the local engine's (a file that cannot be read or decoded gets its reason there).
 
-    Tasks share everything but the path (oct_central, min_size, max_pixels, salt, spec). With
+    Tasks share everything but the path (oct_central, min_size, max_pixels, burned-in switch,
+    salt, spec). With
     ``cache`` (a :class:`pipeline.pixel_cache.CacheWriter`'s folder) and a spec, each task
     writes its files' prepared pixels there (:func:`pipeline.pixel_cache.write_part`) and its
     results carry ``part`` instead of ``prepared``.
@@ -217,8 +218,8 @@ def prepare_files(groups: list[tuple[str, list[int], list[tuple[str, int]]]], sp
 
     ``groups``: (absolute path, frames, [(shard file, byte offset) per frame]); ``spec``: the
     rest of :func:`pipeline.pixels.prepare_frames`'s task (modality, size, aspect,
-    illumination). A file that cannot be read or decoded stops the stage with one line, as
-    with the local engine.
+    illumination, burned-in switch). A file that cannot be read or decoded stops the stage
+    with one line, as with the local engine.
     """
     rows = [
         {"i": i, "path": path, "frames": json.dumps(frames), "slots": json.dumps(slots)}

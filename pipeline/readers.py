@@ -332,8 +332,12 @@ def _open_dicom(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def _read_dicom(path: Path, min_size: int, max_pixels: int | None, oct_central, frames) -> Decoded:
+def _read_dicom(
+    path: Path, min_size: int, max_pixels: int | None, oct_central, frames, burned_in: bool
+) -> Decoded:
     ds = _open_dicom(path)
+    if not burned_in:
+        _refuse_burned_in(ds)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -381,6 +385,18 @@ _TRANSFORM_GROUPS = {
     "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"),
 }
 _IMAGE_PIXEL = ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation")
+
+
+def _refuse_burned_in(ds: pydicom.Dataset) -> None:
+    """BadImage for an image its header flags as carrying burned-in annotation (Burned In
+    Annotation (0028,0301) YES, PS3.3 C.7.6.1.1.7): text that may identify the patient is part
+    of the pixels, which would reach the arrays, MLflow grids and the map's thumbnails."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise BadImage(
+            "burned-in annotation: Burned In Annotation (0028,0301) is YES, the pixels may show "
+            "patient text (ingest.allow_burned_in_annotation: true keeps such files)",
+            "burned-in annotation",
+        )
 
 
 def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
@@ -551,6 +567,7 @@ def read_image(
     draft: tuple[int, int] | None = None,
     oct_central: bool = False,
     frames: list[int] | None = None,
+    allow_burned_in: bool = False,
 ) -> Decoded:
     """Decode ``path`` (photo or DICOM) into uint8 frames; raise :class:`BadImage` if unusable.
 
@@ -560,6 +577,8 @@ def read_image(
         draft: (width, height) lower bound for JPEG DCT-scaled decoding; None = full size.
         oct_central: keep only the central frame of a multi-frame file.
         frames: decode exactly these frame indices (overrides ``oct_central``).
+        allow_burned_in: keep a DICOM whose header flags burned-in annotation (Burned In
+            Annotation YES); by default it is refused ("burned-in annotation: ...").
 
     Whatever goes wrong with the file is a :class:`BadImage`: the file cannot be read (missing,
     a folder, no permission: "unreadable file (<why>)", no path in it), or its decoder fails
@@ -571,7 +590,7 @@ def read_image(
         if path.stat().st_size == 0:
             raise BadImage("empty file")
         if is_dicom(path):
-            return _read_dicom(path, min_size, max_pixels, oct_central, frames)
+            return _read_dicom(path, min_size, max_pixels, oct_central, frames, allow_burned_in)
         return _read_photo(path, min_size, max_pixels, draft, oct_central, frames)
     except BadImage:
         raise

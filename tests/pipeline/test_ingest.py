@@ -459,3 +459,29 @@ def test_no_patient_is_in_two_splits_in_any_layout(tmp_path, layout, seed):
     m["split"] = preprocess.assign_splits(m, 0.3, 0.3, seed)
     splits_per_patient = m.groupby("patient")["split"].nunique()
     assert (splits_per_patient == 1).all(), splits_per_patient[splits_per_patient > 1].to_dict()
+
+
+def test_burned_in_annotation_is_quarantined_and_counted_unless_allowed(tmp_path):
+    """A DICOM flagged Burned In Annotation YES is quarantined with a reason naming the tag (no
+    header value in it); ``ingest.allow_burned_in_annotation`` keeps it through preprocess."""
+    src = tmp_path / "clinic"
+    src.mkdir()
+    for k in range(2):
+        Image.fromarray(gradient(64, 64, seed=k)).save(src / f"clean{k}.png")
+    make_dicom(
+        src / "IM0001.dcm", gradient(64, 64, seed=5)[None], phi={**PHI, "BurnedInAnnotation": "YES"}
+    )
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "folder_labels": False})
+    r = _report(paths)
+    assert rc == 0 and (r["found"], r["ingested"], r["quarantined"]) == (3, 2, 1)
+    assert r["quarantine_reasons"] == {"burned-in annotation": 1}
+    quarantine = Path(paths.quarantine).read_text()
+    assert "IM0001.dcm" in quarantine and "(0028,0301)" in quarantine
+    assert not any(v in quarantine for v in PHI.values())
+    params = write_params(
+        tmp_path,
+        ingest={"source": str(src), "folder_labels": False, "allow_burned_in_annotation": True},
+    )
+    assert ingest.main(["--params", str(params)]) == 0
+    assert (_report(paths)["ingested"], _report(paths)["quarantined"]) == (3, 0)
+    assert preprocess.main(["--params", str(params)]) == 0  # preprocess reads it too

@@ -728,3 +728,31 @@ def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
         assert np.abs(px.astype(int) - want).max() == 0
     ((_, second),) = read_image(path, frames=[1]).frames  # one scale whichever frames are kept
     assert np.array_equal(second, expected[1])
+
+
+# Burned In Annotation (0028,0301): YES means text (possibly the patient's) is in the pixels.
+BURNED_IN = {
+    # case: (header value or None for absent, allow_burned_in, refused)
+    "YES": ("YES", False, True),
+    "YES, padded lower case": ("yes ", False, True),
+    "NO": ("NO", False, False),
+    "absent": (None, False, False),
+    "YES, allowed": ("YES", True, False),
+}
+
+
+@pytest.mark.parametrize("case", BURNED_IN)
+def test_burned_in_annotation_is_refused_unless_allowed(tmp_path, case):
+    value, allow, refused = BURNED_IN[case]
+    phi = {"PatientName": "Smith^Jane"} | ({"BurnedInAnnotation": value} if value else {})
+    for rgb in (False, True):
+        img = smooth(rgb)
+        path = make_dicom(tmp_path / f"b{rgb}.dcm", img[None], phi=phi)
+        if refused:
+            with pytest.raises(BadImage) as err:
+                read_image(path, allow_burned_in=allow)
+            assert err.value.kind == "burned-in annotation" and "(0028,0301)" in str(err.value)
+            assert "Smith" not in str(err.value) and "\n" not in str(err.value)
+        else:
+            ((_, px),) = read_image(path, allow_burned_in=allow).frames
+            assert np.array_equal(px, img)  # the stored pixels, untouched
