@@ -36,6 +36,7 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 from pydicom.sequence import Sequence
 
@@ -384,6 +385,7 @@ _TRANSFORM_GROUPS = {
     ),
     "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"),
 }
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.3; absent: LINEAR
 _IMAGE_PIXEL = ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation")
 
 
@@ -467,7 +469,52 @@ def _frame_header(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
     for elem in list(view):
         if elem.is_empty:
             del view[elem.tag]
+    _drop_unusable_voi(view)
     return view
+
+
+def _drop_unusable_voi(view: pydicom.Dataset) -> None:
+    """Remove from a frame's header a VOI that cannot be applied, so the frame is shown as one
+    without it (the VOI only chooses what is black and white): an unknown VOI LUT Function
+    is LINEAR, its default; a window (the first, as pydicom applies) whose centre or width is
+    not a finite number or whose width is below PS3.3 C.11.2.1.2's minimum for its function
+    (>= 1 for LINEAR, > 0 for LINEAR_EXACT and SIGMOID); a VOI LUT without descriptor or data,
+    or whose entries are not 8 or 10-16 bits (PS3.3 C.8.11.3.1.5)."""
+    function = str(view.get("VOILUTFunction") or "LINEAR").strip().upper()
+    if function not in _VOI_FUNCTIONS:
+        view.pop("VOILUTFunction", None)
+        function = "LINEAR"
+    width, centre = _first_number(view, "WindowWidth"), _first_number(view, "WindowCenter")
+    usable = width is not None and (width >= 1 if function == "LINEAR" else width > 0)
+    if centre is None or not usable:
+        for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
+            view.pop(keyword, None)
+    luts = view.get("VOILUTSequence")
+    if luts and not _usable_lut(luts[0]):
+        del view.VOILUTSequence
+
+
+def _first_number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """The first value of a numeric element as a finite float; None if absent or not one."""
+    value = ds.get(keyword)
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _usable_lut(item: pydicom.Dataset) -> bool:
+    """Whether pydicom can apply this VOI LUT item: a 3-value descriptor with 8 or 10-16 bit
+    entries and LUT data."""
+    descriptor = item.get("LUTDescriptor")
+    try:
+        bits = int(descriptor[2])
+    except (TypeError, ValueError, IndexError):
+        return False
+    return (bits == 8 or 10 <= bits <= 16) and bool(item.get("LUTData"))
 
 
 def _item(sequence: object, index: int) -> pydicom.Dataset | None:

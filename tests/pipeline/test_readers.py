@@ -756,3 +756,65 @@ def test_burned_in_annotation_is_refused_unless_allowed(tmp_path, case):
         else:
             ((_, px),) = read_image(path, allow_burned_in=allow).frames
             assert np.array_equal(px, img)  # the stored pixels, untouched
+
+
+# A VOI that cannot be applied is ignored (PS3.3 C.11.2.1.2: Window Width >= 1 for LINEAR,
+# > 0 otherwise; VOI LUT Function absent or unknown: LINEAR); empty elements are absent.
+def _lut(bits: int) -> dict:
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.LUTData = np.arange(0, 4096 * 8, 8, dtype="<u2").tobytes()
+    return {"VOILUTSequence": Sequence([item])}
+
+
+DEGENERATE_VOI = {
+    # case: (header elements, what is applied: "none", or the elements pydicom applies)
+    "width 0": ({"WindowCenter": 1500, "WindowWidth": 0}, "none"),
+    "negative width": ({"WindowCenter": 1500, "WindowWidth": -10}, "none"),
+    "LINEAR width 0.5": ({"WindowCenter": 1500, "WindowWidth": 0.5}, "none"),
+    "SIGMOID width 0": (
+        {"WindowCenter": 1500, "WindowWidth": 0, "VOILUTFunction": "SIGMOID"},
+        "none",
+    ),
+    "empty centre and width": ({"WindowCenter": None, "WindowWidth": None}, "none"),
+    "empty width": ({"WindowCenter": 1500, "WindowWidth": None}, "none"),
+    "bad first of two windows": ({"WindowCenter": [1500, 1500], "WindowWidth": [0, 800]}, "none"),
+    "VOI LUT of 9-bit entries": (_lut(9), "none"),
+    "unknown function": (
+        {"WindowCenter": 1500, "WindowWidth": 1000, "VOILUTFunction": "FOO"},
+        {"WindowCenter": 1500, "WindowWidth": 1000},
+    ),
+    "LINEAR_EXACT width 0.5": (
+        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
+        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
+    ),
+    "bad VOI LUT, good window": (
+        {**_lut(9), "WindowCenter": 1500, "WindowWidth": 1000},
+        {"WindowCenter": 1500, "WindowWidth": 1000},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE_VOI)
+def test_unusable_voi_is_ignored(tmp_path, case):
+    """Reference: without a VOI, numpy min..max scaling of the stored values; where a usable
+    window remains, pydicom's apply_voi_lut with exactly those elements, its output range
+    (Bits Stored) black..white."""
+    header, applied = DEGENERATE_VOI[case]
+    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
+    path = make_dicom(tmp_path / "w.dcm", v[None], bits_stored=12, sop_class=OPHTHALMIC_PHOTO_16)
+    ds = pydicom.dcmread(path)
+    for k, value in header.items():
+        setattr(ds, k, value)
+    ds.save_as(path)
+    ((_, px),) = read_image(path).frames
+    if applied == "none":
+        expected = _scaled(v, v.min(), v.max())
+    else:
+        flat = pydicom.dcmread(path)
+        for k in header:
+            delattr(flat, k)
+        for k, value in applied.items():
+            setattr(flat, k, value)
+        expected = _scaled(apply_voi_lut(v, flat), 0, 4095)
+    assert np.abs(px.astype(int) - expected).max() == 0
