@@ -417,26 +417,28 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
         arr = arr[None] if n == 1 else arr
     else:
         arr = np.stack([pydicom.pixels.pixel_array(ds, index=i) for i in frames])
-    arr = _stored_bits(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    arr = _stored_bits(arr, bits)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
         return [(a, (0.0, 255.0)) for a in _palette_rgb(arr, ds)]
-    if ds.get("SamplesPerPixel", 1) != 1:
-        return [(a, (0.0, 255.0) if a.dtype == np.uint8 else None) for a in arr]
+    if ds.get("SamplesPerPixel", 1) != 1:  # colour: 8-bit or fewer shown over Bits Stored
+        stored = (0.0, 2.0 ** min(bits, 8) - 1)
+        return [(a, stored if a.dtype == np.uint8 else None) for a in arr]
     return [_grey_frame(a, _frame_header(ds, i)) for a, i in zip(arr, frames, strict=True)]
 
 
 def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Range | None]:
     """One grey frame's stored values (H, W) through its modality and VOI transforms (pydicom's
     ``apply_rescale`` and ``apply_voi_lut`` on the frame's header ``view``), MONOCHROME1
-    inverted; with the range shown black..white (a VOI's output range; 0..255 for values
-    still 8-bit), else None (scaled over the file)."""
+    inverted; with the range shown black..white (a VOI's output range; for values still of 8
+    bits or fewer, the range their Bits Stored or 8-bit LUT allows: 0..63 for 6-bit, 0..1
+    for 1-bit), else None (scaled over the file)."""
     lo, hi = _display_range(view)
     shown = apply_voi_lut(apply_rescale(px, view), view)
-    if _has_voi(view) and hi > lo:
-        fixed = (lo, hi)
-    else:
-        fixed = (0.0, 255.0) if shown.dtype == np.uint8 else None
+    # a VOI's output, or values still of 8 bits or fewer (stored, or an 8-bit modality LUT's),
+    # span lo..hi; others (rescaled, more bits) are scaled over the file
+    fixed = (lo, hi) if (_has_voi(view) or shown.dtype == np.uint8) and hi > lo else None
     if view.get("PhotometricInterpretation") == "MONOCHROME1":  # the lowest value is white
         flipped = lo + hi - shown.astype(np.float64)
         exact = shown.dtype == np.uint8 and (lo, hi) == (0, 255)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pack_bits
 from pydicom.sequence import Sequence
 
 from pipeline.readers import BadImage, is_candidate, is_dicom, read_image
@@ -818,3 +818,37 @@ def test_unusable_voi_is_ignored(tmp_path, case):
             setattr(flat, k, value)
         expected = _scaled(apply_voi_lut(v, flat), 0, 4095)
     assert np.abs(px.astype(int) - expected).max() == 0
+
+
+# Bits Stored below 8: the stored range 0..2**bits-1 is black..white for every photometric
+# interpretation, as 0..255 is for 8-bit pixels (never the image's own min..max).
+LOW_BITS = {
+    # case: (Bits Stored, photometric, samples, highest value written)
+    "6-bit MONOCHROME2": (6, "MONOCHROME2", 1, 63),
+    "6-bit MONOCHROME1, dim data": (6, "MONOCHROME1", 1, 40),
+    "7-bit MONOCHROME2, dim data": (7, "MONOCHROME2", 1, 50),
+    "1-bit MONOCHROME2": (1, "MONOCHROME2", 1, 1),
+    "1-bit MONOCHROME1, all 0 (white)": (1, "MONOCHROME1", 1, 0),
+    "4-bit RGB": (4, "RGB", 3, 15),
+}
+
+
+@pytest.mark.parametrize("case", LOW_BITS)
+def test_fewer_than_8_bits_stored_span_black_to_white(tmp_path, case):
+    """Reference: numpy round(x * 255 / (2**bits - 1)) on the stored values, 255 minus that for
+    MONOCHROME1."""
+    bits, photometric, samples, top = LOW_BITS[case]
+    shape = (40, 48, 3) if samples == 3 else (40, 48)
+    img = (np.arange(np.prod(shape)).reshape(shape) % (top + 1)).astype(np.uint8)
+    if bits == 1:  # 1 bit allocated: packed bits, written by hand (make_dicom packs bytes)
+        path = make_dicom(tmp_path / "b.dcm", np.zeros((1, 40, 48), np.uint8))
+        ds = pydicom.dcmread(path)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+        ds.PhotometricInterpretation, ds.PixelData = photometric, pack_bits(img)
+        ds.save_as(path)
+    else:
+        path = make_dicom(tmp_path / "b.dcm", img[None], photometric=photometric, bits_stored=bits)
+    expected = np.round(img * 255.0 / (2**bits - 1)).astype(np.uint8)
+    expected = 255 - expected if photometric == "MONOCHROME1" else expected
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, expected)
