@@ -39,6 +39,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline.errors import UserError
 
@@ -83,8 +84,17 @@ class Decoded:
 
 def is_dicom(path: Path) -> bool:
     """True for a DICOM Part 10 file (``DICM`` at byte 128), with or without a suffix."""
-    if path.suffix.lower() in (".dcm", ".dicom"):
+    if _dicom_suffix(path):
         return True
+    return _has_preamble(path)
+
+
+def _dicom_suffix(path: Path) -> bool:
+    return path.suffix.lower() in (".dcm", ".dicom")
+
+
+def _has_preamble(path: Path) -> bool:
+    """Whether the file has DICOM Part 10's ``DICM`` marker at byte 128."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -330,13 +340,46 @@ def _open_dicom(path: Path) -> pydicom.Dataset:
         raise BadImage("truncated DICOM (file ends inside an element)", "truncated DICOM")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise BadImage("DICOM without pixel data (not an image object)", "DICOM without pixel data")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        _set_transfer_syntax(ds)
     return ds
 
 
+def _set_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """A dataset without file meta (no preamble, an older export or raw dump): its transfer
+    syntax is the encoding pydicom found it in (implicit VR little endian, the default, else
+    explicit VR little or big endian). Compressed pixel data cannot be told apart this way:
+    BadImage."""
+    if ds["PixelData" if "PixelData" in ds else "FloatPixelData"].is_undefined_length:
+        raise BadImage(
+            "DICOM without a transfer syntax (no file meta) and compressed pixel data",
+            "DICOM without a transfer syntax",
+        )
+    implicit, little = ds.original_encoding
+    if little is False:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = (
+            ExplicitVRLittleEndian if implicit is False else ImplicitVRLittleEndian
+        )
+
+
+def _open_unmarked(path: Path, not_photo: BadImage) -> pydicom.Dataset:
+    """A file without the ``DICM`` preamble that no photo decoder recognised, opened as a DICOM
+    dataset without file meta. If it is none: a ``.dcm`` / ``.dicom`` file gets the DICOM
+    reason, any other file ``not_photo`` (not an image)."""
+    try:
+        return _open_dicom(path)
+    except BadImage:
+        if _dicom_suffix(path):
+            raise
+        raise not_photo from None
+
+
 def _read_dicom(
-    path: Path, min_size: int, max_pixels: int | None, oct_central, frames, burned_in: bool
+    ds: pydicom.Dataset, min_size: int, max_pixels: int | None, oct_central, frames, burned_in: bool
 ) -> Decoded:
-    ds = _open_dicom(path)
+    """An opened DICOM dataset (:func:`_open_dicom`) -> its frames."""
     if not burned_in:
         _refuse_burned_in(ds)
     try:
@@ -629,6 +672,9 @@ def read_image(
         allow_burned_in: keep a DICOM whose header flags burned-in annotation (Burned In
             Annotation YES); by default it is refused ("burned-in annotation: ...").
 
+    A file with DICOM's ``DICM`` preamble is read by pydicom, any other by Pillow, and one that
+    Pillow does not recognise as a DICOM dataset without file meta (whatever its suffix).
+
     Whatever goes wrong with the file is a :class:`BadImage`: the file cannot be read (missing,
     a folder, no permission: "unreadable file (<why>)", no path in it), or its decoder fails
     in any way ("undecodable image (...)": Pillow raises OSError on a truncated stream and
@@ -638,9 +684,15 @@ def read_image(
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
-        if is_dicom(path):
-            return _read_dicom(path, min_size, max_pixels, oct_central, frames, allow_burned_in)
-        return _read_photo(path, min_size, max_pixels, draft, oct_central, frames)
+        dicom = (min_size, max_pixels, oct_central, frames, allow_burned_in)
+        if _has_preamble(path):
+            return _read_dicom(_open_dicom(path), *dicom)
+        try:
+            return _read_photo(path, min_size, max_pixels, draft, oct_central, frames)
+        except BadImage as exc:
+            if exc.kind != "not an image":
+                raise
+            return _read_dicom(_open_unmarked(path, exc), *dicom)
     except BadImage:
         raise
     except OSError as exc:

@@ -10,6 +10,9 @@ import pydicom
 import pytest
 from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pack_bits
 from pydicom.sequence import Sequence
 
@@ -852,3 +855,72 @@ def test_fewer_than_8_bits_stored_span_black_to_white(tmp_path, case):
     expected = 255 - expected if photometric == "MONOCHROME1" else expected
     ((_, px),) = read_image(path).frames
     assert px.dtype == np.uint8 and np.array_equal(px, expected)
+
+
+# A DICOM dataset without file meta (no preamble, no Transfer Syntax UID) is read in the
+# encoding pydicom finds it in; a photo named .dcm is read as the photo it is.
+def _bare(arr: np.ndarray, implicit: bool = True, little: bool = True, jpeg: bool = False) -> bytes:
+    """(H, W) uint8/uint16 grey pixels as a bare dataset (no preamble, no file meta)."""
+    ds = Dataset()
+    ds.PatientID, ds.Rows, ds.Columns = "P1", *arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if jpeg:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG")
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    else:
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<" if little else ">")).tobytes()
+        ds["PixelData"].VR = "OB" if arr.dtype == np.uint8 else "OW"
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = little, implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _photo_bytes(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+EIGHT = gradient(40, 48)
+SIXTEEN = gradient(40, 48).astype(np.uint16) * 100
+UNMARKED = {
+    # case: (file name, bytes, the pixels meant (None: refused), the reason's start)
+    "implicit LE, .dcm": ("a.dcm", _bare(EIGHT), EIGHT, None),
+    "implicit LE, no suffix": ("IM0001", _bare(EIGHT), EIGHT, None),
+    "explicit LE 16-bit, no suffix": ("IM0002", _bare(SIXTEEN, False), SIXTEEN, None),
+    "explicit BE 16-bit, .dicom": ("b.dicom", _bare(SIXTEEN, False, False), SIXTEEN, None),
+    "compressed, no transfer syntax": (
+        "c.dcm",
+        _bare(EIGHT, False, jpeg=True),
+        None,
+        "DICOM without a transfer syntax",
+    ),
+    "JPEG named .dcm": ("photo.dcm", _photo_bytes(EIGHT, "JPEG"), "pillow", None),
+    "PNG named .dicom": ("photo.dicom", _photo_bytes(EIGHT, "PNG"), EIGHT, None),
+    "neither, .dcm": ("junk.dcm", b"\x07" * 300, None, "unreadable DICOM|DICOM without pixel data"),
+    "neither, no suffix": ("junk", b"\x07" * 300, None, "not an image"),
+}
+
+
+@pytest.mark.parametrize("case", UNMARKED)
+def test_dicom_without_file_meta_and_photos_named_dcm(tmp_path, case):
+    """Reference: the stored values (numpy; 16-bit scaled over min..max), Pillow's decode of
+    the JPEG."""
+    name, data, meant, reason = UNMARKED[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    if meant is None:
+        with pytest.raises(BadImage, match=reason):
+            read_image(path)
+        return
+    if isinstance(meant, str):
+        meant = np.asarray(Image.open(path))
+    elif meant.dtype != np.uint8:
+        meant = _scaled(meant, meant.min(), meant.max())
+    ((_, px),) = read_image(path).frames
+    assert np.array_equal(px, meant)
