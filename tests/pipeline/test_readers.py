@@ -9,12 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageOps
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pack_bits
-from pydicom.sequence import Sequence
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from pipeline.readers import BadImage, is_candidate, is_dicom, read_image
 from tests.pipeline.dicom_factory import (
@@ -180,6 +175,300 @@ def test_bad_dicoms(tmp_path):
     garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 5)
     with pytest.raises(BadImage):
         read_image(garbage)
+
+
+# Enhanced / multi-frame DICOM (OCT volumes) carry rescale and window in functional groups
+# (Shared, Per-frame: Pixel Value Transformation, Frame VOI LUT), a frame's own item first.
+def _rescale(slope: float, intercept: float) -> dict:
+    return {"RescaleSlope": slope, "RescaleIntercept": intercept, "RescaleType": "US"}
+
+
+def _window(center: float, width: float) -> dict:
+    return {"WindowCenter": center, "WindowWidth": width}
+
+
+def _group(values: dict) -> pydicom.Dataset:
+    """A functional groups item holding ``values`` in the macro each belongs to."""
+    item = pydicom.Dataset()
+    for seq, keys in (
+        ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+        ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth")),
+    ):
+        mine = {k: v for k, v in values.items() if k in keys}
+        if mine:
+            inner = pydicom.Dataset()
+            for k, v in mine.items():
+                setattr(inner, k, v)
+            setattr(item, seq, pydicom.Sequence([inner]))
+    return item
+
+
+# case: (top-level, shared, per-frame, what each frame means: its flat attributes)
+FUNCTIONAL_GROUPS = {
+    "shared window": ({}, _window(1000, 800), [{}, {}], [_window(1000, 800)] * 2),
+    "per-frame rescale": (
+        {},
+        {},
+        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
+        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
+    ),
+    "per-frame window over shared": (
+        {},
+        _window(1000, 800),
+        [{}, _window(1500, 2000)],
+        [_window(1000, 800), _window(1500, 2000)],
+    ),
+    "per-frame rescale and window": (
+        {},
+        _rescale(2.0, -100.0),
+        [_window(900, 400), {**_rescale(0.5, 10.0), **_window(700, 600)}],
+        [
+            {**_rescale(2.0, -100.0), **_window(900, 400)},
+            {**_rescale(0.5, 10.0), **_window(700, 600)},
+        ],
+    ),
+    "shared rescale over top level": (
+        _rescale(3.0, 0.0),
+        _rescale(-1.0, 5000.0),
+        [{}, {}],
+        [_rescale(-1.0, 5000.0)] * 2,
+    ),
+    "shared window over top level": (
+        _window(3000, 500),
+        _window(1000, 800),
+        [{}, {}],
+        [_window(1000, 800)] * 2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_GROUPS)
+def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
+    """Reference: pydicom's modality and VOI transforms on each frame with its known values
+    at the top level; a window's output range (Bits Stored through the rescale) is
+    black..white, without one the volume is scaled over its min..max."""
+    top, shared, per_frame, meant = FUNCTIONAL_GROUPS[case]
+    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
+    vol = np.stack([v, v // 2 + 100])
+    path = make_dicom(tmp_path / "fg.dcm", vol, bits_stored=12, sop_class=OCT_TOMOGRAPHY)
+    ds = pydicom.dcmread(path)
+    for k, value in top.items():
+        setattr(ds, k, value)
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([_group(shared)])
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([_group(f) for f in per_frame])
+    ds.save_as(path)
+    shown, ranges = [], []
+    for i, values in enumerate(meant):
+        flat = pydicom.dcmread(path)
+        del flat.SharedFunctionalGroupsSequence, flat.PerFrameFunctionalGroupsSequence
+        for k in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            flat.pop(k, None)
+        for k, value in values.items():
+            setattr(flat, k, value)
+        shown.append(apply_voi_lut(apply_modality_lut(vol[i], flat), flat))
+        slope, intercept = values.get("RescaleSlope", 1.0), values.get("RescaleIntercept", 0.0)
+        window = sorted((intercept, 4095 * slope + intercept)) if "WindowWidth" in values else None
+        ranges.append(window)
+    whole = (min(s.min() for s in shown), max(s.max() for s in shown))
+    expected = [_scaled(s, *(r or whole)) for s, r in zip(shown, ranges, strict=True)]
+    d = read_image(path)
+    for (_, px), want in zip(d.frames, expected, strict=True):
+        assert np.abs(px.astype(int) - want).max() == 0
+    ((_, second),) = read_image(path, frames=[1]).frames  # one scale whichever frames are kept
+    assert np.array_equal(second, expected[1])
+
+
+# Burned In Annotation (0028,0301): YES means text (possibly the patient's) is in the pixels.
+BURNED_IN = {
+    # case: (header value or None for absent, allow_burned_in, refused)
+    "YES": ("YES", False, True),
+    "YES, padded lower case": ("yes ", False, True),
+    "NO": ("NO", False, False),
+    "absent": (None, False, False),
+    "YES, allowed": ("YES", True, False),
+}
+
+
+@pytest.mark.parametrize("case", BURNED_IN)
+def test_burned_in_annotation_is_refused_unless_allowed(tmp_path, case):
+    value, allow, refused = BURNED_IN[case]
+    phi = {"PatientName": "Smith^Jane"} | ({"BurnedInAnnotation": value} if value else {})
+    for rgb in (False, True):
+        img = smooth(rgb)
+        path = make_dicom(tmp_path / f"b{rgb}.dcm", img[None], phi=phi)
+        if refused:
+            with pytest.raises(BadImage) as err:
+                read_image(path, allow_burned_in=allow)
+            assert err.value.kind == "burned-in annotation" and "(0028,0301)" in str(err.value)
+            assert "Smith" not in str(err.value) and "\n" not in str(err.value)
+        else:
+            ((_, px),) = read_image(path, allow_burned_in=allow).frames
+            assert np.array_equal(px, img)  # the stored pixels, untouched
+
+
+# A VOI that cannot be applied is ignored (PS3.3 C.11.2.1.2: Window Width >= 1 for LINEAR,
+# > 0 otherwise; VOI LUT Function absent or unknown: LINEAR); empty elements are absent.
+def _lut(bits: int) -> dict:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.LUTData = np.arange(0, 4096 * 8, 8, dtype="<u2").tobytes()
+    return {"VOILUTSequence": pydicom.Sequence([item])}
+
+
+DEGENERATE_VOI = {
+    # case: (header elements, what is applied: "none", or the elements pydicom applies)
+    "width 0": ({"WindowCenter": 1500, "WindowWidth": 0}, "none"),
+    "negative width": ({"WindowCenter": 1500, "WindowWidth": -10}, "none"),
+    "LINEAR width 0.5": ({"WindowCenter": 1500, "WindowWidth": 0.5}, "none"),
+    "SIGMOID width 0": (
+        {"WindowCenter": 1500, "WindowWidth": 0, "VOILUTFunction": "SIGMOID"},
+        "none",
+    ),
+    "empty centre and width": ({"WindowCenter": None, "WindowWidth": None}, "none"),
+    "empty width": ({"WindowCenter": 1500, "WindowWidth": None}, "none"),
+    "bad first of two windows": ({"WindowCenter": [1500, 1500], "WindowWidth": [0, 800]}, "none"),
+    "VOI LUT of 9-bit entries": (_lut(9), "none"),
+    "unknown function": (
+        {"WindowCenter": 1500, "WindowWidth": 1000, "VOILUTFunction": "FOO"},
+        {"WindowCenter": 1500, "WindowWidth": 1000},
+    ),
+    "LINEAR_EXACT width 0.5": (
+        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
+        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
+    ),
+    "bad VOI LUT, good window": (
+        {**_lut(9), "WindowCenter": 1500, "WindowWidth": 1000},
+        {"WindowCenter": 1500, "WindowWidth": 1000},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE_VOI)
+def test_unusable_voi_is_ignored(tmp_path, case):
+    """Reference: without a VOI, numpy min..max scaling of the stored values; where a usable
+    window remains, pydicom's apply_voi_lut with exactly those elements, its output range
+    (Bits Stored) black..white."""
+    header, applied = DEGENERATE_VOI[case]
+    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
+    path = make_dicom(tmp_path / "w.dcm", v[None], bits_stored=12, sop_class=OPHTHALMIC_PHOTO_16)
+    ds = pydicom.dcmread(path)
+    for k, value in header.items():
+        setattr(ds, k, value)
+    ds.save_as(path)
+    ((_, px),) = read_image(path).frames
+    if applied == "none":
+        expected = _scaled(v, v.min(), v.max())
+    else:
+        flat = pydicom.dcmread(path)
+        for k in header:
+            delattr(flat, k)
+        for k, value in applied.items():
+            setattr(flat, k, value)
+        expected = _scaled(apply_voi_lut(v, flat), 0, 4095)
+    assert np.abs(px.astype(int) - expected).max() == 0
+
+
+# Bits Stored below 8: the stored range 0..2**bits-1 is black..white for every photometric
+# interpretation, as 0..255 is for 8-bit pixels (never the image's own min..max).
+LOW_BITS = {
+    # case: (Bits Stored, photometric, samples, highest value written)
+    "6-bit MONOCHROME2": (6, "MONOCHROME2", 1, 63),
+    "6-bit MONOCHROME1, dim data": (6, "MONOCHROME1", 1, 40),
+    "7-bit MONOCHROME2, dim data": (7, "MONOCHROME2", 1, 50),
+    "1-bit MONOCHROME2": (1, "MONOCHROME2", 1, 1),
+    "1-bit MONOCHROME1, all 0 (white)": (1, "MONOCHROME1", 1, 0),
+    "4-bit RGB": (4, "RGB", 3, 15),
+}
+
+
+@pytest.mark.parametrize("case", LOW_BITS)
+def test_fewer_than_8_bits_stored_span_black_to_white(tmp_path, case):
+    """Reference: numpy round(x * 255 / (2**bits - 1)) on the stored values, 255 minus that for
+    MONOCHROME1."""
+    bits, photometric, samples, top = LOW_BITS[case]
+    shape = (40, 48, 3) if samples == 3 else (40, 48)
+    img = (np.arange(np.prod(shape)).reshape(shape) % (top + 1)).astype(np.uint8)
+    if bits == 1:  # 1 bit allocated: packed bits, written by hand (make_dicom packs bytes)
+        path = make_dicom(tmp_path / "b.dcm", np.zeros((1, 40, 48), np.uint8))
+        ds = pydicom.dcmread(path)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+        ds.PhotometricInterpretation, ds.PixelData = photometric, pydicom.pixels.pack_bits(img)
+        ds.save_as(path)
+    else:
+        path = make_dicom(tmp_path / "b.dcm", img[None], photometric=photometric, bits_stored=bits)
+    expected = np.round(img * 255.0 / (2**bits - 1)).astype(np.uint8)
+    expected = 255 - expected if photometric == "MONOCHROME1" else expected
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, expected)
+
+
+# A DICOM dataset without file meta (no preamble, no Transfer Syntax UID) is read in the
+# encoding pydicom finds it in; a photo named .dcm is read as the photo it is.
+def _bare(arr: np.ndarray, implicit: bool = True, little: bool = True, jpeg: bool = False) -> bytes:
+    """(H, W) uint8/uint16 grey pixels as a bare dataset (no preamble, no file meta)."""
+    ds = pydicom.Dataset()
+    ds.PatientID, ds.Rows, ds.Columns = "P1", *arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if jpeg:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG")
+        ds.PixelData = pydicom.encaps.encapsulate([buf.getvalue()])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    else:
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<" if little else ">")).tobytes()
+        ds["PixelData"].VR = "OB" if arr.dtype == np.uint8 else "OW"
+    out = pydicom.filebase.DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = little, implicit
+    pydicom.filewriter.write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _photo_bytes(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+EIGHT = gradient(40, 48)
+SIXTEEN = gradient(40, 48).astype(np.uint16) * 100
+UNMARKED = {
+    # case: (file name, bytes, the pixels meant (None: refused), the reason's start)
+    "implicit LE, .dcm": ("a.dcm", _bare(EIGHT), EIGHT, None),
+    "implicit LE, no suffix": ("IM0001", _bare(EIGHT), EIGHT, None),
+    "explicit LE 16-bit, no suffix": ("IM0002", _bare(SIXTEEN, False), SIXTEEN, None),
+    "explicit BE 16-bit, .dicom": ("b.dicom", _bare(SIXTEEN, False, False), SIXTEEN, None),
+    "compressed, no transfer syntax": (
+        "c.dcm",
+        _bare(EIGHT, False, jpeg=True),
+        None,
+        "DICOM without a transfer syntax",
+    ),
+    "JPEG named .dcm": ("photo.dcm", _photo_bytes(EIGHT, "JPEG"), "pillow", None),
+    "PNG named .dicom": ("photo.dicom", _photo_bytes(EIGHT, "PNG"), EIGHT, None),
+    "neither, .dcm": ("junk.dcm", b"\x07" * 300, None, "unreadable DICOM|DICOM without pixel data"),
+    "neither, no suffix": ("junk", b"\x07" * 300, None, "not an image"),
+}
+
+
+@pytest.mark.parametrize("case", UNMARKED)
+def test_dicom_without_file_meta_and_photos_named_dcm(tmp_path, case):
+    """Reference: the stored values (numpy; 16-bit scaled over min..max), Pillow's decode of
+    the JPEG."""
+    name, data, meant, reason = UNMARKED[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    if meant is None:
+        with pytest.raises(BadImage, match=reason):
+            read_image(path)
+        return
+    if isinstance(meant, str):
+        meant = np.asarray(Image.open(path))
+    elif meant.dtype != np.uint8:
+        meant = _scaled(meant, meant.min(), meant.max())
+    ((_, px),) = read_image(path).frames
+    assert np.array_equal(px, meant)
 
 
 def test_candidates_skip_dicomdir_and_sidecars(tmp_path):
@@ -630,297 +919,3 @@ def test_every_transfer_syntax_gives_the_native_pixels(tmp_path, kind, syntax):
             assert np.abs(a.astype(int) - b).mean() < 4 and np.abs(ta.astype(int) - tb).mean() < 4
         else:
             assert np.array_equal(a, b) and np.array_equal(ta, tb)
-
-
-# Enhanced / multi-frame DICOM (OCT volumes) carry rescale and window in functional groups
-# (Shared, Per-frame: Pixel Value Transformation, Frame VOI LUT), a frame's own item first.
-def _rescale(slope: float, intercept: float) -> dict:
-    return {"RescaleSlope": slope, "RescaleIntercept": intercept, "RescaleType": "US"}
-
-
-def _window(center: float, width: float) -> dict:
-    return {"WindowCenter": center, "WindowWidth": width}
-
-
-def _group(values: dict) -> Dataset:
-    """A functional groups item holding ``values`` in the macro each belongs to."""
-    item = Dataset()
-    for seq, keys in (
-        ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
-        ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth")),
-    ):
-        mine = {k: v for k, v in values.items() if k in keys}
-        if mine:
-            inner = Dataset()
-            for k, v in mine.items():
-                setattr(inner, k, v)
-            setattr(item, seq, Sequence([inner]))
-    return item
-
-
-# case: (top-level, shared, per-frame, what each frame means: its flat attributes)
-FUNCTIONAL_GROUPS = {
-    "shared window": ({}, _window(1000, 800), [{}, {}], [_window(1000, 800)] * 2),
-    "per-frame rescale": (
-        {},
-        {},
-        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
-        [_rescale(1.0, 0.0), _rescale(2.0, 0.0)],
-    ),
-    "per-frame window over shared": (
-        {},
-        _window(1000, 800),
-        [{}, _window(1500, 2000)],
-        [_window(1000, 800), _window(1500, 2000)],
-    ),
-    "per-frame rescale and window": (
-        {},
-        _rescale(2.0, -100.0),
-        [_window(900, 400), {**_rescale(0.5, 10.0), **_window(700, 600)}],
-        [
-            {**_rescale(2.0, -100.0), **_window(900, 400)},
-            {**_rescale(0.5, 10.0), **_window(700, 600)},
-        ],
-    ),
-    "shared rescale over top level": (
-        _rescale(3.0, 0.0),
-        _rescale(-1.0, 5000.0),
-        [{}, {}],
-        [_rescale(-1.0, 5000.0)] * 2,
-    ),
-    "shared window over top level": (
-        _window(3000, 500),
-        _window(1000, 800),
-        [{}, {}],
-        [_window(1000, 800)] * 2,
-    ),
-}
-
-
-@pytest.mark.parametrize("case", FUNCTIONAL_GROUPS)
-def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
-    """Reference: pydicom's modality and VOI transforms on each frame with its known values
-    at the top level; a window's output range (Bits Stored through the rescale) is
-    black..white, without one the volume is scaled over its min..max."""
-    top, shared, per_frame, meant = FUNCTIONAL_GROUPS[case]
-    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
-    vol = np.stack([v, v // 2 + 100])
-    path = make_dicom(tmp_path / "fg.dcm", vol, bits_stored=12, sop_class=OCT_TOMOGRAPHY)
-    ds = pydicom.dcmread(path)
-    for k, value in top.items():
-        setattr(ds, k, value)
-    ds.SharedFunctionalGroupsSequence = Sequence([_group(shared)])
-    ds.PerFrameFunctionalGroupsSequence = Sequence([_group(f) for f in per_frame])
-    ds.save_as(path)
-    shown, ranges = [], []
-    for i, values in enumerate(meant):
-        flat = pydicom.dcmread(path)
-        del flat.SharedFunctionalGroupsSequence, flat.PerFrameFunctionalGroupsSequence
-        for k in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
-            flat.pop(k, None)
-        for k, value in values.items():
-            setattr(flat, k, value)
-        shown.append(apply_voi_lut(apply_modality_lut(vol[i], flat), flat))
-        slope, intercept = values.get("RescaleSlope", 1.0), values.get("RescaleIntercept", 0.0)
-        window = sorted((intercept, 4095 * slope + intercept)) if "WindowWidth" in values else None
-        ranges.append(window)
-    whole = (min(s.min() for s in shown), max(s.max() for s in shown))
-    expected = [_scaled(s, *(r or whole)) for s, r in zip(shown, ranges, strict=True)]
-    d = read_image(path)
-    for (_, px), want in zip(d.frames, expected, strict=True):
-        assert np.abs(px.astype(int) - want).max() == 0
-    ((_, second),) = read_image(path, frames=[1]).frames  # one scale whichever frames are kept
-    assert np.array_equal(second, expected[1])
-
-
-# Burned In Annotation (0028,0301): YES means text (possibly the patient's) is in the pixels.
-BURNED_IN = {
-    # case: (header value or None for absent, allow_burned_in, refused)
-    "YES": ("YES", False, True),
-    "YES, padded lower case": ("yes ", False, True),
-    "NO": ("NO", False, False),
-    "absent": (None, False, False),
-    "YES, allowed": ("YES", True, False),
-}
-
-
-@pytest.mark.parametrize("case", BURNED_IN)
-def test_burned_in_annotation_is_refused_unless_allowed(tmp_path, case):
-    value, allow, refused = BURNED_IN[case]
-    phi = {"PatientName": "Smith^Jane"} | ({"BurnedInAnnotation": value} if value else {})
-    for rgb in (False, True):
-        img = smooth(rgb)
-        path = make_dicom(tmp_path / f"b{rgb}.dcm", img[None], phi=phi)
-        if refused:
-            with pytest.raises(BadImage) as err:
-                read_image(path, allow_burned_in=allow)
-            assert err.value.kind == "burned-in annotation" and "(0028,0301)" in str(err.value)
-            assert "Smith" not in str(err.value) and "\n" not in str(err.value)
-        else:
-            ((_, px),) = read_image(path, allow_burned_in=allow).frames
-            assert np.array_equal(px, img)  # the stored pixels, untouched
-
-
-# A VOI that cannot be applied is ignored (PS3.3 C.11.2.1.2: Window Width >= 1 for LINEAR,
-# > 0 otherwise; VOI LUT Function absent or unknown: LINEAR); empty elements are absent.
-def _lut(bits: int) -> dict:
-    item = Dataset()
-    item.LUTDescriptor = [4096, 0, bits]
-    item.LUTData = np.arange(0, 4096 * 8, 8, dtype="<u2").tobytes()
-    return {"VOILUTSequence": Sequence([item])}
-
-
-DEGENERATE_VOI = {
-    # case: (header elements, what is applied: "none", or the elements pydicom applies)
-    "width 0": ({"WindowCenter": 1500, "WindowWidth": 0}, "none"),
-    "negative width": ({"WindowCenter": 1500, "WindowWidth": -10}, "none"),
-    "LINEAR width 0.5": ({"WindowCenter": 1500, "WindowWidth": 0.5}, "none"),
-    "SIGMOID width 0": (
-        {"WindowCenter": 1500, "WindowWidth": 0, "VOILUTFunction": "SIGMOID"},
-        "none",
-    ),
-    "empty centre and width": ({"WindowCenter": None, "WindowWidth": None}, "none"),
-    "empty width": ({"WindowCenter": 1500, "WindowWidth": None}, "none"),
-    "bad first of two windows": ({"WindowCenter": [1500, 1500], "WindowWidth": [0, 800]}, "none"),
-    "VOI LUT of 9-bit entries": (_lut(9), "none"),
-    "unknown function": (
-        {"WindowCenter": 1500, "WindowWidth": 1000, "VOILUTFunction": "FOO"},
-        {"WindowCenter": 1500, "WindowWidth": 1000},
-    ),
-    "LINEAR_EXACT width 0.5": (
-        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
-        {"WindowCenter": 1500, "WindowWidth": 0.5, "VOILUTFunction": "LINEAR_EXACT"},
-    ),
-    "bad VOI LUT, good window": (
-        {**_lut(9), "WindowCenter": 1500, "WindowWidth": 1000},
-        {"WindowCenter": 1500, "WindowWidth": 1000},
-    ),
-}
-
-
-@pytest.mark.parametrize("case", DEGENERATE_VOI)
-def test_unusable_voi_is_ignored(tmp_path, case):
-    """Reference: without a VOI, numpy min..max scaling of the stored values; where a usable
-    window remains, pydicom's apply_voi_lut with exactly those elements, its output range
-    (Bits Stored) black..white."""
-    header, applied = DEGENERATE_VOI[case]
-    v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
-    path = make_dicom(tmp_path / "w.dcm", v[None], bits_stored=12, sop_class=OPHTHALMIC_PHOTO_16)
-    ds = pydicom.dcmread(path)
-    for k, value in header.items():
-        setattr(ds, k, value)
-    ds.save_as(path)
-    ((_, px),) = read_image(path).frames
-    if applied == "none":
-        expected = _scaled(v, v.min(), v.max())
-    else:
-        flat = pydicom.dcmread(path)
-        for k in header:
-            delattr(flat, k)
-        for k, value in applied.items():
-            setattr(flat, k, value)
-        expected = _scaled(apply_voi_lut(v, flat), 0, 4095)
-    assert np.abs(px.astype(int) - expected).max() == 0
-
-
-# Bits Stored below 8: the stored range 0..2**bits-1 is black..white for every photometric
-# interpretation, as 0..255 is for 8-bit pixels (never the image's own min..max).
-LOW_BITS = {
-    # case: (Bits Stored, photometric, samples, highest value written)
-    "6-bit MONOCHROME2": (6, "MONOCHROME2", 1, 63),
-    "6-bit MONOCHROME1, dim data": (6, "MONOCHROME1", 1, 40),
-    "7-bit MONOCHROME2, dim data": (7, "MONOCHROME2", 1, 50),
-    "1-bit MONOCHROME2": (1, "MONOCHROME2", 1, 1),
-    "1-bit MONOCHROME1, all 0 (white)": (1, "MONOCHROME1", 1, 0),
-    "4-bit RGB": (4, "RGB", 3, 15),
-}
-
-
-@pytest.mark.parametrize("case", LOW_BITS)
-def test_fewer_than_8_bits_stored_span_black_to_white(tmp_path, case):
-    """Reference: numpy round(x * 255 / (2**bits - 1)) on the stored values, 255 minus that for
-    MONOCHROME1."""
-    bits, photometric, samples, top = LOW_BITS[case]
-    shape = (40, 48, 3) if samples == 3 else (40, 48)
-    img = (np.arange(np.prod(shape)).reshape(shape) % (top + 1)).astype(np.uint8)
-    if bits == 1:  # 1 bit allocated: packed bits, written by hand (make_dicom packs bytes)
-        path = make_dicom(tmp_path / "b.dcm", np.zeros((1, 40, 48), np.uint8))
-        ds = pydicom.dcmread(path)
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
-        ds.PhotometricInterpretation, ds.PixelData = photometric, pack_bits(img)
-        ds.save_as(path)
-    else:
-        path = make_dicom(tmp_path / "b.dcm", img[None], photometric=photometric, bits_stored=bits)
-    expected = np.round(img * 255.0 / (2**bits - 1)).astype(np.uint8)
-    expected = 255 - expected if photometric == "MONOCHROME1" else expected
-    ((_, px),) = read_image(path).frames
-    assert px.dtype == np.uint8 and np.array_equal(px, expected)
-
-
-# A DICOM dataset without file meta (no preamble, no Transfer Syntax UID) is read in the
-# encoding pydicom finds it in; a photo named .dcm is read as the photo it is.
-def _bare(arr: np.ndarray, implicit: bool = True, little: bool = True, jpeg: bool = False) -> bytes:
-    """(H, W) uint8/uint16 grey pixels as a bare dataset (no preamble, no file meta)."""
-    ds = Dataset()
-    ds.PatientID, ds.Rows, ds.Columns = "P1", *arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-    if jpeg:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "JPEG")
-        ds.PixelData = encapsulate([buf.getvalue()])
-        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    else:
-        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<" if little else ">")).tobytes()
-        ds["PixelData"].VR = "OB" if arr.dtype == np.uint8 else "OW"
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = little, implicit
-    write_dataset(out, ds)
-    return out.getvalue()
-
-
-def _photo_bytes(arr: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt)
-    return buf.getvalue()
-
-
-EIGHT = gradient(40, 48)
-SIXTEEN = gradient(40, 48).astype(np.uint16) * 100
-UNMARKED = {
-    # case: (file name, bytes, the pixels meant (None: refused), the reason's start)
-    "implicit LE, .dcm": ("a.dcm", _bare(EIGHT), EIGHT, None),
-    "implicit LE, no suffix": ("IM0001", _bare(EIGHT), EIGHT, None),
-    "explicit LE 16-bit, no suffix": ("IM0002", _bare(SIXTEEN, False), SIXTEEN, None),
-    "explicit BE 16-bit, .dicom": ("b.dicom", _bare(SIXTEEN, False, False), SIXTEEN, None),
-    "compressed, no transfer syntax": (
-        "c.dcm",
-        _bare(EIGHT, False, jpeg=True),
-        None,
-        "DICOM without a transfer syntax",
-    ),
-    "JPEG named .dcm": ("photo.dcm", _photo_bytes(EIGHT, "JPEG"), "pillow", None),
-    "PNG named .dicom": ("photo.dicom", _photo_bytes(EIGHT, "PNG"), EIGHT, None),
-    "neither, .dcm": ("junk.dcm", b"\x07" * 300, None, "unreadable DICOM|DICOM without pixel data"),
-    "neither, no suffix": ("junk", b"\x07" * 300, None, "not an image"),
-}
-
-
-@pytest.mark.parametrize("case", UNMARKED)
-def test_dicom_without_file_meta_and_photos_named_dcm(tmp_path, case):
-    """Reference: the stored values (numpy; 16-bit scaled over min..max), Pillow's decode of
-    the JPEG."""
-    name, data, meant, reason = UNMARKED[case]
-    path = tmp_path / name
-    path.write_bytes(data)
-    if meant is None:
-        with pytest.raises(BadImage, match=reason):
-            read_image(path)
-        return
-    if isinstance(meant, str):
-        meant = np.asarray(Image.open(path))
-    elif meant.dtype != np.uint8:
-        meant = _scaled(meant, meant.min(), meant.max())
-    ((_, px),) = read_image(path).frames
-    assert np.array_equal(px, meant)
