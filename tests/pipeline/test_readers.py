@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -625,3 +628,153 @@ def test_every_transfer_syntax_gives_the_native_pixels(tmp_path, kind, syntax):
             assert np.abs(a.astype(int) - b).mean() < 4 and np.abs(ta.astype(int) - tb).mean() < 4
         else:
             assert np.array_equal(a, b) and np.array_equal(ta, tb)
+
+
+# ------------------------------------------ 16-bit colour photos read at full depth (fault r01)
+
+
+def _png16(path, arr: np.ndarray, *chunks: tuple[bytes, bytes]):
+    """Write (H, W[, C]) uint16 as a 16-bit PNG by hand (zlib + struct, no image library):
+    colour type from C (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA); ``chunks`` go before IDAT."""
+    h, w = arr.shape[:2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[1 if arr.ndim == 2 else arr.shape[2]]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+    body = b"".join(chunk(k, d) for k, d in chunks) + chunk(b"IDAT", zlib.compress(raw))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + head + body + chunk(b"IEND", b""))
+    return path
+
+
+def _twelve(rgb: bool = True) -> np.ndarray:
+    """(48, 64[, 3]) uint16: 12-bit values (16..4000) in 16-bit samples, as cameras store."""
+    return gradient(rgb=rgb).astype(np.uint16) * 16
+
+
+def _on_black16(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Reference compositing: unassociated 16-bit alpha over black, float values."""
+    return colour * (alpha.astype(float) / 65535)[..., None]
+
+
+def _exif_orientation(value: int) -> tuple[bytes, bytes]:
+    return b"eXIf", _exif_bytes(value)
+
+
+def _exif_bytes(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()[6:]  # without the "Exif\0\0" of a JPEG APP1 block
+
+
+_ALPHA16 = _alpha().astype(np.uint16) * 257  # 0, 128*257, 65535
+_KEY = _alpha() == 0  # the pixels the colour key hides
+DEEP_KINDS = {
+    # kind: (write the file, the picture it means before scaling: float or integer values)
+    "RGB PNG": (lambda p: _png16(p, _twelve()), lambda: _twelve()),
+    "RGBA PNG": (
+        lambda p: _png16(p, np.dstack([_twelve(), _ALPHA16])),
+        lambda: _on_black16(_twelve(), _ALPHA16),
+    ),
+    "grey+alpha PNG": (
+        lambda p: _png16(p, np.dstack([_twelve(False), _ALPHA16])),
+        lambda: _on_black16(_twelve(False)[..., None], _ALPHA16)[..., 0],
+    ),
+    "RGB PNG, colour key": (
+        lambda p: _png16(
+            p,
+            np.where(_KEY[..., None], np.uint16(4095), _twelve()),
+            (b"tRNS", struct.pack(">HHH", 4095, 4095, 4095)),
+        ),
+        lambda: np.where(_KEY[..., None], 0, _twelve()),
+    ),
+    "grey PNG, colour key": (
+        lambda p: _png16(
+            p, np.where(_KEY, np.uint16(4095), _twelve(False)), (b"tRNS", struct.pack(">H", 4095))
+        ),
+        lambda: np.where(_KEY, 0, _twelve(False)),
+    ),
+    "RGB TIFF": (lambda p: tifffile.imwrite(p, _twelve(), photometric="rgb"), lambda: _twelve()),
+    "RGB TIFF, planar, LZW": (
+        lambda p: tifffile.imwrite(
+            p,
+            np.moveaxis(_twelve(), -1, 0),
+            photometric="rgb",
+            planarconfig="separate",
+            compression="lzw",
+        ),
+        lambda: _twelve(),
+    ),
+    "RGBA TIFF, unassociated alpha": (
+        lambda p: tifffile.imwrite(
+            p, np.dstack([_twelve(), _ALPHA16]), photometric="rgb", extrasamples=[2]
+        ),
+        lambda: _on_black16(_twelve(), _ALPHA16),
+    ),
+    "RGBA TIFF, associated alpha": (
+        lambda p: tifffile.imwrite(
+            p,
+            np.dstack([np.round(_on_black16(_twelve(), _ALPHA16)).astype(np.uint16), _ALPHA16]),
+            photometric="rgb",
+            extrasamples=[1],
+        ),
+        lambda: np.round(_on_black16(_twelve(), _ALPHA16)),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", DEEP_KINDS)
+def test_16bit_colour_is_read_at_full_depth(tmp_path, kind):
+    """16 bits per sample (12-bit data) are scaled from the file's min..max like 16-bit grey,
+    never cut to the high byte (Pillow's 8-bit RGB: 0..15). Reference: numpy arithmetic on
+    the stored values."""
+    write, means = DEEP_KINDS[kind]
+    path = tmp_path / ("x.png" if "PNG" in kind else "x.tif")
+    write(path)
+    ((_, px),) = read_image(path).frames
+    want = means().astype(float)
+    assert (
+        px.dtype == np.uint8
+        and np.abs(px.astype(int) - _scaled(want, want.min(), want.max())).max() <= 1
+    )
+    assert px.max() == 255  # the whole 0..255 range, not 0..15
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_colour_keeps_its_exif_orientation(tmp_path, fmt, orientation):
+    """Reference: numpy scaling of the stored values, turned upright by Pillow's
+    ImageOps.exif_transpose."""
+    stored = _twelve()
+    path = tmp_path / f"x.{fmt.lower()}"
+    if fmt == "PNG":
+        _png16(path, stored, _exif_orientation(orientation))
+    else:
+        tifffile.imwrite(
+            path, stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)]
+        )
+    picture = Image.fromarray(_scaled(stored, stored.min(), stored.max()))
+    picture.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(picture))
+    d = read_image(path)
+    ((_, px),) = d.frames
+    assert np.array_equal(px, expected)
+    assert d.sizes == [(expected.shape[1], expected.shape[0])]
+
+
+def test_16bit_colour_tiff_page_shares_the_volume_scale(tmp_path):
+    """A 16-bit RGB page and a dim 16-bit grey page of one TIFF: one min..max for the file."""
+    colour, dim = _twelve(), _twelve(False) // 8
+    path = tmp_path / "vol.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(colour, photometric="rgb")
+        tif.write(dim, photometric="minisblack")
+    lo, hi = min(colour.min(), dim.min()), max(colour.max(), dim.max())
+    for d in (read_image(path), read_image(path, frames=[1])):
+        got = dict(d.frames)
+        if 0 in got:
+            assert np.array_equal(got[0], _scaled(colour, lo, hi))
+        assert np.array_equal(got[1], _scaled(dim, lo, hi))
