@@ -12,7 +12,8 @@ are meant to be seen (README, "Your own data", lists each decision):
   pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
   Pillow would cut to 8 bits (16-bit colour PNG and TIFF) are read at full depth, by
-  imagecodecs (libpng) and tifffile.
+  imagecodecs (libpng) and tifffile. A TIFF's reduced-resolution copies (previews, pyramid
+  levels) and masks are skipped: frames are numbered over its picture pages only.
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
@@ -161,6 +162,10 @@ HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the fi
 DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the file too
 DEEP_PHOTOMETRIC = (1, 2)  # TIFF PhotometricInterpretation read at full depth: grey, RGB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
+# resolution copy of another page (preview, thumbnail, pyramid level), bit 2 a transparency
+# mask; the old SubfileType (tag 255) 2 a reduced-resolution copy. They are skipped.
+NOT_A_PICTURE = 0b101
 ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 ORIENTATION = 0x0112  # EXIF/TIFF tag: how the stored pixels must be turned to stand upright
 # EXIF orientation -> the numpy transform that undoes it on (H, W[, C]) pixels (EXIF 2.32,
@@ -248,17 +253,29 @@ class _Page(NamedTuple):
 
 
 def _pages(im: Image.Image, path: Path) -> list[_Page]:
-    """Every image page of the file, upright sizes (headers only)."""
+    """Every image page of the file, upright sizes (headers only); a TIFF's reduced-resolution
+    copies and masks are skipped (:data:`NOT_A_PICTURE`)."""
     n = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
     png16 = im.format == "PNG" and _png_bit_depth(path) > 8
     pages = []
     for i in range(n):
         im.seek(i)
+        if im.format == "TIFF" and _not_a_picture(im.tag_v2.get(254, 0), im.tag_v2.get(255, 1)):
+            continue
         turn = _orientation(im)
         w, h = _stored_size(im)
         mode = DEEP if png16 or _deep_tiff(im) else im.mode
         pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, mode, i))
+    if not pages:
+        kind = "no full-resolution image"
+        raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)
     return pages
+
+
+def _not_a_picture(new_subfile_type: int, subfile_type: int) -> bool:
+    """Whether a TIFF page is a reduced-resolution copy or a mask, from its NewSubfileType
+    (tag 254) and old SubfileType (tag 255) values."""
+    return bool(int(new_subfile_type) & NOT_A_PICTURE) or int(subfile_type) == 2
 
 
 def _png_bit_depth(path: Path) -> int:

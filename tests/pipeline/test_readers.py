@@ -778,3 +778,64 @@ def test_16bit_colour_tiff_page_shares_the_volume_scale(tmp_path):
         if 0 in got:
             assert np.array_equal(got[0], _scaled(colour, lo, hi))
         assert np.array_equal(got[1], _scaled(dim, lo, hi))
+
+
+# ---------------------------------- reduced-resolution TIFF pages are no image (fault r07)
+
+
+def _big(seed: int) -> np.ndarray:
+    return gradient(64, 48, rgb=True, seed=seed)
+
+
+def _small(seed: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(_big(seed)).reduce(4))  # 12x16: below min_size 32
+
+
+PREVIEW = {"subfiletype": 1}  # NewSubfileType bit 0: a reduced-resolution copy
+REDUCED_KINDS = {
+    # kind: [(pixels, tifffile write kwargs) per page in file order], the full pages' seeds
+    "preview after the picture": ([(_big(0), {}), (_small(0), PREVIEW)], [0]),
+    "thumbnail first": ([(_small(0), PREVIEW), (_big(0), {})], [0]),
+    "pyramid": ([(_big(0), {}), (_small(0), PREVIEW), (_small(0)[::2, ::2], PREVIEW)], [0]),
+    "old SubfileType 2": (
+        [(_big(0), {}), (_small(0), {"extratags": [(255, "H", 1, 2, True)]})],
+        [0],
+    ),
+    "transparency mask page": (
+        [
+            (_big(0), {}),
+            (np.full((64, 48), 255, np.uint8), {"extratags": [(254, "I", 1, 4, True)]}),
+        ],
+        [0],
+    ),
+    "volume, a preview per page": (
+        [(_big(0), {}), (_small(0), PREVIEW), (_big(1), {}), (_small(1), PREVIEW)],
+        [0, 1],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", REDUCED_KINDS)
+def test_reduced_resolution_tiff_pages_are_skipped(tmp_path, kind):
+    """Previews, thumbnails, pyramid levels and masks are no picture of the eye: neither an
+    extra image nor a page that makes the file too small. Reference: the pixels written."""
+    pages, full = REDUCED_KINDS[kind]
+    path = tmp_path / "x.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for px, kwargs in pages:
+            tif.write(px, photometric="rgb" if px.ndim == 3 else "minisblack", **kwargs)
+    d = read_image(path, min_size=32)
+    assert [k for k, _ in d.frames] == list(range(len(full))) and d.n_frames == len(full)
+    for (_, px), seed in zip(d.frames, full, strict=True):
+        assert np.array_equal(px, _big(seed))
+    assert d.sizes == [(48, 64)] * len(full)
+    ((k, px),) = read_image(path, oct_central=True).frames
+    assert np.array_equal(px, _big(full[len(full) // 2]))
+
+
+def test_tiff_of_previews_only_is_refused(tmp_path):
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, _big(0), photometric="rgb", subfiletype=1)
+    with pytest.raises(BadImage, match="no full-resolution image") as caught:
+        read_image(path)
+    assert caught.value.kind == "no full-resolution image"
