@@ -12,8 +12,9 @@ are meant to be seen (README, "Your own data", lists each decision):
   pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
   Pillow would cut to 8 bits (16-bit colour PNG and TIFF) are read at full depth, by
-  imagecodecs (libpng) and tifffile. A TIFF's reduced-resolution copies (previews, pyramid
-  levels) and masks are skipped: frames are numbered over its picture pages only.
+  imagecodecs (libpng) and tifffile, as are TIFFs Pillow cannot open (float64, 16-bit grey +
+  alpha); NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
+  (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
@@ -27,6 +28,7 @@ are meant to be seen (README, "Your own data", lists each decision):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -122,6 +124,7 @@ def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
     to 0..255. A volume passes the range of the whole file, so every page keeps one scale."""
     if arr.dtype == np.uint8:
         return arr
+    _refuse_non_finite([arr])
     arr = arr.astype(np.float64)
     lo = float(np.nanmin(arr)) if lo is None else lo
     hi = float(np.nanmax(arr)) if hi is None else hi
@@ -133,8 +136,19 @@ def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
 
 def _value_range(arrays: Iterable[np.ndarray]) -> tuple[float, float]:
     """(min, max) over several arrays: the one intensity scale of a multi-page file."""
+    arrays = list(arrays)
+    _refuse_non_finite(arrays)
     lows, highs = zip(*((float(np.nanmin(a)), float(np.nanmax(a))) for a in arrays), strict=True)
     return min(lows), max(highs)
+
+
+def _refuse_non_finite(arrays: Iterable[np.ndarray]) -> None:
+    """Refuse a float image with NaN or infinite values (no grey level means them), counting
+    them over all the arrays given (a whole file's pages or frames)."""
+    bad = sum(a.size - int(np.count_nonzero(np.isfinite(a))) for a in arrays if a.dtype.kind == "f")
+    if bad:
+        kind = "non-finite pixel values"
+        raise BadImage(f"{bad} {kind} (NaN or infinite)", kind)
 
 
 def _check_size(width: int, height: int, min_size: int, page: int | None = None) -> None:
@@ -162,6 +176,7 @@ HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the fi
 DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the file too
 DEEP_PHOTOMETRIC = (1, 2)  # TIFF PhotometricInterpretation read at full depth: grey, RGB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 # TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
 # resolution copy of another page (preview, thumbnail, pyramid level), bit 2 a transparency
 # mask; the old SubfileType (tag 255) 2 a reduced-resolution copy. They are skipped.
@@ -224,12 +239,16 @@ def _photo_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # P (palette), CMYK, YCbCr, LAB, HSV
 
 
-def _open_photo(path: Path) -> Image.Image:
+def _open_photo(path: Path) -> Image.Image | None:
+    """The file opened by Pillow; None for a TIFF Pillow does not recognise (a float64 or a
+    16-bit grey+alpha page, ...): tifffile reads all of that one."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
         except UnidentifiedImageError:
+            if _is_tiff(path):
+                return None
             raise BadImage("not an image (format not recognised)", "not an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(
@@ -239,6 +258,12 @@ def _open_photo(path: Path) -> Image.Image:
         im.close()
         raise BadImage(f"unsupported image format {im.format}")
     return im
+
+
+def _is_tiff(path: Path) -> bool:
+    """Whether the file starts as a TIFF does (classic or BigTIFF, either byte order)."""
+    with open(path, "rb") as f:
+        return f.read(4) in TIFF_SIGNATURES
 
 
 class _Page(NamedTuple):
@@ -266,9 +291,6 @@ def _pages(im: Image.Image, path: Path) -> list[_Page]:
         w, h = _stored_size(im)
         mode = DEEP if png16 or _deep_tiff(im) else im.mode
         pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, mode, i))
-    if not pages:
-        kind = "no full-resolution image"
-        raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)
     return pages
 
 
@@ -308,6 +330,31 @@ class _FullDepth:
         self.path, self.format = path, fmt
         self._tif: tifffile.TiffFile | None = None
 
+    def tiff(self) -> tifffile.TiffFile:
+        if self._tif is None:
+            # its log lines may quote tag values (no PHI in logs); failures raise instead
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+            self._tif = tifffile.TiffFile(self.path)
+        return self._tif
+
+    def pages(self) -> list[_Page]:
+        """Every picture page of a TIFF that only tifffile reads (headers only), all read at
+        full depth; reduced-resolution copies and masks skipped as in :func:`_pages`."""
+        pages = []
+        for i, page in enumerate(self.tiff().pages):
+            tags = page.tags
+            if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
+                continue
+            turn = int(tags.valueof(ORIENTATION, 1))
+            turn = turn if turn in _UPRIGHT else 1
+            w, h = page.imagewidth, page.imagelength
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # as Pillow refuses
+                raise BadImage(
+                    "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
+                )
+            pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP, i))
+        return pages
+
     def __enter__(self) -> _FullDepth:
         return self
 
@@ -318,9 +365,7 @@ class _FullDepth:
     def values(self, index: int) -> np.ndarray:
         if self.format == "PNG":
             return _png_values(self.path.read_bytes())
-        if self._tif is None:
-            self._tif = tifffile.TiffFile(self.path)
-        return _tiff_values(self._tif.pages[index])
+        return _tiff_values(self.tiff().pages[index])
 
 
 def _png_values(data: bytes) -> np.ndarray:
@@ -337,6 +382,9 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
     """A grey or RGB TIFF page's samples at full depth (tifffile); the first alpha extra sample
     (ExtraSamples 1 associated, 2 unassociated) composited onto black, other extras dropped."""
     arr = page.asarray()
+    if arr.dtype.kind not in "buif":
+        kind = "unsupported TIFF page"
+        raise BadImage(f"{kind} ({arr.dtype.name} samples)", kind)
     if page.axes.startswith("S"):  # planar configuration 2: one plane per sample
         arr = np.moveaxis(arr, 0, -1)
     arr = arr[..., None] if arr.ndim == 2 else arr
@@ -355,10 +403,12 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
 def _deep_colour(colour: np.ndarray, alpha: np.ndarray | None, associated: bool) -> np.ndarray:
     """(H, W, 1 or 3) samples -> (H, W) or (H, W, 3), composited onto black by ``alpha`` (full
     scale: the dtype's maximum, 1.0 for floats): unassociated alpha multiplies the colour;
-    associated (premultiplied) colour already is the picture on black."""
+    associated (premultiplied) colour already is the picture on black. 8-bit stays uint8
+    (rounded, as Pillow's pages are), deeper values come as float64."""
     if alpha is not None and not associated:
         full = np.iinfo(alpha.dtype).max if alpha.dtype.kind in "iu" else 1.0
-        colour = colour * (alpha[..., None].astype(np.float64) / full)
+        mixed = colour * (alpha[..., None].astype(np.float64) / full)
+        colour = np.round(mixed).astype(np.uint8) if colour.dtype == np.uint8 else mixed
     return colour[..., 0] if colour.shape[-1] == 1 else colour
 
 
@@ -387,8 +437,13 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
-    with _open_photo(path) as im, _FullDepth(path, im.format) as deep:
-        pages = _pages(im, path)
+    im = _open_photo(path)  # None: a TIFF only tifffile reads
+    fmt = "TIFF" if im is None else im.format
+    with im if im is not None else contextlib.nullcontext(), _FullDepth(path, fmt) as deep:
+        pages = _pages(im, path) if im is not None else deep.pages()
+        if not pages:
+            kind = "no full-resolution image"
+            raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)
         n = len(pages)
         _check_pixels(sum(p.width * p.height for p in pages), _pixels_text(pages), max_pixels)
         for k, p in enumerate(pages):  # every page of a volume is an image
@@ -400,12 +455,13 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             if k >= n:
                 raise BadImage(f"frame {k} not in file ({n} frames)", "frame not in file")
             out.append((k, _page_pixels(im, deep, pages[k], draft)))
-        decoded_size = im.size  # the stored size after any draft (the DCT scale decoded)
+        # the stored size after any draft (the DCT scale decoded); None without Pillow
+        decoded_size = None if im is None else im.size
         if any(a.dtype != np.uint8 for _, a in out):
             lo, hi = _photo_range(im, deep, pages, out)
             out = [(k, to_uint8(a, lo, hi)) for k, a in out]
     sizes = [pages[k][:2] for k, _ in out]
-    info = {"format": im.format, "decoded_size": decoded_size}
+    info = {"format": fmt, "decoded_size": decoded_size}
     first = sizes[0] if sizes else pages[0][:2]
     return Decoded(out, *first, n_frames=n, sizes=sizes, info=info)
 

@@ -839,3 +839,97 @@ def test_tiff_of_previews_only_is_refused(tmp_path):
     with pytest.raises(BadImage, match="no full-resolution image") as caught:
         read_image(path)
     assert caught.value.kind == "no full-resolution image"
+
+
+# ------------------------ float TIFF: non-finite values refused, float64 read (fault r11)
+
+
+def _floats(dtype=np.float32, rgb: bool = False) -> np.ndarray:
+    return gradient(rgb=rgb).astype(dtype) / 7 - 3  # (48, 64[, 3]), negative values too
+
+
+def _with(*cells, dtype=np.float32) -> np.ndarray:
+    """_floats() with the given ((row, cols), value) pixels."""
+    arr = _floats(dtype)
+    for where, value in cells:
+        arr[where] = value
+    return arr
+
+
+NON_FINITE = {
+    # kind: (pages written, the number of non-finite values in the file)
+    "NaN float32": ([_with(((0, slice(0, 10)), np.nan))], 10),
+    "+inf and -inf float32": ([_with(((1, 1), np.inf), ((2, 2), -np.inf))], 2),
+    "NaN float64": ([_with(((5, slice(0, 3)), np.nan), dtype=np.float64)], 3),
+    "NaN in a page not kept": ([_floats(), _floats(), _with(((0, 0), np.nan))], 1),
+}
+
+
+@pytest.mark.parametrize("kind", NON_FINITE)
+def test_non_finite_float_tiff_is_refused(tmp_path, kind):
+    """NaN/inf mean no grey level: the file is refused with the count (whichever pages are
+    kept), not cast to 0 undefinedly."""
+    pages, bad = NON_FINITE[kind]
+    path = tmp_path / "x.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for page in pages:
+            tif.write(page, photometric="minisblack")
+    for kwargs in ({}, {"oct_central": True}):
+        with pytest.raises(BadImage) as caught:
+            read_image(path, **kwargs)
+        assert str(caught.value) == f"{bad} non-finite pixel values (NaN or infinite)"
+        assert caught.value.kind == "non-finite pixel values"
+
+
+_A16 = np.where(_alpha() == 0, 0, 65535).astype(np.uint16)
+TIFFFILE_ONLY = {
+    # kind: (write the file, the picture it means before scaling); Pillow cannot open these
+    "float64 grey": (lambda p: tifffile.imwrite(p, _floats(np.float64)), lambda: _floats()),
+    "float64 RGB": (
+        lambda p: tifffile.imwrite(p, _floats(np.float64, True), photometric="rgb"),
+        lambda: _floats(np.float64, True),
+    ),
+    "16-bit grey+alpha": (
+        lambda p: tifffile.imwrite(
+            p, np.dstack([_twelve(False), _A16]), photometric="minisblack", extrasamples=[2]
+        ),
+        lambda: np.where(_A16 == 0, 0, _twelve(False)),
+    ),
+    "float64, orientation 6": (
+        lambda p: tifffile.imwrite(p, _floats(np.float64), extratags=[(274, "H", 1, 6, True)]),
+        lambda: _pillow_upright(_floats(), 6),
+    ),
+    "float64 with a preview page": (
+        lambda p: _write_pages(p, [(_floats(np.float64), {}), (_floats()[::4, ::4], PREVIEW)]),
+        lambda: _floats(np.float64),
+    ),
+}
+
+
+def _pillow_upright(values: np.ndarray, orientation: int) -> np.ndarray:
+    """Reference: Pillow's ImageOps.exif_transpose of a float ("F") picture."""
+    picture = Image.fromarray(values.astype(np.float32))
+    picture.getexif()[0x0112] = orientation
+    return np.asarray(ImageOps.exif_transpose(picture))
+
+
+def _write_pages(path, pages):
+    with tifffile.TiffWriter(path) as tif:
+        for px, kwargs in pages:
+            tif.write(px, **kwargs)
+
+
+@pytest.mark.parametrize("kind", TIFFFILE_ONLY)
+def test_tiffs_pillow_cannot_open_are_read_by_tifffile(tmp_path, kind):
+    """A valid TIFF Pillow does not recognise (float64, 16-bit grey+alpha) is read, not
+    refused as 'not an image'. Reference: numpy scaling of the values written."""
+    write, means = TIFFFILE_ONLY[kind]
+    path = tmp_path / "x.tif"
+    write(path)
+    with pytest.raises(Exception):  # noqa: B017, PT011 -- the premise: Pillow cannot
+        Image.open(path)
+    d = read_image(path, min_size=32)
+    ((_, px),) = d.frames
+    want = means().astype(float)
+    assert np.abs(px.astype(int) - _scaled(want, want.min(), want.max())).max() <= 1
+    assert d.sizes == [(want.shape[1], want.shape[0])] and d.info["format"] == "TIFF"
