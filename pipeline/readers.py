@@ -15,6 +15,8 @@ are meant to be seen (README, "Your own data", lists each decision):
   imagecodecs (libpng) and tifffile, as are TIFFs Pillow cannot open (float64, 16-bit grey +
   alpha); NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
   (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
+  Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
+  a TIFF page is (an MPO's large thumbnails skipped).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window, MONOCHROME1 is inverted; YBR is converted to RGB;
@@ -278,20 +280,42 @@ class _Page(NamedTuple):
 
 
 def _pages(im: Image.Image, path: Path) -> list[_Page]:
-    """Every image page of the file, upright sizes (headers only); a TIFF's reduced-resolution
-    copies and masks are skipped (:data:`NOT_A_PICTURE`)."""
-    n = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
+    """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
+    of an animated PNG or WebP, each image of an MPO (stereo pairs). Reduced-resolution
+    copies (TIFF previews and pyramid levels, MPO large thumbnails) and TIFF masks are
+    skipped: no picture of the eye."""
+    n = getattr(im, "n_frames", 1)
     png16 = im.format == "PNG" and _png_bit_depth(path) > 8
+    if png16 and n > 1:  # libpng reads the default image only, Pillow cuts to 8 bits
+        kind = "animated 16-bit PNG"
+        raise BadImage(f"{kind} ({n} frames): its frames cannot be read at full depth", kind)
+    if im.format in ("PNG", "WEBP"):  # animation frames share the canvas, mode and EXIF; not
+        return [_page(im, png16)._replace(index=i) for i in range(n)]  # seeking decodes them
     pages = []
     for i in range(n):
         im.seek(i)
-        if im.format == "TIFF" and _not_a_picture(im.tag_v2.get(254, 0), im.tag_v2.get(255, 1)):
-            continue
-        turn = _orientation(im)
-        w, h = _stored_size(im)
-        mode = DEEP if png16 or _deep_tiff(im) else im.mode
-        pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, mode, i))
+        if not _is_copy(im, i):
+            pages.append(_page(im, _deep_tiff(im))._replace(index=i))
     return pages
+
+
+def _page(im: Image.Image, deep: bool) -> _Page:
+    """The current page of ``im`` (its index left 0)."""
+    turn = _orientation(im)
+    w, h = _stored_size(im)
+    return _Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP if deep else im.mode, 0)
+
+
+def _is_copy(im: Image.Image, i: int) -> bool:
+    """Whether page ``i`` (the current one) is a reduced-resolution copy or a mask: a TIFF's
+    by its (New)SubfileType, an MPO's by its MP Type (CIPA DC-007 'Large Thumbnail')."""
+    if im.format == "TIFF":
+        return _not_a_picture(im.tag_v2.get(254, 0), im.tag_v2.get(255, 1))
+    if im.format == "MPO":
+        entries = getattr(im, "mpinfo", {}).get(0xB002) or []
+        kind = entries[i].get("Attribute", {}).get("MPType", "") if i < len(entries) else ""
+        return str(kind).startswith("Large Thumbnail")
+    return False
 
 
 def _not_a_picture(new_subfile_type: int, subfile_type: int) -> bool:
@@ -448,7 +472,7 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
         _check_pixels(sum(p.width * p.height for p in pages), _pixels_text(pages), max_pixels)
         for k, p in enumerate(pages):  # every page of a volume is an image
             _check_size(p.width, p.height, min_size, k if n > 1 else None)
-        if frames is None:  # a multi-page TIFF is a volume, like a multi-frame DICOM
+        if frames is None:  # a multi-page file is a volume, like a multi-frame DICOM
             frames = [n // 2] if (oct_central and n > 1) else list(range(n))
         out = []
         for k in frames:
@@ -472,6 +496,7 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
         return _upright(deep.values(page.index), page.orientation)
     im.seek(page.index)
     if draft is not None and im.format in ("JPEG", "MPO"):
+        im.decoderconfig = ()  # an MPO seek keeps the last frame's DCT scale: draft anew
         _draft(im, draft, page.orientation)
     px = _photo_array(im)  # loads the page
     # orientation read after loading: where Pillow turned the page itself (TIFF, in recent

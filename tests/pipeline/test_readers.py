@@ -933,3 +933,86 @@ def test_tiffs_pillow_cannot_open_are_read_by_tifffile(tmp_path, kind):
     want = means().astype(float)
     assert np.abs(px.astype(int) - _scaled(want, want.min(), want.max())).max() <= 1
     assert d.sizes == [(want.shape[1], want.shape[0])] and d.info["format"] == "TIFF"
+
+
+# --------------- animated PNG/WebP and MPO: every frame is an image, as a TIFF page (r12)
+
+
+def _views(n: int = 3) -> list[np.ndarray]:
+    """n different smooth (48, 64, 3) pictures (JPEG keeps them within a few levels)."""
+    return [smooth(rgb=True) // (s + 1) + 20 * s for s in range(n)]
+
+
+def _mpo(path, views: list[np.ndarray], thumbnail: int | None = None):
+    """An MPO of ``views`` (Pillow's writer); image ``thumbnail`` relabelled MP Type 'Large
+    Thumbnail (VGA Equivalent)' (0x010001) in its MP Entry (little-endian, 16 bytes each)."""
+    first, *rest = map(Image.fromarray, views)
+    first.save(path, "MPO", save_all=True, append_images=rest, quality=95)
+    if thumbnail is not None:
+        with Image.open(path) as im:
+            size0 = im.mpinfo[0xB002][0]["Size"]
+        data = bytearray(path.read_bytes())
+        entry0 = data.index(struct.pack("<LL", 0x030000, size0))  # the primary image's entry
+        struct.pack_into("<L", data, entry0 + 16 * thumbnail, 0x010001)
+        path.write_bytes(bytes(data))
+    return path
+
+
+def _animated(fmt: str):
+    def write(path, views):
+        first, *rest = map(Image.fromarray, views)
+        lossless = {"lossless": True} if fmt == "WEBP" else {}
+        first.save(path, fmt, save_all=True, append_images=rest, **lossless)
+
+    return write
+
+
+MULTI_FRAME = {
+    # kind: (write the file, suffix, indices of the views that are images, max codec error)
+    "APNG": (_animated("PNG"), "png", [0, 1, 2], 0),
+    "animated WebP": (_animated("WEBP"), "webp", [0, 1, 2], 0),
+    "MPO stereo pair": (lambda p, v: _mpo(p, v[:2]), "mpo", [0, 1], 3),
+    "MPO with a large thumbnail": (lambda p, v: _mpo(p, v, thumbnail=2), "mpo", [0, 1], 3),
+}
+
+
+@pytest.mark.parametrize("kind", MULTI_FRAME)
+def test_multi_frame_photos_keep_every_frame(tmp_path, kind):
+    """No frame is dropped silently: each is an image (n_frames, sizes, pixels), the central
+    one is kept with oct_central, any one can be asked for; an MPO's large thumbnail is a
+    reduced-resolution copy and skipped. Reference: the pictures written."""
+    write, suffix, images, err = MULTI_FRAME[kind]
+    views = _views()
+    path = tmp_path / f"x.{suffix}"
+    write(path, views)
+    if kind.startswith("MPO"):
+        with Image.open(path) as im:  # the premise: Pillow sees every image and its MP Type
+            assert im.n_frames == len(views) - (kind == "MPO stereo pair")
+            types = [e["Attribute"]["MPType"] for e in im.mpinfo[0xB002]]
+            assert types[-1].startswith("Large Thumbnail") == (kind != "MPO stereo pair")
+    d = read_image(path, min_size=32)
+    assert [k for k, _ in d.frames] == list(range(len(images))) and d.n_frames == len(images)
+    assert d.sizes == [(64, 48)] * len(images)
+    for (_, px), view in zip(d.frames, (views[i] for i in images), strict=True):
+        assert np.abs(px.astype(int) - view).mean() <= err
+    ((k, px),) = read_image(path, oct_central=True).frames
+    assert k == len(images) // 2 and np.abs(px.astype(int) - views[k]).mean() <= err
+    ((k, px),) = read_image(path, frames=[1]).frames
+    assert k == 1 and np.abs(px.astype(int) - views[1]).mean() <= err
+    # every frame of a JPEG-coded file at a DCT-reduced size (1/2 here), frame after frame
+    halved = read_image(path, draft=(32, 24)).frames
+    for (_, px), i in zip(halved, images, strict=True):
+        want = np.asarray(Image.fromarray(views[i]).reduce(2)) if err else views[i]
+        assert np.abs(px.astype(int) - want).mean() <= 2 * err
+
+
+def test_animated_16bit_png_is_refused(tmp_path):
+    """libpng reads only an APNG's default image and Pillow cuts the frames to 8 bits."""
+    frames = [Image.fromarray(_twelve(False) * k) for k in (1, 2)]
+    path = tmp_path / "a.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.n_frames == 2 and im.mode.startswith("I")  # the premise: 16-bit, 2 frames
+    with pytest.raises(BadImage, match=r"animated 16-bit PNG \(2 frames\)") as caught:
+        read_image(path)
+    assert caught.value.kind == "animated 16-bit PNG"
