@@ -10,7 +10,13 @@ are meant to be seen (README, "Your own data", lists each decision):
   hashes and training pixels are of the upright picture; palettes are looked up; transparent
   pixels (alpha, transparent palette entries, colour keys) are composited onto black; 8-bit
   pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
-  (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale).
+  (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
+  Pillow would cut to 8 bits (16-bit colour PNG and TIFF) are read at full depth, by
+  imagecodecs (libpng) and tifffile, as are TIFFs Pillow cannot open (float64, 16-bit grey +
+  alpha); NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
+  (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
+  Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
+  a TIFF page is (an MPO's large thumbnails skipped).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window (each frame its own from an enhanced image's
@@ -25,15 +31,19 @@ are meant to be seen (README, "Your own data", lists each decision):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import imagecodecs
 import numpy as np
 import pydicom
+import tifffile
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -129,6 +139,7 @@ def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
     to 0..255. A volume passes the range of the whole file, so every page keeps one scale."""
     if arr.dtype == np.uint8:
         return arr
+    _refuse_non_finite([arr])
     arr = arr.astype(np.float64)
     lo = float(np.nanmin(arr)) if lo is None else lo
     hi = float(np.nanmax(arr)) if hi is None else hi
@@ -140,8 +151,19 @@ def to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
 
 def _value_range(arrays: Iterable[np.ndarray]) -> tuple[float, float]:
     """(min, max) over several arrays: the one intensity scale of a multi-page file."""
+    arrays = list(arrays)
+    _refuse_non_finite(arrays)
     lows, highs = zip(*((float(np.nanmin(a)), float(np.nanmax(a))) for a in arrays), strict=True)
     return min(lows), max(highs)
+
+
+def _refuse_non_finite(arrays: Iterable[np.ndarray]) -> None:
+    """Refuse a float image with NaN or infinite values (no grey level means them), counting
+    them over all the arrays given (a whole file's pages or frames)."""
+    bad = sum(a.size - int(np.count_nonzero(np.isfinite(a))) for a in arrays if a.dtype.kind == "f")
+    if bad:
+        kind = "non-finite pixel values"
+        raise BadImage(f"{bad} {kind} (NaN or infinite)", kind)
 
 
 def _check_size(width: int, height: int, min_size: int, page: int | None = None) -> None:
@@ -164,6 +186,16 @@ def _check_pixels(total: int, detail: str, max_pixels: int | None) -> None:
 # ----------------------------------------------------------------------------- photos
 
 HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the file to uint8
+# Pages Pillow would cut to their high byte (it has no 16-bit colour modes) are read at full
+# depth instead: a 16-bit PNG by imagecodecs (libpng), such a TIFF page by tifffile.
+DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the file too
+DEEP_PHOTOMETRIC = (1, 2)  # TIFF PhotometricInterpretation read at full depth: grey, RGB
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+# TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
+# resolution copy of another page (preview, thumbnail, pyramid level), bit 2 a transparency
+# mask; the old SubfileType (tag 255) 2 a reduced-resolution copy. They are skipped.
+NOT_A_PICTURE = 0b101
 ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 ORIENTATION = 0x0112  # EXIF/TIFF tag: how the stored pixels must be turned to stand upright
 # EXIF orientation -> the numpy transform that undoes it on (H, W[, C]) pixels (EXIF 2.32,
@@ -209,7 +241,8 @@ def _on_black(im: Image.Image) -> np.ndarray:
 
 def _photo_array(im: Image.Image) -> np.ndarray:
     """A Pillow page -> (H, W) or (H, W, 3): uint8, or the page's own 16/32-bit or float values
-    for a high-depth grey page (the caller scales those over the whole file)."""
+    for a high-depth grey page (the caller scales those over the whole file). Not for a
+    :data:`DEEP` page (16-bit colour), which Pillow would cut to its high byte."""
     if im.mode in HIGH_DEPTH:
         return np.asarray(im)
     if im.mode in ALPHA_MODES or "transparency" in im.info:
@@ -221,12 +254,16 @@ def _photo_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # P (palette), CMYK, YCbCr, LAB, HSV
 
 
-def _open_photo(path: Path) -> Image.Image:
+def _open_photo(path: Path) -> Image.Image | None:
+    """The file opened by Pillow; None for a TIFF Pillow does not recognise (a float64 or a
+    16-bit grey+alpha page, ...): tifffile reads all of that one."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
         except UnidentifiedImageError:
+            if _is_tiff(path):
+                return None
             raise BadImage("not an image (format not recognised)", "not an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(
@@ -238,16 +275,178 @@ def _open_photo(path: Path) -> Image.Image:
     return im
 
 
-def _pages(im: Image.Image) -> list[tuple[int, int, int, str]]:
-    """(width, height, orientation, mode) of every page, upright sizes (headers only)."""
-    n = getattr(im, "n_frames", 1) if im.format == "TIFF" else 1
+def _is_tiff(path: Path) -> bool:
+    """Whether the file starts as a TIFF does (classic or BigTIFF, either byte order)."""
+    with open(path, "rb") as f:
+        return f.read(4) in TIFF_SIGNATURES
+
+
+class _Page(NamedTuple):
+    """One image of a photo file: its upright (width, height), EXIF orientation, Pillow mode
+    (:data:`DEEP`: read at full depth outside Pillow) and the index of its page in the file."""
+
+    width: int
+    height: int
+    orientation: int
+    mode: str
+    index: int
+
+
+def _pages(im: Image.Image, path: Path) -> list[_Page]:
+    """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
+    of an animated PNG or WebP, each image of an MPO (stereo pairs). Reduced-resolution
+    copies (TIFF previews and pyramid levels, MPO large thumbnails) and TIFF masks are
+    skipped: no picture of the eye."""
+    n = getattr(im, "n_frames", 1)
+    png16 = im.format == "PNG" and _png_bit_depth(path) > 8
+    if png16 and n > 1:  # libpng reads the default image only, Pillow cuts to 8 bits
+        kind = "animated 16-bit PNG"
+        raise BadImage(f"{kind} ({n} frames): its frames cannot be read at full depth", kind)
+    if im.format in ("PNG", "WEBP"):  # animation frames share the canvas, mode and EXIF; not
+        return [_page(im, png16)._replace(index=i) for i in range(n)]  # seeking decodes them
     pages = []
     for i in range(n):
         im.seek(i)
-        turn = _orientation(im)
-        w, h = _stored_size(im)
-        pages.append((*((h, w) if turn >= 5 else (w, h)), turn, im.mode))
+        if not _is_copy(im, i):
+            pages.append(_page(im, _deep_tiff(im))._replace(index=i))
     return pages
+
+
+def _page(im: Image.Image, deep: bool) -> _Page:
+    """The current page of ``im`` (its index left 0)."""
+    turn = _orientation(im)
+    w, h = _stored_size(im)
+    return _Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP if deep else im.mode, 0)
+
+
+def _is_copy(im: Image.Image, i: int) -> bool:
+    """Whether page ``i`` (the current one) is a reduced-resolution copy or a mask: a TIFF's
+    by its (New)SubfileType, an MPO's by its MP Type (CIPA DC-007 'Large Thumbnail')."""
+    if im.format == "TIFF":
+        return _not_a_picture(im.tag_v2.get(254, 0), im.tag_v2.get(255, 1))
+    if im.format == "MPO":
+        entries = getattr(im, "mpinfo", {}).get(0xB002) or []
+        kind = entries[i].get("Attribute", {}).get("MPType", "") if i < len(entries) else ""
+        return str(kind).startswith("Large Thumbnail")
+    return False
+
+
+def _not_a_picture(new_subfile_type: int, subfile_type: int) -> bool:
+    """Whether a TIFF page is a reduced-resolution copy or a mask, from its NewSubfileType
+    (tag 254) and old SubfileType (tag 255) values."""
+    return bool(int(new_subfile_type) & NOT_A_PICTURE) or int(subfile_type) == 2
+
+
+def _png_bit_depth(path: Path) -> int:
+    """A PNG's bits per sample, from its IHDR chunk (the first one, at byte 8)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise BadImage("undecodable image (PNG without an IHDR header)", "undecodable image")
+    return head[24]
+
+
+def _deep_tiff(im: Image.Image) -> bool:
+    """Whether the current TIFF page holds more than 8 bits per sample (BitsPerSample) in a
+    grey or RGB page that Pillow opens in an 8-bit mode (RGB48, RGBA64, ...): it would keep
+    only the high byte of each sample."""
+    if im.format != "TIFF" or im.mode in HIGH_DEPTH:
+        return False
+    bits = im.tag_v2.get(258, 1)
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(bits) > 8 and im.tag_v2.get(262) in DEEP_PHOTOMETRIC
+
+
+class _FullDepth:
+    """Full-depth decoding of the pages Pillow would cut to 8 bits: a 16-bit PNG through
+    imagecodecs (libpng), a TIFF page through tifffile (the file opened once, on first use).
+    Values come as stored, before orientation: (H, W) or (H, W, 3), of the file's own dtype,
+    or float64 where transparency was composited onto black."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.format = path, fmt
+        self._tif: tifffile.TiffFile | None = None
+
+    def tiff(self) -> tifffile.TiffFile:
+        if self._tif is None:
+            # its log lines may quote tag values (no PHI in logs); failures raise instead
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+            self._tif = tifffile.TiffFile(self.path)
+        return self._tif
+
+    def pages(self) -> list[_Page]:
+        """Every picture page of a TIFF that only tifffile reads (headers only), all read at
+        full depth; reduced-resolution copies and masks skipped as in :func:`_pages`."""
+        pages = []
+        for i, page in enumerate(self.tiff().pages):
+            tags = page.tags
+            if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
+                continue
+            turn = int(tags.valueof(ORIENTATION, 1))
+            turn = turn if turn in _UPRIGHT else 1
+            w, h = page.imagewidth, page.imagelength
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # as Pillow refuses
+                raise BadImage(
+                    "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
+                )
+            pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP, i))
+        return pages
+
+    def __enter__(self) -> _FullDepth:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tif is not None:
+            self._tif.close()
+
+    def values(self, index: int) -> np.ndarray:
+        if self.format == "PNG":
+            return _png_values(self.path.read_bytes())
+        return _tiff_values(self.tiff().pages[index])
+
+
+def _png_values(data: bytes) -> np.ndarray:
+    """A 16-bit PNG's samples (libpng, through imagecodecs): grey or RGB, with an alpha channel
+    or a tRNS colour key (libpng turns it into alpha) composited onto black."""
+    arr = imagecodecs.png_decode(data)  # (H, W) or (H, W, 1..4) uint16
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    colour = 3 if arr.shape[-1] >= 3 else 1
+    alpha = arr[..., colour] if arr.shape[-1] > colour else None
+    return _deep_colour(arr[..., :colour], alpha, associated=False)
+
+
+def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
+    """A grey or RGB TIFF page's samples at full depth (tifffile); the first alpha extra sample
+    (ExtraSamples 1 associated, 2 unassociated) composited onto black, other extras dropped."""
+    arr = page.asarray()
+    if arr.dtype.kind not in "buif":
+        kind = "unsupported TIFF page"
+        raise BadImage(f"{kind} ({arr.dtype.name} samples)", kind)
+    if page.axes.startswith("S"):  # planar configuration 2: one plane per sample
+        arr = np.moveaxis(arr, 0, -1)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    colour = 3 if page.photometric == 2 else 1
+    if page.photometric not in DEEP_PHOTOMETRIC or arr.ndim != 3 or arr.shape[-1] < colour:
+        what = getattr(page.photometric, "name", page.photometric)
+        kind = "unsupported TIFF page"
+        raise BadImage(f"{kind} ({page.bitspersample}-bit {what})", kind)
+    extras = list(page.extrasamples)
+    alpha = next((i for i, e in enumerate(extras) if e in (1, 2)), None)
+    if alpha is None:
+        return _deep_colour(arr[..., :colour], None, False)
+    return _deep_colour(arr[..., :colour], arr[..., colour + alpha], extras[alpha] == 1)
+
+
+def _deep_colour(colour: np.ndarray, alpha: np.ndarray | None, associated: bool) -> np.ndarray:
+    """(H, W, 1 or 3) samples -> (H, W) or (H, W, 3), composited onto black by ``alpha`` (full
+    scale: the dtype's maximum, 1.0 for floats): unassociated alpha multiplies the colour;
+    associated (premultiplied) colour already is the picture on black. 8-bit stays uint8
+    (rounded, as Pillow's pages are), deeper values come as float64."""
+    if alpha is not None and not associated:
+        full = np.iinfo(alpha.dtype).max if alpha.dtype.kind in "iu" else 1.0
+        mixed = colour * (alpha[..., None].astype(np.float64) / full)
+        colour = np.round(mixed).astype(np.uint8) if colour.dtype == np.uint8 else mixed
+    return colour[..., 0] if colour.shape[-1] == 1 else colour
 
 
 def _stored_size(im: Image.Image) -> tuple[int, int]:
@@ -275,52 +474,72 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
-    with _open_photo(path) as im:
-        pages = _pages(im)
+    im = _open_photo(path)  # None: a TIFF only tifffile reads
+    fmt = "TIFF" if im is None else im.format
+    with im if im is not None else contextlib.nullcontext(), _FullDepth(path, fmt) as deep:
+        pages = _pages(im, path) if im is not None else deep.pages()
+        if not pages:
+            kind = "no full-resolution image"
+            raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)
         n = len(pages)
-        _check_pixels(sum(w * h for w, h, _, _ in pages), _pixels_text(pages), max_pixels)
-        for i, (w, h, _, _) in enumerate(pages):  # every page of a volume is an image
-            _check_size(w, h, min_size, i if n > 1 else None)
-        if frames is None:  # a multi-page TIFF is a volume, like a multi-frame DICOM
+        _check_pixels(sum(p.width * p.height for p in pages), _pixels_text(pages), max_pixels)
+        for k, p in enumerate(pages):  # every page of a volume is an image
+            _check_size(p.width, p.height, min_size, k if n > 1 else None)
+        if frames is None:  # a multi-page file is a volume, like a multi-frame DICOM
             frames = [n // 2] if (oct_central and n > 1) else list(range(n))
         out = []
-        for i in frames:
-            if i >= n:
-                raise BadImage(f"frame {i} not in file ({n} frames)", "frame not in file")
-            im.seek(i)
-            if draft is not None and im.format in ("JPEG", "MPO"):
-                _draft(im, draft, pages[i][2])
-            px = _photo_array(im)  # loads the page
-            # orientation read after loading: where Pillow turned the page itself (TIFF, in
-            # recent versions) it has dropped the tag, and the page is not turned twice
-            out.append((i, _upright(px, _orientation(im))))
-        decoded_size = im.size  # the stored size after any draft (the DCT scale decoded)
+        for k in frames:
+            if k >= n:
+                raise BadImage(f"frame {k} not in file ({n} frames)", "frame not in file")
+            out.append((k, _page_pixels(im, deep, pages[k], draft)))
+        # the stored size after any draft (the DCT scale decoded); None without Pillow
+        decoded_size = None if im is None else im.size
         if any(a.dtype != np.uint8 for _, a in out):
-            lo, hi = _photo_range(im, pages, out)
-            out = [(i, to_uint8(a, lo, hi)) for i, a in out]
-    sizes = [pages[i][:2] for i, _ in out]
-    info = {"format": im.format, "decoded_size": decoded_size}
+            lo, hi = _photo_range(im, deep, pages, out)
+            out = [(k, to_uint8(a, lo, hi)) for k, a in out]
+    sizes = [pages[k][:2] for k, _ in out]
+    info = {"format": fmt, "decoded_size": decoded_size}
     first = sizes[0] if sizes else pages[0][:2]
     return Decoded(out, *first, n_frames=n, sizes=sizes, info=info)
 
 
-def _pixels_text(pages: list) -> str:
+def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.ndarray:
+    """One page, upright: (H, W) or (H, W, 3) uint8, or its high-depth values."""
+    if page.mode == DEEP:
+        return _upright(deep.values(page.index), page.orientation)
+    im.seek(page.index)
+    if draft is not None and im.format in ("JPEG", "MPO"):
+        im.decoderconfig = ()  # an MPO seek keeps the last frame's DCT scale: draft anew
+        _draft(im, draft, page.orientation)
+    px = _photo_array(im)  # loads the page
+    # orientation read after loading: where Pillow turned the page itself (TIFF, in recent
+    # versions) it has dropped the tag, and the page is not turned twice
+    return _upright(px, _orientation(im))
+
+
+def _pixels_text(pages: list[_Page]) -> str:
     """The pixel count of a file's pages for the decompression-bomb reason: WxHxN, or the
     total where pages differ in size."""
     w, h = pages[0][:2]
     if all(p[:2] == (w, h) for p in pages):
         return f"{w}x{h}x{len(pages)}"
-    return f"{len(pages)} pages totalling {sum(p[0] * p[1] for p in pages)}"
+    return f"{len(pages)} pages totalling {sum(p.width * p.height for p in pages)}"
 
 
-def _photo_range(im: Image.Image, pages: list, out: list) -> tuple[float, float]:
+def _photo_range(
+    im: Image.Image, deep: _FullDepth, pages: list[_Page], out: list
+) -> tuple[float, float]:
     """min..max over every high-depth page of the file, so a dim page of a volume stays dim."""
-    have = {i: a for i, a in out if a.dtype != np.uint8}
-    for i, (*_, mode) in enumerate(pages):
-        if i not in have and mode in HIGH_DEPTH:
-            im.seek(i)
-            have[i] = np.asarray(im)
-    return _value_range(have.values())
+    have = {k: a for k, a in out if a.dtype != np.uint8}
+    for k, page in enumerate(pages):
+        if k in have:
+            continue
+        if page.mode == DEEP:
+            have[k] = deep.values(page.index)
+        elif page.mode in HIGH_DEPTH:
+            im.seek(page.index)
+            have[k] = np.asarray(im)
+    return _value_range(a for a in have.values() if a.dtype != np.uint8)
 
 
 # ----------------------------------------------------------------------------- DICOM

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -919,3 +922,391 @@ def test_every_transfer_syntax_gives_the_native_pixels(tmp_path, kind, syntax):
             assert np.abs(a.astype(int) - b).mean() < 4 and np.abs(ta.astype(int) - tb).mean() < 4
         else:
             assert np.array_equal(a, b) and np.array_equal(ta, tb)
+
+
+# ------------------------------------------ 16-bit colour photos read at full depth (fault r01)
+
+
+def _png16(path, arr: np.ndarray, *chunks: tuple[bytes, bytes]):
+    """Write (H, W[, C]) uint16 as a 16-bit PNG by hand (zlib + struct, no image library):
+    colour type from C (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA); ``chunks`` go before IDAT."""
+    h, w = arr.shape[:2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[1 if arr.ndim == 2 else arr.shape[2]]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+    body = b"".join(chunk(k, d) for k, d in chunks) + chunk(b"IDAT", zlib.compress(raw))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + head + body + chunk(b"IEND", b""))
+    return path
+
+
+def _twelve(rgb: bool = True) -> np.ndarray:
+    """(48, 64[, 3]) uint16: 12-bit values (16..4000) in 16-bit samples, as cameras store."""
+    return gradient(rgb=rgb).astype(np.uint16) * 16
+
+
+def _on_black16(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Reference compositing: unassociated 16-bit alpha over black, float values."""
+    return colour * (alpha.astype(float) / 65535)[..., None]
+
+
+def _exif_orientation(value: int) -> tuple[bytes, bytes]:
+    return b"eXIf", _exif_bytes(value)
+
+
+def _exif_bytes(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()[6:]  # without the "Exif\0\0" of a JPEG APP1 block
+
+
+_ALPHA16 = _alpha().astype(np.uint16) * 257  # 0, 128*257, 65535
+_KEY = _alpha() == 0  # the pixels the colour key hides
+DEEP_KINDS = {
+    # kind: (write the file, the picture it means before scaling: float or integer values)
+    "RGB PNG": (lambda p: _png16(p, _twelve()), lambda: _twelve()),
+    "RGBA PNG": (
+        lambda p: _png16(p, np.dstack([_twelve(), _ALPHA16])),
+        lambda: _on_black16(_twelve(), _ALPHA16),
+    ),
+    "grey+alpha PNG": (
+        lambda p: _png16(p, np.dstack([_twelve(False), _ALPHA16])),
+        lambda: _on_black16(_twelve(False)[..., None], _ALPHA16)[..., 0],
+    ),
+    "RGB PNG, colour key": (
+        lambda p: _png16(
+            p,
+            np.where(_KEY[..., None], np.uint16(4095), _twelve()),
+            (b"tRNS", struct.pack(">HHH", 4095, 4095, 4095)),
+        ),
+        lambda: np.where(_KEY[..., None], 0, _twelve()),
+    ),
+    "grey PNG, colour key": (
+        lambda p: _png16(
+            p, np.where(_KEY, np.uint16(4095), _twelve(False)), (b"tRNS", struct.pack(">H", 4095))
+        ),
+        lambda: np.where(_KEY, 0, _twelve(False)),
+    ),
+    "RGB TIFF": (lambda p: tifffile.imwrite(p, _twelve(), photometric="rgb"), lambda: _twelve()),
+    "RGB TIFF, planar, LZW": (
+        lambda p: tifffile.imwrite(
+            p,
+            np.moveaxis(_twelve(), -1, 0),
+            photometric="rgb",
+            planarconfig="separate",
+            compression="lzw",
+        ),
+        lambda: _twelve(),
+    ),
+    "RGBA TIFF, unassociated alpha": (
+        lambda p: tifffile.imwrite(
+            p, np.dstack([_twelve(), _ALPHA16]), photometric="rgb", extrasamples=[2]
+        ),
+        lambda: _on_black16(_twelve(), _ALPHA16),
+    ),
+    "RGBA TIFF, associated alpha": (
+        lambda p: tifffile.imwrite(
+            p,
+            np.dstack([np.round(_on_black16(_twelve(), _ALPHA16)).astype(np.uint16), _ALPHA16]),
+            photometric="rgb",
+            extrasamples=[1],
+        ),
+        lambda: np.round(_on_black16(_twelve(), _ALPHA16)),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", DEEP_KINDS)
+def test_16bit_colour_is_read_at_full_depth(tmp_path, kind):
+    """16 bits per sample (12-bit data) are scaled from the file's min..max like 16-bit grey,
+    never cut to the high byte (Pillow's 8-bit RGB: 0..15). Reference: numpy arithmetic on
+    the stored values."""
+    write, means = DEEP_KINDS[kind]
+    path = tmp_path / ("x.png" if "PNG" in kind else "x.tif")
+    write(path)
+    ((_, px),) = read_image(path).frames
+    want = means().astype(float)
+    assert (
+        px.dtype == np.uint8
+        and np.abs(px.astype(int) - _scaled(want, want.min(), want.max())).max() <= 1
+    )
+    assert px.max() == 255  # the whole 0..255 range, not 0..15
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_colour_keeps_its_exif_orientation(tmp_path, fmt, orientation):
+    """Reference: numpy scaling of the stored values, turned upright by Pillow's
+    ImageOps.exif_transpose."""
+    stored = _twelve()
+    path = tmp_path / f"x.{fmt.lower()}"
+    if fmt == "PNG":
+        _png16(path, stored, _exif_orientation(orientation))
+    else:
+        tifffile.imwrite(
+            path, stored, photometric="rgb", extratags=[(274, "H", 1, orientation, True)]
+        )
+    picture = Image.fromarray(_scaled(stored, stored.min(), stored.max()))
+    picture.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(picture))
+    d = read_image(path)
+    ((_, px),) = d.frames
+    assert np.array_equal(px, expected)
+    assert d.sizes == [(expected.shape[1], expected.shape[0])]
+
+
+def test_16bit_colour_tiff_page_shares_the_volume_scale(tmp_path):
+    """A 16-bit RGB page and a dim 16-bit grey page of one TIFF: one min..max for the file."""
+    colour, dim = _twelve(), _twelve(False) // 8
+    path = tmp_path / "vol.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(colour, photometric="rgb")
+        tif.write(dim, photometric="minisblack")
+    lo, hi = min(colour.min(), dim.min()), max(colour.max(), dim.max())
+    for d in (read_image(path), read_image(path, frames=[1])):
+        got = dict(d.frames)
+        if 0 in got:
+            assert np.array_equal(got[0], _scaled(colour, lo, hi))
+        assert np.array_equal(got[1], _scaled(dim, lo, hi))
+
+
+# ---------------------------------- reduced-resolution TIFF pages are no image (fault r07)
+
+
+def _big(seed: int) -> np.ndarray:
+    return gradient(64, 48, rgb=True, seed=seed)
+
+
+def _small(seed: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(_big(seed)).reduce(4))  # 12x16: below min_size 32
+
+
+PREVIEW = {"subfiletype": 1}  # NewSubfileType bit 0: a reduced-resolution copy
+REDUCED_KINDS = {
+    # kind: [(pixels, tifffile write kwargs) per page in file order], the full pages' seeds
+    "preview after the picture": ([(_big(0), {}), (_small(0), PREVIEW)], [0]),
+    "thumbnail first": ([(_small(0), PREVIEW), (_big(0), {})], [0]),
+    "pyramid": ([(_big(0), {}), (_small(0), PREVIEW), (_small(0)[::2, ::2], PREVIEW)], [0]),
+    "old SubfileType 2": (
+        [(_big(0), {}), (_small(0), {"extratags": [(255, "H", 1, 2, True)]})],
+        [0],
+    ),
+    "transparency mask page": (
+        [
+            (_big(0), {}),
+            (np.full((64, 48), 255, np.uint8), {"extratags": [(254, "I", 1, 4, True)]}),
+        ],
+        [0],
+    ),
+    "volume, a preview per page": (
+        [(_big(0), {}), (_small(0), PREVIEW), (_big(1), {}), (_small(1), PREVIEW)],
+        [0, 1],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", REDUCED_KINDS)
+def test_reduced_resolution_tiff_pages_are_skipped(tmp_path, kind):
+    """Previews, thumbnails, pyramid levels and masks are no picture of the eye: neither an
+    extra image nor a page that makes the file too small. Reference: the pixels written."""
+    pages, full = REDUCED_KINDS[kind]
+    path = tmp_path / "x.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for px, kwargs in pages:
+            tif.write(px, photometric="rgb" if px.ndim == 3 else "minisblack", **kwargs)
+    d = read_image(path, min_size=32)
+    assert [k for k, _ in d.frames] == list(range(len(full))) and d.n_frames == len(full)
+    for (_, px), seed in zip(d.frames, full, strict=True):
+        assert np.array_equal(px, _big(seed))
+    assert d.sizes == [(48, 64)] * len(full)
+    ((k, px),) = read_image(path, oct_central=True).frames
+    assert np.array_equal(px, _big(full[len(full) // 2]))
+
+
+def test_tiff_of_previews_only_is_refused(tmp_path):
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, _big(0), photometric="rgb", subfiletype=1)
+    with pytest.raises(BadImage, match="no full-resolution image") as caught:
+        read_image(path)
+    assert caught.value.kind == "no full-resolution image"
+
+
+# ------------------------ float TIFF: non-finite values refused, float64 read (fault r11)
+
+
+def _floats(dtype=np.float32, rgb: bool = False) -> np.ndarray:
+    return gradient(rgb=rgb).astype(dtype) / 7 - 3  # (48, 64[, 3]), negative values too
+
+
+def _with(*cells, dtype=np.float32) -> np.ndarray:
+    """_floats() with the given ((row, cols), value) pixels."""
+    arr = _floats(dtype)
+    for where, value in cells:
+        arr[where] = value
+    return arr
+
+
+NON_FINITE = {
+    # kind: (pages written, the number of non-finite values in the file)
+    "NaN float32": ([_with(((0, slice(0, 10)), np.nan))], 10),
+    "+inf and -inf float32": ([_with(((1, 1), np.inf), ((2, 2), -np.inf))], 2),
+    "NaN float64": ([_with(((5, slice(0, 3)), np.nan), dtype=np.float64)], 3),
+    "NaN in a page not kept": ([_floats(), _floats(), _with(((0, 0), np.nan))], 1),
+}
+
+
+@pytest.mark.parametrize("kind", NON_FINITE)
+def test_non_finite_float_tiff_is_refused(tmp_path, kind):
+    """NaN/inf mean no grey level: the file is refused with the count (whichever pages are
+    kept), not cast to 0 undefinedly."""
+    pages, bad = NON_FINITE[kind]
+    path = tmp_path / "x.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for page in pages:
+            tif.write(page, photometric="minisblack")
+    for kwargs in ({}, {"oct_central": True}):
+        with pytest.raises(BadImage) as caught:
+            read_image(path, **kwargs)
+        assert str(caught.value) == f"{bad} non-finite pixel values (NaN or infinite)"
+        assert caught.value.kind == "non-finite pixel values"
+
+
+_A16 = np.where(_alpha() == 0, 0, 65535).astype(np.uint16)
+TIFFFILE_ONLY = {
+    # kind: (write the file, the picture it means before scaling); Pillow cannot open these
+    "float64 grey": (lambda p: tifffile.imwrite(p, _floats(np.float64)), lambda: _floats()),
+    "float64 RGB": (
+        lambda p: tifffile.imwrite(p, _floats(np.float64, True), photometric="rgb"),
+        lambda: _floats(np.float64, True),
+    ),
+    "16-bit grey+alpha": (
+        lambda p: tifffile.imwrite(
+            p, np.dstack([_twelve(False), _A16]), photometric="minisblack", extrasamples=[2]
+        ),
+        lambda: np.where(_A16 == 0, 0, _twelve(False)),
+    ),
+    "float64, orientation 6": (
+        lambda p: tifffile.imwrite(p, _floats(np.float64), extratags=[(274, "H", 1, 6, True)]),
+        lambda: _pillow_upright(_floats(), 6),
+    ),
+    "float64 with a preview page": (
+        lambda p: _write_pages(p, [(_floats(np.float64), {}), (_floats()[::4, ::4], PREVIEW)]),
+        lambda: _floats(np.float64),
+    ),
+}
+
+
+def _pillow_upright(values: np.ndarray, orientation: int) -> np.ndarray:
+    """Reference: Pillow's ImageOps.exif_transpose of a float ("F") picture."""
+    picture = Image.fromarray(values.astype(np.float32))
+    picture.getexif()[0x0112] = orientation
+    return np.asarray(ImageOps.exif_transpose(picture))
+
+
+def _write_pages(path, pages):
+    with tifffile.TiffWriter(path) as tif:
+        for px, kwargs in pages:
+            tif.write(px, **kwargs)
+
+
+@pytest.mark.parametrize("kind", TIFFFILE_ONLY)
+def test_tiffs_pillow_cannot_open_are_read_by_tifffile(tmp_path, kind):
+    """A valid TIFF Pillow does not recognise (float64, 16-bit grey+alpha) is read, not
+    refused as 'not an image'. Reference: numpy scaling of the values written."""
+    write, means = TIFFFILE_ONLY[kind]
+    path = tmp_path / "x.tif"
+    write(path)
+    with pytest.raises(Exception):  # noqa: B017, PT011 -- the premise: Pillow cannot
+        Image.open(path)
+    d = read_image(path, min_size=32)
+    ((_, px),) = d.frames
+    want = means().astype(float)
+    assert np.abs(px.astype(int) - _scaled(want, want.min(), want.max())).max() <= 1
+    assert d.sizes == [(want.shape[1], want.shape[0])] and d.info["format"] == "TIFF"
+
+
+# --------------- animated PNG/WebP and MPO: every frame is an image, as a TIFF page (r12)
+
+
+def _views(n: int = 3) -> list[np.ndarray]:
+    """n different smooth (48, 64, 3) pictures (JPEG keeps them within a few levels)."""
+    return [smooth(rgb=True) // (s + 1) + 20 * s for s in range(n)]
+
+
+def _mpo(path, views: list[np.ndarray], thumbnail: int | None = None):
+    """An MPO of ``views`` (Pillow's writer); image ``thumbnail`` relabelled MP Type 'Large
+    Thumbnail (VGA Equivalent)' (0x010001) in its MP Entry (little-endian, 16 bytes each)."""
+    first, *rest = map(Image.fromarray, views)
+    first.save(path, "MPO", save_all=True, append_images=rest, quality=95)
+    if thumbnail is not None:
+        with Image.open(path) as im:
+            size0 = im.mpinfo[0xB002][0]["Size"]
+        data = bytearray(path.read_bytes())
+        entry0 = data.index(struct.pack("<LL", 0x030000, size0))  # the primary image's entry
+        struct.pack_into("<L", data, entry0 + 16 * thumbnail, 0x010001)
+        path.write_bytes(bytes(data))
+    return path
+
+
+def _animated(fmt: str):
+    def write(path, views):
+        first, *rest = map(Image.fromarray, views)
+        lossless = {"lossless": True} if fmt == "WEBP" else {}
+        first.save(path, fmt, save_all=True, append_images=rest, **lossless)
+
+    return write
+
+
+MULTI_FRAME = {
+    # kind: (write the file, suffix, indices of the views that are images, max codec error)
+    "APNG": (_animated("PNG"), "png", [0, 1, 2], 0),
+    "animated WebP": (_animated("WEBP"), "webp", [0, 1, 2], 0),
+    "MPO stereo pair": (lambda p, v: _mpo(p, v[:2]), "mpo", [0, 1], 3),
+    "MPO with a large thumbnail": (lambda p, v: _mpo(p, v, thumbnail=2), "mpo", [0, 1], 3),
+}
+
+
+@pytest.mark.parametrize("kind", MULTI_FRAME)
+def test_multi_frame_photos_keep_every_frame(tmp_path, kind):
+    """No frame is dropped silently: each is an image (n_frames, sizes, pixels), the central
+    one is kept with oct_central, any one can be asked for; an MPO's large thumbnail is a
+    reduced-resolution copy and skipped. Reference: the pictures written."""
+    write, suffix, images, err = MULTI_FRAME[kind]
+    views = _views()
+    path = tmp_path / f"x.{suffix}"
+    write(path, views)
+    if kind.startswith("MPO"):
+        with Image.open(path) as im:  # the premise: Pillow sees every image and its MP Type
+            assert im.n_frames == len(views) - (kind == "MPO stereo pair")
+            types = [e["Attribute"]["MPType"] for e in im.mpinfo[0xB002]]
+            assert types[-1].startswith("Large Thumbnail") == (kind != "MPO stereo pair")
+    d = read_image(path, min_size=32)
+    assert [k for k, _ in d.frames] == list(range(len(images))) and d.n_frames == len(images)
+    assert d.sizes == [(64, 48)] * len(images)
+    for (_, px), view in zip(d.frames, (views[i] for i in images), strict=True):
+        assert np.abs(px.astype(int) - view).mean() <= err
+    ((k, px),) = read_image(path, oct_central=True).frames
+    assert k == len(images) // 2 and np.abs(px.astype(int) - views[k]).mean() <= err
+    ((k, px),) = read_image(path, frames=[1]).frames
+    assert k == 1 and np.abs(px.astype(int) - views[1]).mean() <= err
+    # every frame of a JPEG-coded file at a DCT-reduced size (1/2 here), frame after frame
+    halved = read_image(path, draft=(32, 24)).frames
+    for (_, px), i in zip(halved, images, strict=True):
+        want = np.asarray(Image.fromarray(views[i]).reduce(2)) if err else views[i]
+        assert np.abs(px.astype(int) - want).mean() <= 2 * err
+
+
+def test_animated_16bit_png_is_refused(tmp_path):
+    """libpng reads only an APNG's default image and Pillow cuts the frames to 8 bits."""
+    frames = [Image.fromarray(_twelve(False) * k) for k in (1, 2)]
+    path = tmp_path / "a.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.n_frames == 2 and im.mode.startswith("I")  # the premise: 16-bit, 2 frames
+    with pytest.raises(BadImage, match=r"animated 16-bit PNG \(2 frames\)") as caught:
+        read_image(path)
+    assert caught.value.kind == "animated 16-bit PNG"
