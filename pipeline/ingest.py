@@ -72,6 +72,7 @@ log = logging.getLogger("retina_vae.ingest")
 # default 64 px image size, so there ingest's decode is the one preprocess uses, for JPEGs of
 # every size (at 128 the demo's 256 px and 1024 px photos were decoded twice).
 CHECK_SIZE = (64, 64)
+BROKEN_LINK = "symbolic link to a missing file"
 DUPLICATE_COLUMNS = [
     "path",
     "frame",
@@ -413,7 +414,10 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
-    if not (root / e.source).exists():
+    full = os.path.join(root, e.source)
+    if os.path.islink(full) and not os.path.exists(full):
+        return Refused(e.source, BROKEN_LINK, BROKEN_LINK)
+    if not os.path.exists(full):
         return Refused(e.source, "listed but file not found", "listed but file not found")
     return Refused(e.source, result["reason"], result["kind"])
 

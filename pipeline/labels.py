@@ -89,19 +89,47 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
     out["split"] = df[_header(split)] if split and _header(split) in df.columns else ""
     out["severity"] = df["severity"] if "severity" in df.columns else ""
-    _check(path, out, root)
-    out["path"] = [p.replace("\\", "/").removeprefix("./") for p in out["path"]]
+    out["path"] = _paths(path, out["path"], root)
+    _check(path, out)
     return out
 
 
-def _check(path: Path, table: pd.DataFrame, root: Path) -> None:
-    top = root.resolve()
-    for n, rel in table["path"].items():
-        if not rel:
+def relative(root: Path, value: str) -> str | None:
+    """A sheet's path (relative to ``root`` or absolute; ``/`` or ``\\``) as a normalised posix
+    path relative to ``root``, or None when it leads outside. Judged on the path as listed:
+    ``.`` and ``..`` are folded by their text and no link is followed, so a symlinked file
+    inside the source is inside, as the folder walk lists it (its target may be anywhere). An
+    absolute path that reaches ``root`` only through a link in the folders above (``/data`` a
+    link to ``/mnt/data``) is judged against ``root``'s real path instead."""
+    text = value.replace("\\", "/")
+    top = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(top, text))  # an absolute ``text`` replaces ``top``
+    rel = os.path.relpath(full, top)
+    if _outside(rel) and os.path.isabs(text):
+        real = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+        rel = os.path.relpath(real, os.path.realpath(top))
+    return None if _outside(rel) else rel.replace(os.sep, "/")
+
+
+def _outside(rel: str) -> bool:
+    return rel == os.pardir or rel.startswith(os.pardir + os.sep)
+
+
+def _paths(path: Path, values: pd.Series, root: Path) -> list[str]:
+    """Each row's path made relative to ``root`` by :func:`relative`; one line for an empty
+    path or one outside the source."""
+    out = []
+    for n, value in values.items():
+        if not value:
             raise UserError(f"{path}: line {n}: empty path")
-        full = (root / rel.replace("\\", "/")).resolve()
-        if full != top and top not in full.parents:
-            raise UserError(f"{path}: line {n}: path {rel!r} is outside the source folder {root}")
+        rel = relative(root, value)
+        if rel is None:
+            raise UserError(f"{path}: line {n}: path {value!r} is outside the source folder {root}")
+        out.append(rel)
+    return out
+
+
+def _check(path: Path, table: pd.DataFrame) -> None:
     for n, value in table["split"].items():
         if value and value.lower() not in SPLIT_ALIASES:
             raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
@@ -132,10 +160,10 @@ class FileIndex:
                 self._by_key[key].add(rel)
 
     def find(self, value: str) -> list[str]:
-        """The files ``value`` may mean (sorted): itself when it exists (a folder or other
-        non-image then is quarantined with its reason), else every image file whose path,
-        name or stem it is."""
-        if value in self.files or os.path.exists(os.path.join(self.root, value)):
+        """The files ``value`` may mean (sorted): itself when it exists (a folder, other
+        non-image or link to a missing file then is quarantined with its reason), else every
+        image file whose path, name or stem it is."""
+        if value in self.files or os.path.lexists(os.path.join(self.root, value)):
             return [value]
         return sorted(self._by_key.get(value, ()))
 

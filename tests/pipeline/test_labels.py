@@ -147,3 +147,62 @@ def test_file_index_finds_by_path_name_and_stem(tmp_path):
         assert index.find(value) == ["train/10_left.jpeg"], value
     assert index.find("y") == ["y.PNG"] and index.find("sub/x") == []
     assert index.other_suffix("10_left.png") and not index.other_suffix("10_left")
+
+
+# A source assembled with links: x.png links to a file outside the source (DVC's symlink cache,
+# `ln -s`), gone.png to a file that no longer exists. Each case: the sheet (None: no sheet, the
+# folder walk) -> manifest {source: (label, width, height)} and quarantine {path: reason}.
+LINKS = {
+    "walk": (None, {"a.png": None, "x.png": None}, {"gone.png": "symbolic link to a missing file"}),
+    "sheet": (
+        "path,label\na.png,p\nx.png,q\n",
+        {"a.png": "p", "x.png": "q"},
+        {},
+    ),
+    "sheet_dotted_and_absolute": (
+        "path,label\n./sub/../a.png,p\n{src}/x.png,q\n",
+        {"a.png": "p", "x.png": "q"},
+        {},
+    ),
+    "sheet_broken_link": (
+        "path,label\na.png,p\nx.png,q\ngone.png,r\n",
+        {"a.png": "p", "x.png": "q"},
+        {"gone.png": "symbolic link to a missing file"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKS))
+def test_symlinked_files_are_inside_the_source_as_listed(tmp_path, case):
+    sheet_text, kept, refused = LINKS[case]
+    src, store = tmp_path / "src", tmp_path / "store"
+    (src / "sub").mkdir(parents=True)
+    store.mkdir()
+    Image.fromarray(gradient(40, 48, seed=1)).save(src / "a.png")
+    Image.fromarray(gradient(36, 44, seed=2)).save(store / "x.png")
+    (src / "x.png").symlink_to(store / "x.png")
+    (src / "gone.png").symlink_to(store / "gone.png")
+    sheet = tmp_path / "labels.csv"
+    keys = {}
+    if sheet_text is None:
+        keys = {"source": str(src), "labels": None, "workers": 1}
+    else:
+        sheet.write_text(sheet_text.format(src=src))
+    rc, paths = _ingest(tmp_path, sheet, **keys)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    sizes = {n: Image.open(src / n).size for n in kept}  # Pillow's, through the link
+    got = {s: (lab, w, h) for s, lab, w, h in m[["source", "label", "width", "height"]].values}
+    assert got == {n: (lab, *sizes[n]) for n, lab in kept.items()}
+    q = pd.read_csv(paths.quarantine)
+    assert dict(zip(q["path"], q["reason"], strict=True)) == refused
+
+
+def test_a_path_leading_outside_the_source_is_still_refused(tmp_path, capsys):
+    _images(tmp_path / "src")
+    Image.fromarray(gradient(40, 48, seed=5)).save(tmp_path / "outside.png")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\na.png,x\nsub/../../outside.png,y\n")
+    rc, _ = _ingest(tmp_path, sheet)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "line 3: path 'sub/../../outside.png' is outside the source folder" in err
