@@ -73,6 +73,7 @@ log = logging.getLogger("retina_vae.ingest")
 # every size (at 128 the demo's 256 px and 1024 px photos were decoded twice).
 CHECK_SIZE = (64, 64)
 BROKEN_LINK = "symbolic link to a missing file"
+SHEET_CONFLICT = "label sheet gives conflicting values"  # the quarantine kind
 DUPLICATE_COLUMNS = [
     "path",
     "frame",
@@ -288,8 +289,9 @@ def _inspect(task: tuple) -> dict:
     }
 
 
-def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
-    """One entry per file to inspect (from the label sheet, else the folder); listing counts."""
+def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Refused]]:
+    """One entry per file to inspect (from the label sheet, else the folder); listing counts;
+    the files refused before decoding (the sheet's rows for them disagree)."""
     ing = params.ingest
     sheet = Path(ing.labels) if ing.labels else None
     if sheet is None and ing.source == "demo":
@@ -303,14 +305,15 @@ def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
             counts["skipped_sidecars"] += 1
     pattern = re.compile(ing.patient_pattern)
     if sheet is None:
-        return _listed_entries(params, candidates, pattern), counts
+        return _listed_entries(params, candidates, pattern), counts, []
     table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
     listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
     del candidates
     _log_listing(sheet, root, listing)
     counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
     table = listing.table
-    return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts
+    refused = [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
+    return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts, refused
 
 
 def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
@@ -337,8 +340,28 @@ def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
             "%d image files in %s are on disk but unlisted in %s", listing.unlisted, root, sheet
         )
     if listing.repeated:
+        log.info(
+            "%s: %d rows name a file again without contradicting its other rows; each file is "
+            "read once",
+            sheet,
+            listing.repeated,
+        )
+    if listing.conflicts:
         log.warning(
-            "%s: %d rows name a file again; the first row of each is used", sheet, listing.repeated
+            "%s: %d files are named by rows with conflicting labels, patients, eyes, splits or "
+            "severities: quarantined (reasons in the quarantine list)",
+            sheet,
+            len(listing.conflicts),
+        )
+    variants = labels.case_variants(listing.table["label"])
+    if variants:
+        shown = "; ".join(" / ".join(f"{v} ({n})" for v, n in g) for g in variants[:10])
+        log.warning(
+            "%s: labels that differ only in case are separate classes: %s%s (write each class "
+            "alike in the sheet to merge them)",
+            sheet,
+            shown,
+            f"; ... {len(variants) - 10} more groups" if len(variants) > 10 else "",
         )
 
 
@@ -384,7 +407,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     """
     if not root.is_dir():
         raise UserError(f"{root}: source folder not found (ingest.source)")
-    entries, counts = _folder_entries(params, root)
+    entries, counts, refused = _folder_entries(params, root)
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
     spec = pixel_cache.prepare_spec(params) if cache is not None else None
@@ -398,7 +421,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
             results = ray_data.inspect_files(list(tasks), inspect, cache and cache.tmp)
     else:
         results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
-    found, quarantine, warned = Found(), [], Counter()
+    found, quarantine, warned = Found(), list(refused), Counter()
     for e, r in zip(entries, results, strict=True):
         warned.update(r.get("warnings", ()))
         if r.get("prepared") is not None:
@@ -410,7 +433,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
         else:
             for row in _rows(e, r, salt):
                 found.add(row)
-    return Scan(found, quarantine, {**counts, "files": len(entries)}, warned)
+    return Scan(found, quarantine, {**counts, "files": len(entries) + len(refused)}, warned)
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
