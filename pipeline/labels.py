@@ -25,9 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import openpyxl
 import pandas as pd
-from openpyxl.utils.exceptions import InvalidFileException
 
 from pipeline import readers
 from pipeline.errors import UserError
@@ -47,7 +45,7 @@ SPLIT_ALIASES = {
 }
 EXCEL = (".xlsx", ".xlsm")
 # what reading a damaged sheet raises (csv, openpyxl and the zip file an .xlsx is)
-UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile, InvalidFileException)
+UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
 # cells that mean "no value" (pandas' and Excel's markers, compared without regard to case);
 # not 'None', a grade's name in some sheets ("no retinopathy")
 MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "nat"}
@@ -103,7 +101,13 @@ def _csv_records(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
 def _xlsx_records(path: Path) -> list[tuple[int, list[str]]]:
     """(row number, its cells as text) for each row of the workbook's first sheet (cached
     values of formulas, as Excel shows them)."""
-    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    import openpyxl  # here: only an .xlsx sheet pays for its import
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except InvalidFileException:
+        raise ValueError("not an Excel workbook") from None
     try:
         rows = book.worksheets[0].iter_rows(min_row=1, values_only=True)
         return [(n, ["" if v is None else str(v) for v in row]) for n, row in enumerate(rows, 1)]
