@@ -20,8 +20,10 @@ stored only as a keyed hash (:mod:`pipeline.deid`).
 Each file is fully decoded (JPEGs at a reduced DCT scale, see :mod:`pipeline.readers`) to
 catch truncation; a bad file is quarantined with a one-line reason. ``content_hash`` is the
 SHA-256 of the decoded pixels at that check scale plus their shape: two images are duplicates
-when those pixels are identical (for JPEGs: identical at the reduced scale, i.e. identical
-low-frequency DCT content -- byte copies and lossless re-encodes always are).
+when their full-size pixels are identical. For a JPEG hashed at a reduced scale the hash is a
+first filter: a match is confirmed on the full-size decodes of the two files (only those are
+decoded again), and two JPEGs equal only at the reduced scale are both kept (with one
+``content_hash``).
 Library warnings raised while decoding are counted per kind (:mod:`pipeline.libwarn`).
 Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
 counts one per frame kept; a quarantined file counts one).
@@ -67,11 +69,14 @@ from pipeline.stage import run_stage
 
 log = logging.getLogger("retina_vae.ingest")
 
-# JPEG draft bound for validation and the duplicate hash: >= 64 px each side. Any scale decodes
+# JPEG draft bound for validation and the duplicate hash (a first filter, confirmed at full
+# size by :class:`FullSize`): >= 64 px each side. Any scale decodes
 # the whole entropy stream (so truncation is caught alike); 64 is preprocess's draft at the
 # default 64 px image size, so there ingest's decode is the one preprocess uses, for JPEGs of
 # every size (at 128 the demo's 256 px and 1024 px photos were decoded twice).
 CHECK_SIZE = (64, 64)
+BROKEN_LINK = "symbolic link to a missing file"
+SHEET_CONFLICT = "label sheet gives conflicting values"  # the quarantine kind
 DUPLICATE_COLUMNS = [
     "path",
     "frame",
@@ -125,13 +130,18 @@ class Refused:
 class Found:
     """The images a scan finds, in scan order, deduplicated as they come: the first image of
     each content hash is kept (in :class:`pipeline.io.ArrowRows`: ingest's memory stays flat
-    in the image count), the rest listed in :attr:`duplicates` with the copy kept."""
+    in the image count), the rest listed in :attr:`duplicates` with the copy kept.
+
+    A hash of pixels decoded below full size (a JPEG's DCT-reduced check decode) is only a
+    first filter: when it collides, ``confirm(source, frame, kept_source, kept_frame)`` decides
+    on the full-size pixels whether the two are one image; without ``confirm`` (or when it
+    says no) both are kept."""
 
     FIELDS = tuple(c for c in MANIFEST_COLUMNS if c != "modality")  # the stage adds modality
     INTS = ("frame", "width", "height")
     FLOATS = ("severity",)
 
-    def __init__(self) -> None:
+    def __init__(self, confirm: Callable[[str, int, str, int], bool] | None = None) -> None:
         types = [
             pa.int64()
             if f in self.INTS
@@ -142,16 +152,30 @@ class Found:
         ]
         self.rows = ArrowRows(pa.schema(list(zip(self.FIELDS, types, strict=True))))
         self._first: dict[bytes, int] | None = {}  # content hash -> its kept row
+        self._more: dict[bytes, list[int]] = {}  # hash -> further kept rows (distinct at full size)
+        self._reduced: set[int] = set()  # kept rows whose hash is of a reduced decode
+        self._confirm = confirm
         self.duplicates: list[dict] = []
         self.own_subjects = 0  # kept images that are their own subject
         self.total = 0  # images found, duplicates included
 
-    def add(self, row: ManifestRow) -> None:
+    def add(self, row: ManifestRow, reduced: bool = False) -> None:
+        """Keep ``row``, or list it as a duplicate of a kept row; ``reduced``: its hash is of
+        pixels decoded below full size."""
         self.total += 1
         digest = bytes.fromhex(row.content_hash)
-        kept = self._first.get(digest)
+        first = self._first.get(digest)
+        kept = None
+        if first is not None:
+            rows = [first, *self._more.get(digest, ())]
+            kept = next((k for k in rows if self._same(row, reduced, k)), None)
         if kept is None:
-            self._first[digest] = len(self.rows)
+            if first is None:
+                self._first[digest] = len(self.rows)
+            else:
+                self._more.setdefault(digest, []).append(len(self.rows))
+            if reduced:
+                self._reduced.add(len(self.rows))
             self.own_subjects += row.own_subject
             self.rows.append(tuple(getattr(row, f) for f in self.FIELDS))
             return
@@ -166,9 +190,20 @@ class Found:
             }
         )
 
+    def _same(self, row: ManifestRow, reduced: bool, kept: int) -> bool:
+        """Whether ``row`` is the image of kept row ``kept`` (their hashes are equal): so when
+        both hashes are of full-size pixels, else as ``confirm`` finds."""
+        if not (reduced or kept in self._reduced):
+            return True
+        if self._confirm is None:
+            return False
+        return self._confirm(
+            row.source, row.frame, self.rows.value(kept, "source"), self.rows.value(kept, "frame")
+        )
+
     def seal(self) -> None:
         """The scan is over: drop the duplicate index (its memory is the manifest's to use)."""
-        self._first = None
+        self._first, self._more, self._reduced = None, {}, set()
 
     def manifest(self, modality: str) -> pa.Table:
         """The kept images as the manifest table (MANIFEST_COLUMNS, integer sizes and frames),
@@ -222,6 +257,33 @@ class Entries:
 
     def __iter__(self) -> Iterator[Entry]:
         return self._make()
+
+
+class FullSize:
+    """Confirms a collision of check-scale hashes on the full-size pixels: two frames are one
+    image when their full-size decodes (no DCT reduction) are identical. Each frame is decoded
+    once, and only frames whose hashes collided ever are; a frame that fails to decode now
+    is never called a copy."""
+
+    def __init__(self, root: Path, max_pixels: int | None) -> None:
+        self.root, self.max_pixels = root, max_pixels
+        self._hashes: dict[tuple[str, int], str | None] = {}
+
+    def __call__(self, source: str, frame: int, other: str, other_frame: int) -> bool:
+        a, b = self._hash(source, frame), self._hash(other, other_frame)
+        return a is not None and a == b
+
+    def _hash(self, source: str, frame: int) -> str | None:
+        key = (source, frame)
+        if key not in self._hashes:
+            try:
+                d = readers.read_image(
+                    os.path.join(self.root, source), max_pixels=self.max_pixels, frames=[frame]
+                )
+                self._hashes[key] = pixel_hash(d.frames[0][1])
+            except readers.BadImage:
+                self._hashes[key] = None
+        return self._hashes[key]
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -279,6 +341,10 @@ def _inspect(task: tuple) -> dict:
         return {"reason": str(exc), "kind": exc.kind}
     return {
         "frames": [(i, pixel_hash(px)) for i, px in d.frames],
+        # hashed below full size (a JPEG's DCT-reduced decode): a collision must be confirmed
+        "reduced": any(
+            px.shape[:2] != (h, w) for (_, px), (w, h) in zip(d.frames, d.sizes, strict=True)
+        ),
         "prepared": _prepared(path, d, spec) if (spec and stat) else None,
         "stat": stat,
         "sizes": d.sizes,  # each kept frame's upright (width, height): TIFF pages differ
@@ -288,8 +354,9 @@ def _inspect(task: tuple) -> dict:
     }
 
 
-def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
-    """One entry per file to inspect (from the label sheet, else the folder); listing counts."""
+def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Refused]]:
+    """One entry per file to inspect (from the label sheet, else the folder); listing counts;
+    the files refused before decoding (the sheet's rows for them disagree)."""
     ing = params.ingest
     sheet = Path(ing.labels) if ing.labels else None
     if sheet is None and ing.source == "demo":
@@ -303,14 +370,15 @@ def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict]:
             counts["skipped_sidecars"] += 1
     pattern = re.compile(ing.patient_pattern)
     if sheet is None:
-        return _listed_entries(params, candidates, pattern), counts
+        return _listed_entries(params, candidates, pattern), counts, []
     table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
     listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
     del candidates
     _log_listing(sheet, root, listing)
     counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
     table = listing.table
-    return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts
+    refused = [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
+    return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts, refused
 
 
 def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
@@ -337,8 +405,28 @@ def _log_listing(sheet: Path, root: Path, listing: labels.Listing) -> None:
             "%d image files in %s are on disk but unlisted in %s", listing.unlisted, root, sheet
         )
     if listing.repeated:
+        log.info(
+            "%s: %d rows name a file again without contradicting its other rows; each file is "
+            "read once",
+            sheet,
+            listing.repeated,
+        )
+    if listing.conflicts:
         log.warning(
-            "%s: %d rows name a file again; the first row of each is used", sheet, listing.repeated
+            "%s: %d files are named by rows with conflicting labels, patients, eyes, splits or "
+            "severities: quarantined (reasons in the quarantine list)",
+            sheet,
+            len(listing.conflicts),
+        )
+    variants = labels.case_variants(listing.table["label"])
+    if variants:
+        shown = "; ".join(" / ".join(f"{v} ({n})" for v, n in g) for g in variants[:10])
+        log.warning(
+            "%s: labels that differ only in case are separate classes: %s%s (write each class "
+            "alike in the sheet to merge them)",
+            sheet,
+            shown,
+            f"; ... {len(variants) - 10} more groups" if len(variants) > 10 else "",
         )
 
 
@@ -384,7 +472,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     """
     if not root.is_dir():
         raise UserError(f"{root}: source folder not found (ingest.source)")
-    entries, counts = _folder_entries(params, root)
+    entries, counts, refused = _folder_entries(params, root)
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
     spec = pixel_cache.prepare_spec(params) if cache is not None else None
@@ -399,7 +487,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
             results = ray_data.inspect_files(list(tasks), inspect, cache and cache.tmp)
     else:
         results = parallel_imap(inspect, tasks, ing.workers, desc="ingest", total=len(entries))
-    found, quarantine, warned = Found(), [], Counter()
+    found, quarantine, warned = Found(FullSize(root, ing.max_pixels)), list(refused), Counter()
     for e, r in zip(entries, results, strict=True):
         warned.update(r.get("warnings", ()))
         if r.get("prepared") is not None:
@@ -410,12 +498,15 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
             quarantine.append(_refused(root, e, r))
         else:
             for row in _rows(e, r, salt):
-                found.add(row)
-    return Scan(found, quarantine, {**counts, "files": len(entries)}, warned)
+                found.add(row, r["reduced"])
+    return Scan(found, quarantine, {**counts, "files": len(entries) + len(refused)}, warned)
 
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
-    if not (root / e.source).exists():
+    full = os.path.join(root, e.source)
+    if os.path.islink(full) and not os.path.exists(full):
+        return Refused(e.source, BROKEN_LINK, BROKEN_LINK)
+    if not os.path.exists(full):
         return Refused(e.source, "listed but file not found", "listed but file not found")
     return Refused(e.source, result["reason"], result["kind"])
 

@@ -8,20 +8,26 @@ CRLF line ends, and the empty rows and columns Excel leaves are all accepted. A 
 be a path relative to the source, a bare file name anywhere in the source tree, or either one
 without its suffix (EyePACS ``10_left``, APTOS ``000c1434d8d7``, IDRiD ``IDRiD_001``): it then
 matches the one file of that stem, and a stem that two files share is a one-line error.
+Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty, and in a column of
+numbers Excel's ``1.0`` is ``1``. Rows naming one file are merged, or, when they disagree, the
+file is left out with its reason (ingest quarantines it). Errors name the file's own line.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import posixpath
-from collections import defaultdict
+import zipfile
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline import readers
 from pipeline.errors import UserError
 from pipeline.params import IngestParams
 
@@ -38,6 +44,16 @@ SPLIT_ALIASES = {
     "testing": "test",
 }
 EXCEL = (".xlsx", ".xlsm")
+# what reading a damaged sheet raises (csv, openpyxl and the zip file an .xlsx is)
+UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
+# cells that mean "no value" (pandas' and Excel's markers, compared without regard to case);
+# not 'None', a grade's name in some sheets ("no retinopathy")
+MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "nat"}
+MISSING |= {"1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"}
+# the columns whose cells may be missing, and those whose integral floats (Excel's 1.0) are
+# written as integers when every value of the column is a number
+VALUES = ("label", "patient_id", "eye", "split", "severity")
+NUMBERED = ("label", "patient_id")
 
 
 def _header(name: object) -> str:
@@ -46,25 +62,71 @@ def _header(name: object) -> str:
 
 
 def _raw(path: Path) -> pd.DataFrame:
-    """Every cell of the sheet as text ('' when empty), header names as :func:`_header` makes
-    them; one line when the file cannot be read."""
+    """Every cell of the sheet as stripped text ('' when empty), header names as
+    :func:`_header` makes them, indexed by the row's line in the file (CSV/TSV: the line its
+    record starts on, blank lines and multi-line cells counted; .xlsx: the row number); rows
+    left empty are no rows. One line when the file cannot be read."""
     if not path.is_file():
         raise UserError(f"{path}: labels file not found (ingest.labels)")
     suffix = path.suffix.lower()
     if suffix == ".xls":
         raise UserError(f"{path}: Excel 97 .xls is not read; save it as .xlsx or .csv")
     try:
-        if suffix in EXCEL:
-            df = pd.read_excel(path, dtype=str, keep_default_na=False, engine="openpyxl")
-        else:
-            sep = "\t" if suffix == ".tsv" else ","
-            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        records = _xlsx_records(path) if suffix in EXCEL else _csv_records(path, suffix)
+    except UNREADABLE as exc:
         raise UserError(f"{path}: not a readable CSV/TSV/.xlsx ({type(exc).__name__})") from None
-    df.columns = [_header(c) for c in df.columns]
-    df.index = df.index + 2  # the sheet's line number: line 1 is the header
-    df = df.map(lambda v: str(v).strip())
-    return df[(df != "").any(axis=1)]  # rows Excel left empty are no rows
+    records = [(n, [c.strip() for c in r]) for n, r in records if any(c.strip() for c in r)]
+    if not records:
+        raise UserError(f"{path}: not a readable CSV/TSV/.xlsx (no header row)")
+    (_, header), body = records[0], records[1:]
+    width = len(header)
+    for n, record in body:
+        if any(record[width:]):
+            raise UserError(f"{path}: line {n}: {len(record)} values, but the header names {width}")
+    rows = [(record + [""] * width)[:width] for _, record in body]
+    return pd.DataFrame(rows, columns=_names(header), index=[n for n, _ in body], dtype=object)
+
+
+def _csv_records(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
+    """(line the record starts on, its cells) for each record of a CSV/TSV (UTF-8, BOM or not)."""
+    out, line = [], 1
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        for record in reader:
+            out.append((line, record))
+            line = reader.line_num + 1  # lines read so far: a quoted cell may hold line ends
+    return out
+
+
+def _xlsx_records(path: Path) -> list[tuple[int, list[str]]]:
+    """(row number, its cells as text) for each row of the workbook's first sheet (cached
+    values of formulas, as Excel shows them)."""
+    import openpyxl  # here: only an .xlsx sheet pays for its import
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except InvalidFileException:
+        raise ValueError("not an Excel workbook") from None
+    try:
+        rows = book.worksheets[0].iter_rows(min_row=1, values_only=True)
+        return [(n, ["" if v is None else str(v) for v in row]) for n, row in enumerate(rows, 1)]
+    finally:
+        book.close()
+
+
+def _names(header: list[str]) -> list[str]:
+    """Column names as :func:`_header` makes them; an empty one ``unnamed: i``, a repeated one
+    ``name.1``, ``name.2``... (as pandas names them)."""
+    out: list[str] = []
+    for i, name in enumerate(header):
+        name = _header(name) or f"unnamed: {i}"
+        base, k = name, 0
+        while name in out:
+            k += 1
+            name = f"{base}.{k}"
+        out.append(name)
+    return out
 
 
 def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) -> pd.DataFrame:
@@ -89,25 +151,74 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
     out["split"] = df[_header(split)] if split and _header(split) in df.columns else ""
     out["severity"] = df["severity"] if "severity" in df.columns else ""
-    _check(path, out, root)
-    out["path"] = [p.replace("\\", "/").removeprefix("./") for p in out["path"]]
+    for role in VALUES:
+        out[role] = _values(out[role], numbered=role in NUMBERED)
+    out["path"] = _paths(path, out["path"], root)
+    _check(path, out)
     return out
 
 
-def _check(path: Path, table: pd.DataFrame, root: Path) -> None:
-    top = root.resolve()
-    for n, rel in table["path"].items():
-        if not rel:
+def relative(root: Path, value: str) -> str | None:
+    """A sheet's path (relative to ``root`` or absolute; ``/`` or ``\\``) as a normalised posix
+    path relative to ``root``, or None when it leads outside. Judged on the path as listed:
+    ``.`` and ``..`` are folded by their text and no link is followed, so a symlinked file
+    inside the source is inside, as the folder walk lists it (its target may be anywhere). An
+    absolute path that reaches ``root`` only through a link in the folders above (``/data`` a
+    link to ``/mnt/data``) is judged against ``root``'s real path instead."""
+    text = value.replace("\\", "/")
+    top = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(top, text))  # an absolute ``text`` replaces ``top``
+    rel = os.path.relpath(full, top)
+    if _outside(rel) and os.path.isabs(text):
+        real = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+        rel = os.path.relpath(real, os.path.realpath(top))
+    return None if _outside(rel) else rel.replace(os.sep, "/")
+
+
+def _outside(rel: str) -> bool:
+    return rel == os.pardir or rel.startswith(os.pardir + os.sep)
+
+
+def _paths(path: Path, values: pd.Series, root: Path) -> list[str]:
+    """Each row's path made relative to ``root`` by :func:`relative`; one line for an empty
+    path or one outside the source."""
+    out = []
+    for n, value in values.items():
+        if not value:
             raise UserError(f"{path}: line {n}: empty path")
-        full = (root / rel.replace("\\", "/")).resolve()
-        if full != top and top not in full.parents:
-            raise UserError(f"{path}: line {n}: path {rel!r} is outside the source folder {root}")
+        rel = relative(root, value)
+        if rel is None:
+            raise UserError(f"{path}: line {n}: path {value!r} is outside the source folder {root}")
+        out.append(rel)
+    return out
+
+
+def _check(path: Path, table: pd.DataFrame) -> None:
     for n, value in table["split"].items():
         if value and value.lower() not in SPLIT_ALIASES:
             raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
     for n, value in table["severity"].items():
         if value and not _is_number(value):
             raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
+
+
+def _values(column: pd.Series, numbered: bool) -> pd.Series:
+    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when
+    ``numbered`` and every other cell is a number, integral floats (``1.0``, ``2e0``) written
+    as the integer (``1``): one class or patient whether Excel wrote it one way or the other.
+    Integers are kept as written (``007`` stays ``007``)."""
+    column = column.mask(column.str.casefold().isin(MISSING), "")
+    filled = column[column != ""]
+    if not numbered or not len(filled) or not all(map(_is_number, filled)):
+        return column
+    return column.map(_integral)
+
+
+def _integral(text: str) -> str:
+    """``text`` (a number) as an integer when it is an integral float, else as written."""
+    if text and not text.lstrip("+-").isdigit() and float(text).is_integer():
+        return str(int(float(text)))
+    return text
 
 
 def _is_number(text: str) -> bool:
@@ -132,10 +243,10 @@ class FileIndex:
                 self._by_key[key].add(rel)
 
     def find(self, value: str) -> list[str]:
-        """The files ``value`` may mean (sorted): itself when it exists (a folder or other
-        non-image then is quarantined with its reason), else every image file whose path,
-        name or stem it is."""
-        if value in self.files or os.path.exists(os.path.join(self.root, value)):
+        """The files ``value`` may mean (sorted): itself when it exists (a folder, other
+        non-image or link to a missing file then is quarantined with its reason), else every
+        image file whose path, name or stem it is."""
+        if value in self.files or os.path.lexists(os.path.join(self.root, value)):
             return [value]
         return sorted(self._by_key.get(value, ()))
 
@@ -148,14 +259,27 @@ class FileIndex:
 
 @dataclass(frozen=True)
 class Listing:
-    """A sheet matched to the files: ``table`` holds the rows that name a file (``path`` now
-    that file), first row of each file kept; the rest is counted."""
+    """A sheet matched to the files: ``table`` holds one row per file named (``path`` now that
+    file; where several rows name it, their values merged into the first); the rest is
+    counted."""
 
     table: pd.DataFrame
     missing: list[str]  # sheet values that name no file
     other_suffix: int  # of those, how many exist with another suffix
     unlisted: int  # image files on disk that no row names
-    repeated: int  # rows naming a file an earlier row named
+    repeated: int  # rows naming a file an earlier row named, without contradicting it
+    conflicts: dict[str, str]  # file -> reason: rows naming it disagree (not in ``table``)
+
+
+# what a file's rows may not disagree on, as each is compared and named in a reason
+COMPARED = {
+    "label": ("labels", str),
+    "patient_id": ("patient IDs", str),
+    "eye": ("eyes", lambda v: readers.normalise_eye(v) or v),
+    "split": ("splits", lambda v: SPLIT_ALIASES.get(v.lower(), v)),
+    "severity": ("severities", float),
+}
+SECRET = ("patient_id",)  # never in a reason: only how many values disagree
 
 
 def match(path: Path, table: pd.DataFrame, index: FileIndex, candidates: int) -> Listing:
@@ -176,13 +300,51 @@ def match(path: Path, table: pd.DataFrame, index: FileIndex, candidates: int) ->
         if not hits:
             missing.append(value)
     table = table.assign(path=resolved)[[r is not None for r in resolved]]
-    repeated = table["path"].duplicated()
-    table = table[~repeated]
-    listed = index.files & set(table["path"])
+    table, repeated, conflicts = _merge_repeats(table)
+    listed = index.files & (set(table["path"]) | set(conflicts))
     return Listing(
         table=table,
         missing=missing,
         other_suffix=sum(index.other_suffix(v) for v in missing),
         unlisted=candidates - len(listed),
-        repeated=int(repeated.sum()),
+        repeated=repeated,
+        conflicts=conflicts,
     )
+
+
+def _merge_repeats(table: pd.DataFrame) -> tuple[pd.DataFrame, int, dict[str, str]]:
+    """One row per file: the rows naming a file again merged into its first (an empty cell
+    gives way to a filled one), or, where they disagree, the file taken out with the reason.
+    Returns (table, rows merged away, {file: reason})."""
+    again = table["path"].duplicated(keep=False)
+    first = table[~table["path"].duplicated()]
+    if not again.any():
+        return first, 0, {}
+    merged, conflicts, repeated = {}, {}, 0
+    for file, rows in table[again].groupby("path", sort=False):
+        values, reasons = {}, []
+        for column, (what, key) in COMPARED.items():
+            seen = list(dict.fromkeys(v for v in rows[column] if v))  # in sheet order
+            if len({key(v) for v in seen}) > 1:
+                shown = f"{len(seen)} different" if column in SECRET else ", ".join(seen)
+                reasons.append(f"{what}: {shown}")
+            values[column] = seen[0] if seen else ""
+        if reasons:
+            conflicts[file] = "label sheet gives conflicting " + "; ".join(reasons)
+        else:
+            merged[rows.index[0]] = values  # by the file's first row
+            repeated += len(rows) - 1
+    first = first[~first["path"].isin(conflicts)].copy()
+    if merged:
+        first.update(pd.DataFrame.from_dict(merged, orient="index"))
+    return first, repeated, conflicts
+
+
+def case_variants(values: Iterable[str]) -> list[list[tuple[str, int]]]:
+    """Labels that differ only in case (``Normal``, ``normal``): each group of spellings with
+    how many rows use each, most used first; groups in order of their first spelling."""
+    counts = Counter(v for v in values if v)
+    groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for value, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        groups[value.casefold()].append((value, n))
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0][0])

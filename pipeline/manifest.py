@@ -37,8 +37,10 @@ def source_root(params: Params) -> Path:
 
 def source_files(root: Path) -> Iterator[str]:
     """Every file under ``root`` as a posix path relative to it, in sorted path order (symlinks
-    to files included, symlinked folders not entered, unreadable folders skipped): what
-    ``sorted(p for p in root.rglob("*") if p.is_file())`` lists, one folder at a time."""
+    to files included, and links whose target is missing, so that ingest names them;
+    symlinked folders not entered, unreadable folders skipped): what
+    ``sorted(p for p in root.rglob("*") if p.is_file() or <a broken link>)`` lists, one folder
+    at a time."""
 
     def walk(folder: str, prefix: str) -> Iterator[str]:
         try:
@@ -50,10 +52,16 @@ def source_files(root: Path) -> Iterator[str]:
             path = os.path.join(folder, name)
             if is_folder:
                 yield from walk(path, f"{prefix}{name}/")
-            elif os.path.isfile(path):
+            elif os.path.isfile(path) or _broken_link(path):
                 yield prefix + name
 
     return walk(str(root), "")
+
+
+def _broken_link(path: str) -> bool:
+    """A symlink whose target is missing: listed, so that ingest quarantines it with its
+    reason instead of losing the file without a word."""
+    return os.path.islink(path) and not os.path.exists(path)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:

@@ -39,7 +39,7 @@ def _sheet(path: Path) -> str:
 
 
 def _stat(h: hashlib._Hash, rel: str, path: str) -> None:
-    st = os.stat(path)
+    st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a link to a missing file
     h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 

@@ -485,3 +485,62 @@ def test_burned_in_annotation_is_quarantined_and_counted_unless_allowed(tmp_path
     assert ingest.main(["--params", str(params)]) == 0
     assert (_report(paths)["ingested"], _report(paths)["quarantined"]) == (3, 0)
     assert preprocess.main(["--params", str(params)]) == 0  # preprocess reads it too
+
+
+# ------------------------------------------------------ JPEG duplicates confirmed at full size
+
+
+def _dct_twins() -> tuple[bytes, bytes]:
+    """Two 128 px grey JPEGs whose 1/2-scale DCT decodes (ingest's check scale) are identical
+    while their full-size pixels differ: the second adds, in one 8x8 block, the horizontal DCT
+    basis of frequency 4, which a decode at half scale (frequencies 0-3) drops."""
+    y, x = np.mgrid[0:128, 0:128]
+    base = (40 + (x // 8) * 6 + (y // 8) * 4).astype(np.uint8)  # flat within each DCT block
+    lesion = base.astype(int)
+    lesion[40:48, 40:48] += 30 * np.array([1, -1, -1, 1, 1, -1, -1, 1])
+    out = []
+    for a in (base, lesion.astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+def _pillow(data: bytes, draft: bool) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if draft:
+            im.draft(im.mode, ingest.CHECK_SIZE)
+        return np.asarray(im)
+
+
+# files (name -> which twin) -> the duplicate pairs listed (path, duplicate_of)
+TWINS = {
+    "different_pictures": ({"n.jpg": 0, "l.jpg": 1}, []),
+    "byte_copy": ({"n.jpg": 0, "c.jpg": 0}, [("n.jpg", "c.jpg")]),
+    "copies_of_both": (
+        {"a.jpg": 0, "b.jpg": 1, "c.jpg": 0, "d.jpg": 1},
+        [("c.jpg", "a.jpg"), ("d.jpg", "b.jpg")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWINS))
+def test_jpeg_duplicates_are_confirmed_on_full_size_pixels(tmp_path, case):
+    files, pairs = TWINS[case]
+    twins = _dct_twins()
+    reduced = [_pillow(t, draft=True) for t in twins]  # Pillow's own decodes: the reference
+    full = [_pillow(t, draft=False) for t in twins]
+    assert reduced[0].shape == (64, 64) and np.array_equal(reduced[0], reduced[1])
+    assert not np.array_equal(full[0], full[1])
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, k in files.items():
+        (src / name).write_bytes(twins[k])
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    assert rc == 0
+    d = pd.read_csv(paths.duplicates)
+    assert list(zip(d["path"], d["duplicate_of"], strict=True)) == pairs
+    m = pd.read_parquet(paths.manifest)
+    assert sorted(m["source"]) == sorted(set(files) - {p for p, _ in pairs})
+    r = _report(paths)
+    assert (r["found"], r["ingested"], r["duplicates"]) == (len(files), len(m), len(pairs))

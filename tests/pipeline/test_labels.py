@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import openpyxl
 import pandas as pd
 import pytest
 from PIL import Image
@@ -147,3 +148,176 @@ def test_file_index_finds_by_path_name_and_stem(tmp_path):
         assert index.find(value) == ["train/10_left.jpeg"], value
     assert index.find("y") == ["y.PNG"] and index.find("sub/x") == []
     assert index.other_suffix("10_left.png") and not index.other_suffix("10_left")
+
+
+# A source assembled with links: x.png links to a file outside the source (DVC's symlink cache,
+# `ln -s`), gone.png to a file that no longer exists. Each case: the sheet (None: no sheet, the
+# folder walk) -> manifest {source: (label, width, height)} and quarantine {path: reason}.
+LINKS = {
+    "walk": (None, {"a.png": None, "x.png": None}, {"gone.png": "symbolic link to a missing file"}),
+    "sheet": (
+        "path,label\na.png,p\nx.png,q\n",
+        {"a.png": "p", "x.png": "q"},
+        {},
+    ),
+    "sheet_dotted_and_absolute": (
+        "path,label\n./sub/../a.png,p\n{src}/x.png,q\n",
+        {"a.png": "p", "x.png": "q"},
+        {},
+    ),
+    "sheet_broken_link": (
+        "path,label\na.png,p\nx.png,q\ngone.png,r\n",
+        {"a.png": "p", "x.png": "q"},
+        {"gone.png": "symbolic link to a missing file"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKS))
+def test_symlinked_files_are_inside_the_source_as_listed(tmp_path, case):
+    sheet_text, kept, refused = LINKS[case]
+    src, store = tmp_path / "src", tmp_path / "store"
+    (src / "sub").mkdir(parents=True)
+    store.mkdir()
+    Image.fromarray(gradient(40, 48, seed=1)).save(src / "a.png")
+    Image.fromarray(gradient(36, 44, seed=2)).save(store / "x.png")
+    (src / "x.png").symlink_to(store / "x.png")
+    (src / "gone.png").symlink_to(store / "gone.png")
+    sheet = tmp_path / "labels.csv"
+    keys = {}
+    if sheet_text is None:
+        keys = {"source": str(src), "labels": None, "workers": 1}
+    else:
+        sheet.write_text(sheet_text.format(src=src))
+    rc, paths = _ingest(tmp_path, sheet, **keys)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    sizes = {n: Image.open(src / n).size for n in kept}  # Pillow's, through the link
+    got = {s: (lab, w, h) for s, lab, w, h in m[["source", "label", "width", "height"]].values}
+    assert got == {n: (lab, *sizes[n]) for n, lab in kept.items()}
+    q = pd.read_csv(paths.quarantine)
+    assert dict(zip(q["path"], q["reason"], strict=True)) == refused
+
+
+def test_a_path_leading_outside_the_source_is_still_refused(tmp_path, capsys):
+    _images(tmp_path / "src")
+    Image.fromarray(gradient(40, 48, seed=5)).save(tmp_path / "outside.png")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\na.png,x\nsub/../../outside.png,y\n")
+    rc, _ = _ingest(tmp_path, sheet)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "line 3: path 'sub/../../outside.png' is outside the source folder" in err
+
+
+# Label cells as sheets write them -> the manifest's labels of a, b, c (None: unlabelled).
+LABEL_CELLS = {
+    "missing_markers": ("a,x\nb,NaN\nc,#N/A\n", {"a.png": "x", "b.png": None, "c.png": None}),
+    "excel_integral_floats": ("a,1\nb,1.0\nc, 2 \n", {"a.png": "1", "b.png": "1", "c.png": "2"}),
+    "not_all_numbers": ("a,1\nb,1.0\nc,n/a\n", {"a.png": "1", "b.png": "1", "c.png": None}),
+    "text_kept": ("a,1.5\nb,1.50\nc,007\n", {"a.png": "1.5", "b.png": "1.50", "c.png": "007"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LABEL_CELLS))
+def test_label_cells_are_read_as_one_class_per_value(tmp_path, case):
+    rows, expected = LABEL_CELLS[case]
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\n" + rows)
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    got = [None if pd.isna(v) else v for v in m["label"]]
+    assert dict(zip(m["source"], got, strict=True)) == expected
+
+
+def test_labels_differing_only_in_case_are_named_in_one_warning(tmp_path, caplog):
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\na,Normal\nb,normal\nc,normal\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    lines = [r.getMessage() for r in caplog.records if "differ only in case" in r.getMessage()]
+    assert len(lines) == 1 and "normal (2) / Normal (1)" in lines[0]
+    assert not any(f"{n}.png" in lines[0] or f" {n} " in lines[0] for n in NAMES)
+    assert json.loads(Path(paths.ingest_report).read_text())["labels"] == {"Normal": 1, "normal": 2}
+
+
+def _xlsx_rows(path: Path, rows: dict[int, list[str]]) -> None:
+    """An .xlsx whose rows (1-based row number -> cells) are where given, the rest empty."""
+    book = openpyxl.Workbook()
+    for n, cells in rows.items():
+        for k, value in enumerate(cells, 1):
+            book.active.cell(row=n, column=k, value=value)
+    book.save(path)
+
+
+# A bad split in each sheet, at file line (or row) 5 -> the error names line 5.
+LINES = {
+    "blank_lines.csv": "path,split\n\n\na,train\nb,bogus\n",
+    "crlf_blank_lines.tsv": "path\tsplit\r\n\r\na\ttrain\r\n\r\nb\tbogus\r\n",
+    "multi_line_cell.csv": 'path,split,note\na,train,"one\ntwo\nthree"\nb,bogus,x\n',
+    "blank_rows.xlsx": {2: ["path", "split"], 3: ["a", "train"], 5: ["b", "bogus"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINES))
+def test_errors_name_the_line_of_the_file(tmp_path, capsys, name):
+    _images(tmp_path / "src")
+    sheet = tmp_path / name
+    if name.endswith(".xlsx"):
+        _xlsx_rows(sheet, LINES[name])
+    else:
+        sheet.write_bytes(LINES[name].encode())
+    rc, _ = _ingest(tmp_path, sheet)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err.endswith(f"{sheet}: line 5: split 'bogus' is not train, val or test")
+
+
+def test_an_absolute_path_inside_the_source_is_stored_relative_and_listed(tmp_path):
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text(f"path,label\na,x\nb.png,x\n{tmp_path / 'src' / 'c.png'},y\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert sorted(m["source"]) == ["a.png", "b.png", "c.png"]
+    r = json.loads(Path(paths.ingest_report).read_text())
+    assert (r["ingested"], r["unlisted"], r["listed_missing"]) == (3, 0, 0)
+
+
+# Rows naming one file again: the sheet -> labels kept, quarantine {path: reason}.
+REPEATS = {
+    "conflicting_labels": (
+        "path,label\na,mild\nb,mild\nc,mild\na.png,severe\n",
+        {"b.png": "mild", "c.png": "mild"},
+        {"a.png": "label sheet gives conflicting labels: mild, severe"},
+    ),
+    "same_or_empty_repeats": (
+        "path,label,eye\na,mild,R\nb,,\nc,mild,L\na.png,mild,OD\n./b.png,severe,L\n",
+        {"a.png": "mild", "b.png": "severe", "c.png": "mild"},
+        {},
+    ),
+    "conflicting_patients": (
+        "path,label,patient_id\na,x,P-1001\nb,x,P-1002\nc,x,P-1003\na,x,P-1004\n",
+        {"b.png": "x", "c.png": "x"},
+        {"a.png": "label sheet gives conflicting patient IDs: 2 different"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPEATS))
+def test_rows_that_disagree_on_a_file_quarantine_it(tmp_path, caplog, case):
+    text, kept, refused = REPEATS[case]
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text(text)
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert dict(zip(m["source"], m["label"], strict=True)) == kept
+    q = pd.read_csv(paths.quarantine)
+    assert dict(zip(q["path"], q["reason"], strict=True)) == refused
+    r = json.loads(Path(paths.ingest_report).read_text())
+    assert (r["found"], r["quarantined"], r["unlisted"]) == (3, len(refused), 0)
+    assert "P-100" not in caplog.text and "a.png" not in caplog.text
