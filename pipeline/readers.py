@@ -35,10 +35,10 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import imagecodecs
 import numpy as np
@@ -254,13 +254,27 @@ def _photo_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # P (palette), CMYK, YCbCr, LAB, HSV
 
 
-def _open_photo(path: Path) -> Image.Image | None:
-    """The file opened by Pillow; None for a TIFF Pillow does not recognise (a float64 or a
-    16-bit grey+alpha page, ...): tifffile reads all of that one."""
+@contextlib.contextmanager
+def _open_photo(path: Path) -> Iterator[Image.Image | None]:
+    """The file opened by Pillow, closed on leaving; None for a TIFF Pillow does not recognise
+    (a float64 or a 16-bit grey+alpha page, ...): tifffile reads all of that one.
+
+    Pillow is given an open file, not the path: from a path it memory-maps an uncompressed
+    single-strip page, and recent versions then read a page stored transposed (orientation
+    5-8) with its upright width and height, a scrambled picture; from a file it decodes the
+    page at its stored size (then turns it upright itself, see :func:`_page_pixels`)."""
+    with open(path, "rb") as fp:
+        im = _pillow_open(fp, path)
+        with im if im is not None else contextlib.nullcontext():
+            yield im
+
+
+def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
+    """Pillow's ``Image.open`` of the open file ``fp`` (:func:`_open_photo`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            im = Image.open(path)
+            im = Image.open(fp)
         except UnidentifiedImageError:
             if _is_tiff(path):
                 return None
@@ -474,9 +488,7 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
-    im = _open_photo(path)  # None: a TIFF only tifffile reads
-    fmt = "TIFF" if im is None else im.format
-    with im if im is not None else contextlib.nullcontext(), _FullDepth(path, fmt) as deep:
+    with _open_photo(path) as im, _FullDepth(path, "TIFF" if im is None else im.format) as deep:
         pages = _pages(im, path) if im is not None else deep.pages()
         if not pages:
             kind = "no full-resolution image"
@@ -498,7 +510,7 @@ def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_ce
             lo, hi = _photo_range(im, deep, pages, out)
             out = [(k, to_uint8(a, lo, hi)) for k, a in out]
     sizes = [pages[k][:2] for k, _ in out]
-    info = {"format": fmt, "decoded_size": decoded_size}
+    info = {"format": deep.format, "decoded_size": decoded_size}
     first = sizes[0] if sizes else pages[0][:2]
     return Decoded(out, *first, n_frames=n, sizes=sizes, info=info)
 
@@ -508,13 +520,21 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
     if page.mode == DEEP:
         return _upright(deep.values(page.index), page.orientation)
     im.seek(page.index)
-    if draft is not None and im.format in ("JPEG", "MPO"):
+    drafted = draft is not None and im.format in ("JPEG", "MPO")
+    if drafted:
         im.decoderconfig = ()  # an MPO seek keeps the last frame's DCT scale: draft anew
         _draft(im, draft, page.orientation)
     px = _photo_array(im)  # loads the page
     # orientation read after loading: where Pillow turned the page itself (TIFF, in recent
     # versions) it has dropped the tag, and the page is not turned twice
-    return _upright(px, _orientation(im))
+    px = _upright(px, _orientation(im))
+    if not drafted and px.shape[:2] != (page.height, page.width):  # never a scrambled page
+        raise BadImage(
+            f"undecodable image (page decoded as {px.shape[1]}x{px.shape[0]}, "
+            f"its header says {page.width}x{page.height})",
+            "undecodable image",
+        )
+    return px
 
 
 def _pixels_text(pages: list[_Page]) -> str:

@@ -1310,3 +1310,97 @@ def test_animated_16bit_png_is_refused(tmp_path):
     with pytest.raises(BadImage, match=r"animated 16-bit PNG \(2 frames\)") as caught:
         read_image(path)
     assert caught.value.kind == "animated 16-bit PNG"
+
+
+# ------------- TIFF pages: every layout and mode upright, whatever Pillow does inside (r13)
+
+_YX = np.mgrid[0:32, 0:48]  # stored (H, W): not square, tiles of 16 fit
+# EXIF orientation -> numpy's turn of the stored (H, W[, C]) pixels to the upright picture
+NUMPY_UPRIGHT = {
+    1: lambda a: a,
+    2: np.fliplr,
+    3: lambda a: np.rot90(a, 2),
+    4: np.flipud,
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(np.fliplr(a), -1),
+    8: lambda a: np.rot90(a, 1),
+}
+_ALPHA8 = ((_YX[1] * 7 + _YX[0] * 11) % 256).astype(np.uint8)  # every level, 0 and 255 too
+
+
+def _composited(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """numpy reference: unassociated alpha onto black, rounded."""
+    mixed = colour.astype(float) * (alpha[..., None] if colour.ndim == 3 else alpha) / 255
+    return np.round(mixed).astype(np.uint8)
+
+
+_CMAP = np.stack([np.arange(256), 255 - np.arange(256), np.arange(256) // 3 + 40]) * 257
+TIFF_MODES = {
+    # mode: (stored samples, tifffile.imwrite keywords, stored -> shown uint8 (numpy)); 16-bit
+    # values are scaled from their min..max (within 1 level of rounding)
+    "grey 8": (((_YX[1] * 5 + _YX[0] * 3) % 256).astype(np.uint8), {}, lambda a: a),
+    "grey 16 little-endian": (
+        ((_YX[1] * 977 + _YX[0] * 131) % 60000 + 100).astype(np.uint16),
+        {},
+        lambda a: _scaled(a, a.min(), a.max()),
+    ),
+    "grey 16 big-endian": (
+        ((_YX[1] * 977 + _YX[0] * 131) % 60000 + 100).astype(np.uint16),
+        {"byteorder": ">"},
+        lambda a: _scaled(a, a.min(), a.max()),
+    ),
+    "palette": (
+        ((_YX[1] * 5 + _YX[0] * 3) % 256).astype(np.uint8),
+        {"photometric": "palette", "colormap": _CMAP.astype(np.uint16)},
+        lambda a: np.moveaxis(_CMAP[:, a] // 257, 0, -1).astype(np.uint8),
+    ),
+    "RGB": (gradient(32, 48, rgb=True), {"photometric": "rgb"}, lambda a: a),
+    "RGBA": (
+        np.dstack([gradient(32, 48, rgb=True), _ALPHA8]),
+        {"photometric": "rgb", "extrasamples": [2]},
+        lambda a: _composited(a[..., :3], a[..., 3]),
+    ),
+    "LA": (
+        np.dstack([gradient(32, 48), _ALPHA8]),
+        {"photometric": "minisblack", "extrasamples": [2]},
+        lambda a: _composited(a[..., 0], a[..., 1]),
+    ),
+    "1-bit": (gradient(32, 48) > 120, {"photometric": "minisblack"}, lambda a: a * np.uint8(255)),
+    "1-bit, 0 is white": (
+        gradient(32, 48) > 120,
+        {"photometric": "miniswhite"},
+        lambda a: ~a * np.uint8(255),
+    ),
+}
+TIFF_LAYOUTS = {  # tifffile.imwrite keywords
+    "one strip": {"rowsperstrip": 32},
+    "several strips": {"rowsperstrip": 8},
+    "LZW": {"compression": "lzw", "rowsperstrip": 8},
+    "tiled": {"tile": (16, 16)},
+}
+
+
+@pytest.mark.parametrize("mode", TIFF_MODES)
+def test_tiff_pages_are_upright_in_every_layout_and_orientation(tmp_path, mode):
+    """All eight orientations of every TIFF layout (one uncompressed strip: the one Pillow
+    memory-maps; several strips; LZW; tiles) in every mode Pillow reads: the upright picture
+    and size. Reference: tifffile's stored page, shown and turned with numpy."""
+    stored, kwargs, shown = TIFF_MODES[mode]
+    for layout, orientation in ((lay, o) for lay in TIFF_LAYOUTS for o in NUMPY_UPRIGHT):
+        path = tmp_path / f"{layout}-{orientation}.tif"
+        tag = [(274, "H", 1, orientation, True)]
+        tifffile.imwrite(path, stored, **kwargs, **TIFF_LAYOUTS[layout], extratags=tag)
+        with tifffile.TiffFile(path) as tif:  # the premise: one page of this layout
+            page = tif.pages[0]
+            assert page.is_tiled == (layout == "tiled") and page.tags[274].value == orientation
+            raw = page.asarray()
+        want = NUMPY_UPRIGHT[orientation](shown(raw))
+        d = read_image(path)
+        ((_, px),) = d.frames
+        assert px.shape == want.shape, (layout, orientation)
+        assert np.abs(px.astype(int) - want).max() <= (want.dtype != raw.dtype), (
+            layout,
+            orientation,
+        )
+        assert d.sizes == [(want.shape[1], want.shape[0])]
