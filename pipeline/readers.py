@@ -15,6 +15,7 @@ are meant to be seen (README, "Your own data", lists each decision):
   imagecodecs (libpng) and tifffile, as are TIFFs Pillow cannot open (float64, 16-bit grey +
   alpha); NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
   (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
+  MINISWHITE grey (0 is white) is inverted at every depth, as DICOM MONOCHROME1 is.
   Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
   a TIFF page is (an MPO's large thumbnails skipped).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
@@ -189,7 +190,9 @@ HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the fi
 # Pages Pillow would cut to their high byte (it has no 16-bit colour modes) are read at full
 # depth instead: a 16-bit PNG by imagecodecs (libpng), such a TIFF page by tifffile.
 DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the file too
-DEEP_PHOTOMETRIC = (1, 2)  # TIFF PhotometricInterpretation read at full depth: grey, RGB
+# TIFF PhotometricInterpretation read at full depth: grey (0 is white, 0 is black), RGB
+MINISWHITE, MINISBLACK, RGB = 0, 1, 2
+DEEP_PHOTOMETRIC = (MINISWHITE, MINISBLACK, RGB)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 # TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
@@ -361,14 +364,18 @@ def _png_bit_depth(path: Path) -> int:
 
 
 def _deep_tiff(im: Image.Image) -> bool:
-    """Whether the current TIFF page holds more than 8 bits per sample (BitsPerSample) in a
-    grey or RGB page that Pillow opens in an 8-bit mode (RGB48, RGBA64, ...): it would keep
-    only the high byte of each sample."""
-    if im.format != "TIFF" or im.mode in HIGH_DEPTH:
+    """Whether the current TIFF page, which Pillow opens, is read by tifffile instead: more
+    than 8 bits per sample (BitsPerSample) in a grey or RGB page Pillow opens in an 8-bit mode
+    (RGB48, RGBA64, ...: it would keep only the high byte of each sample), or in a MINISWHITE
+    page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives)."""
+    if im.format != "TIFF":
         return False
     bits = im.tag_v2.get(258, 1)
     bits = bits if isinstance(bits, tuple) else (bits,)
-    return max(bits) > 8 and im.tag_v2.get(262) in DEEP_PHOTOMETRIC
+    photometric = im.tag_v2.get(262)
+    if max(bits) <= 8 or photometric not in DEEP_PHOTOMETRIC:
+        return False
+    return photometric == MINISWHITE or im.mode not in HIGH_DEPTH
 
 
 class _FullDepth:
@@ -430,8 +437,9 @@ def _png_values(data: bytes) -> np.ndarray:
 
 
 def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
-    """A grey or RGB TIFF page's samples at full depth (tifffile); the first alpha extra sample
-    (ExtraSamples 1 associated, 2 unassociated) composited onto black, other extras dropped."""
+    """A grey or RGB TIFF page's samples at full depth (tifffile), MINISWHITE grey inverted
+    (:func:`_min_is_white`); the first alpha extra sample (ExtraSamples 1 associated, 2
+    unassociated) composited onto black, other extras dropped."""
     arr = page.asarray()
     if arr.dtype.kind not in "buif":
         kind = "unsupported TIFF page"
@@ -446,9 +454,32 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
         raise BadImage(f"{kind} ({page.bitspersample}-bit {what})", kind)
     extras = list(page.extrasamples)
     alpha = next((i for i, e in enumerate(extras) if e in (1, 2)), None)
+    shown = arr[..., :colour]
+    if page.photometric == MINISWHITE:
+        shown = _min_is_white(shown, page.bitspersample)
     if alpha is None:
-        return _deep_colour(arr[..., :colour], None, False)
-    return _deep_colour(arr[..., :colour], arr[..., colour + alpha], extras[alpha] == 1)
+        return _deep_colour(shown, None, False)
+    return _deep_colour(shown, arr[..., colour + alpha], extras[alpha] == 1)
+
+
+def _min_is_white(values: np.ndarray, bits: int) -> np.ndarray:
+    """MINISWHITE grey samples (TIFF 6.0: the lowest value is white) turned to the usual
+    black-is-lowest, inverted within their range as a DICOM MONOCHROME1 image is: integers
+    within what ``bits`` bits hold (unsigned 0..2^bits-1, signed -2^(bits-1)..2^(bits-1)-1;
+    8-bit ones as Pillow inverts them, 255 - v, kept uint8), floats within their own finite
+    min..max. Same shape; 1-bit (bool) negated; deeper values come as float64."""
+    if values.dtype.kind == "b":
+        return ~values
+    if values.dtype.kind == "u":
+        lo, hi = 0.0, 2.0**bits - 1
+    elif values.dtype.kind == "i":
+        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if values.dtype == np.uint8 and bits == 8:
+        return 255 - values
+    return lo + hi - values.astype(np.float64)
 
 
 def _deep_colour(colour: np.ndarray, alpha: np.ndarray | None, associated: bool) -> np.ndarray:

@@ -1404,3 +1404,37 @@ def test_tiff_pages_are_upright_in_every_layout_and_orientation(tmp_path, mode):
             orientation,
         )
         assert d.sizes == [(want.shape[1], want.shape[0])]
+
+
+_WHITE16 = (_YX[1] * 1300 + _YX[0] * 7 + 500).astype(np.uint16)  # (32, 48), 500..61827
+MINISWHITE = {
+    # kind: (stored samples, tifffile.imwrite keywords)
+    "uint8": ((_WHITE16 >> 8).astype(np.uint8), {}),
+    "uint16 little-endian": (_WHITE16, {}),
+    "uint16 big-endian": (_WHITE16, {"byteorder": ">"}),
+    "int16": ((_WHITE16 // 2).astype(np.int16) - 8000, {}),
+    "uint32": (_WHITE16.astype(np.uint32) * 1000, {}),
+    "float32 little-endian": (_WHITE16.astype(np.float32) / 3, {}),
+    "float32 big-endian": (_WHITE16.astype(np.float32) / 3, {"byteorder": ">"}),
+    "float64": (_WHITE16.astype(np.float64) - 7000.5, {}),
+    "uint16, orientation 6": (_WHITE16, {"extratags": [(274, "H", 1, 6, True)]}),
+}
+
+
+@pytest.mark.parametrize("kind", MINISWHITE)
+def test_tiff_min_is_white_is_inverted_at_every_depth(tmp_path, kind):
+    """PhotometricInterpretation 0 (MINISWHITE, TIFF 6.0: the lowest value is white) at any
+    depth and dtype is the picture, not its negative nor refused. Reference: tifffile's stored
+    values, numpy: 8-bit 255 - v, deeper ones scaled from max..min to 0..255."""
+    stored, kwargs = MINISWHITE[kind]
+    path = tmp_path / "w.tif"
+    tifffile.imwrite(path, stored, photometric="miniswhite", **kwargs)
+    with tifffile.TiffFile(path) as tif:
+        raw, turn = tif.pages[0].asarray(), tif.pages[0].tags.valueof(274, 1)
+    hi, lo = float(raw.max()), float(raw.min())
+    want = 255 - raw if raw.dtype == np.uint8 else _scaled(hi - raw.astype(float), 0, hi - lo)
+    want = NUMPY_UPRIGHT[turn](want)
+    d = read_image(path)
+    ((_, px),) = d.frames
+    assert px.shape == want.shape and np.abs(px.astype(int) - want).max() <= 1
+    assert px[0, 0] > 200 and px[-1, -1] < 50  # the lowest stored values are white
