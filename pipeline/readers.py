@@ -12,8 +12,8 @@ are meant to be seen (README, "Your own data", lists each decision):
   pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
   Pillow would cut to 8 bits (16-bit colour PNG and TIFF) are read at full depth, by
-  imagecodecs (libpng) and tifffile, as are TIFFs Pillow cannot open (float64, 16-bit grey +
-  alpha); NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
+  imagecodecs (libpng) and tifffile, as are TIFF pages Pillow cannot open (float64, 16-bit
+  grey + alpha), wherever they stand in the file; NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
   (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
   MINISWHITE grey (0 is white) is inverted at every depth, as DICOM MONOCHROME1 is.
   Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
@@ -309,11 +309,14 @@ class _Page(NamedTuple):
     index: int
 
 
-def _pages(im: Image.Image, path: Path) -> list[_Page]:
+def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
     """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
     of an animated PNG or WebP, each image of an MPO (stereo pairs). Reduced-resolution
     copies (TIFF previews and pyramid levels, MPO large thumbnails) and TIFF masks are
-    skipped: no picture of the eye."""
+    skipped: no picture of the eye. A TIFF page whose format Pillow does not know (float64,
+    16-bit grey+alpha, ...), wherever it stands, is tifffile's (``deep``)."""
+    if im.format == "TIFF":
+        return _tiff_pages(im, deep)
     n = getattr(im, "n_frames", 1)
     png16 = im.format == "PNG" and _png_bit_depth(path) > 8
     if png16 and n > 1:  # libpng reads the default image only, Pillow cuts to 8 bits
@@ -324,6 +327,27 @@ def _pages(im: Image.Image, path: Path) -> list[_Page]:
     pages = []
     for i in range(n):
         im.seek(i)
+        if not _is_copy(im, i):
+            pages.append(_page(im, False)._replace(index=i))
+    return pages
+
+
+def _tiff_pages(im: Image.Image, deep: _FullDepth) -> list[_Page]:
+    """The picture pages of a TIFF Pillow opens, each decided on its own: read by Pillow, or
+    by tifffile where Pillow would cut it to 8 bits (:func:`_deep_tiff`) or does not know its
+    format (Pillow's SyntaxError when it sets the page up); previews and masks skipped."""
+    try:
+        n = im.n_frames  # sets every page up
+    except SyntaxError:  # a page Pillow does not know: tifffile counts them
+        n = len(deep.tiff().pages)
+    pages = []
+    for i in range(n):
+        try:
+            im.seek(i)
+        except SyntaxError:
+            page = deep.page(i)
+            pages += [page] if page is not None else []
+            continue
         if not _is_copy(im, i):
             pages.append(_page(im, _deep_tiff(im))._replace(index=i))
     return pages
@@ -396,22 +420,24 @@ class _FullDepth:
         return self._tif
 
     def pages(self) -> list[_Page]:
-        """Every picture page of a TIFF that only tifffile reads (headers only), all read at
-        full depth; reduced-resolution copies and masks skipped as in :func:`_pages`."""
-        pages = []
-        for i, page in enumerate(self.tiff().pages):
-            tags = page.tags
-            if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
-                continue
-            turn = int(tags.valueof(ORIENTATION, 1))
-            turn = turn if turn in _UPRIGHT else 1
-            w, h = page.imagewidth, page.imagelength
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # as Pillow refuses
-                raise BadImage(
-                    "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
-                )
-            pages.append(_Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP, i))
-        return pages
+        """Every picture page of a TIFF that Pillow does not open at all (headers only), all
+        read at full depth; reduced-resolution copies and masks skipped as in :func:`_pages`."""
+        pages = (self.page(i) for i in range(len(self.tiff().pages)))
+        return [p for p in pages if p is not None]
+
+    def page(self, index: int) -> _Page | None:
+        """TIFF page ``index`` as tifffile reads it (headers only); None for a reduced-
+        resolution copy or a mask. BadImage beyond Pillow's pixel limit, as Pillow refuses."""
+        page = self.tiff().pages[index]
+        tags = page.tags
+        if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
+            return None
+        turn = int(tags.valueof(ORIENTATION, 1))
+        turn = turn if turn in _UPRIGHT else 1
+        w, h = page.imagewidth, page.imagelength
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise BadImage("decompression bomb: exceeds Pillow's pixel limit", "decompression bomb")
+        return _Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP, index)
 
     def __enter__(self) -> _FullDepth:
         return self
@@ -520,7 +546,7 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
     with _open_photo(path) as im, _FullDepth(path, "TIFF" if im is None else im.format) as deep:
-        pages = _pages(im, path) if im is not None else deep.pages()
+        pages = _pages(im, path, deep) if im is not None else deep.pages()
         if not pages:
             kind = "no full-resolution image"
             raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)

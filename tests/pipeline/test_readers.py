@@ -1438,3 +1438,46 @@ def test_tiff_min_is_white_is_inverted_at_every_depth(tmp_path, kind):
     ((_, px),) = d.frames
     assert px.shape == want.shape and np.abs(px.astype(int) - want).max() <= 1
     assert px[0, 0] > 200 and px[-1, -1] < 50  # the lowest stored values are white
+
+
+_G16 = (_YX[1] * 900 + _YX[0] * 13 + 100).astype(np.uint16)
+_F64 = _YX[0] * 1234.5 - _YX[1] * 10.0
+_KEEP = _ALPHA8 > 100  # where a 16-bit alpha is opaque
+_GA16 = np.dstack([_G16 // 2, np.where(_KEEP, 65535, 0).astype(np.uint16)])
+_RGB8 = gradient(32, 48, rgb=True)
+MIXED_PAGES = {
+    # kind: pages as (stored, tifffile keywords, the picture it means or None if skipped)
+    "uint16 then float64": [(_G16, {}, _G16), (_F64, {}, _F64)],
+    "float64 then uint16": [(_F64, {}, _F64), (_G16, {}, _G16)],
+    "uint16 then 16-bit grey+alpha": [
+        (_G16, {}, _G16),
+        (_GA16, {"extrasamples": [2]}, np.where(_KEEP, _G16 // 2, 0)),
+    ],
+    "uint16 then a float64 preview": [(_G16, {}, _G16), (_F64[::2, ::2], PREVIEW, None)],
+    "8-bit RGB, float64, 16-bit grey": [
+        (_RGB8, {"photometric": "rgb"}, _RGB8),
+        (_F64, {}, _F64),
+        (_G16, {}, _G16),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", MIXED_PAGES)
+def test_tiff_pages_only_tifffile_reads_are_read_at_any_position(tmp_path, kind):
+    """A page Pillow cannot read (float64, 16-bit grey+alpha) is read by tifffile wherever it
+    stands in the file, not only first; a preview of that kind is skipped. Reference: the
+    pictures written; high-depth pages scaled with numpy over the file's min..max, 8-bit kept."""
+    path = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for stored, kwargs, _ in MIXED_PAGES[kind]:
+            tif.write(stored, **{"photometric": "minisblack", **kwargs})
+    means = [m for _, _, m in MIXED_PAGES[kind] if m is not None]
+    deep = [m for m in means if m.dtype != np.uint8]
+    lo, hi = min(m.min() for m in deep), max(m.max() for m in deep)
+    want = [m if m.dtype == np.uint8 else _scaled(m, lo, hi) for m in means]
+    d = read_image(path)
+    assert [k for k, _ in d.frames] == list(range(len(means))) and d.n_frames == len(means)
+    for (_, px), w in zip(d.frames, want, strict=True):
+        assert px.shape == w.shape and np.abs(px.astype(int) - w).max() <= 1
+    ((k, px),) = read_image(path, frames=[len(means) - 1]).frames  # the last page alone
+    assert k == len(means) - 1 and np.abs(px.astype(int) - want[-1]).max() <= 1
