@@ -13,9 +13,10 @@ are meant to be seen (README, "Your own data", lists each decision):
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
   Pillow would cut to 8 bits (16-bit colour PNG and TIFF) are read at full depth, by
   imagecodecs (libpng) and tifffile, as are TIFF pages Pillow cannot open (float64, 16-bit
-  grey + alpha), wherever they stand in the file; NaN or infinite values refuse the file. A TIFF's reduced-resolution copies
-  (previews, pyramid levels) and masks are skipped: frames are numbered over its picture pages.
-  MINISWHITE grey (0 is white) is inverted at every depth, as DICOM MONOCHROME1 is.
+  grey + alpha), wherever they stand in the file; NaN or infinite values refuse the file.
+  A TIFF's reduced-resolution copies (previews, pyramid levels) and masks are skipped: frames
+  are numbered over its picture pages. MINISWHITE grey (0 is white) is inverted at every
+  depth, as DICOM MONOCHROME1 is.
   Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
   a TIFF page is (an MPO's large thumbnails skipped).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
@@ -52,12 +53,14 @@ from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipeline import libwarn
 from pipeline.errors import UserError
 
 PHOTO_FORMATS = {"JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP"}
 # Files that are never images and are skipped (not quarantined) when walking a source folder.
 SIDECAR_SUFFIXES = {".csv", ".tsv", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".ini"}
 DICOMDIR = "DICOMDIR"
+libwarn.route_library_logs()  # the decoders' log records quote file content: counted instead
 
 
 class BadImage(UserError):
@@ -413,9 +416,7 @@ class _FullDepth:
         self._tif: tifffile.TiffFile | None = None
 
     def tiff(self) -> tifffile.TiffFile:
-        if self._tif is None:
-            # its log lines may quote tag values (no PHI in logs); failures raise instead
-            logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        if self._tif is None:  # its log records are counted kinds (libwarn), never shown
             self._tif = tifffile.TiffFile(self.path)
         return self._tif
 

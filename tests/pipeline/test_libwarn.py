@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import ImageCms
 
 from pipeline import ingest, libwarn, preprocess
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import PHI, gradient, make_dicom, write_params
+from tests.pipeline.test_readers import _png16
 
 PYDICOM_FILE = "/x/lib/python3.11/site-packages/pydicom/pixels/decoders/base.py"
 
@@ -37,6 +45,10 @@ PYDICOM_FILE = "/x/lib/python3.11/site-packages/pydicom/pixels/decoders/base.py"
         # a header value in the text (here a patient name) never reaches the line
         ("Invalid value for VR PN: 'Quartermaine^Zebedee'", "/data/PHI-7781234.dcm", "warning: "),
         ('bad "PHI-7781234" in /data/x', "", "warning: bad '...' in /data/x"),
+        # bytes, and a repr cut short before its closing quote (tifffile's {exc!r:.128})
+        ("tag b'Zebedee PHI-7781234' invalid", "", "warning: tag '...' invalid"),
+        ("raised ValueError('Quartermaine^Zebedee PHI-77812", "", "warning: raised ValueError("),
+        ("profile 'Zebedee's PHI-7781234': bad", "", "warning: profile '...': bad"),
     ],
 )
 def test_kind_hides_values_and_counts_but_keeps_dicom_terms(message, filename, expected):
@@ -105,3 +117,70 @@ def test_ray_engine_counts_decode_warnings_like_the_local_engine(ray_session, tm
     counted = [r for r in caplog.records if "Photometric" in r.getMessage()]
     assert [(r.name, r.getMessage()[:8]) for r in counted] == [("retina_vae.ray_data", "2 files:")]
     assert "7781234" not in counted[0].getMessage()
+
+
+NAME = "Zebedee Quartermaine MRN7781234"  # a fake patient in free header text
+
+
+@contextmanager
+def _root_log() -> Iterator[io.StringIO]:
+    """Every line that reaches the root logger's handlers (a stage's stderr), all levels.
+    Not caplog: pytest taps non-propagating loggers directly, which a run does not."""
+    buf, root = io.StringIO(), logging.getLogger()
+    handler, level = logging.StreamHandler(buf), root.level
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield buf
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _png16_with_profile_name(path: Path, seed: int) -> None:
+    """A 16-bit RGB PNG (decoded by libpng through imagecodecs) whose iCCP chunk names its
+    profile after a patient and holds a profile with a bad signature: libpng warns, quoting
+    the name."""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[36:40] = b"xxxx"  # not 'acsp'
+    iccp = (b"iCCP", NAME.encode() + b"\0\0" + zlib.compress(bytes(profile)))
+    _png16(path, gradient(48, 64, rgb=True, seed=seed).astype(np.uint16) * 200, iccp)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoder_log_records_never_quote_header_text(tmp_path, capfd, workers):
+    """libpng's warning (imagecodecs' logger) quotes the iCCP profile name: ingest counts it
+    as a kind with the name hidden, in its own process and in worker processes alike; the
+    name is in no log line, stdout, stderr or output."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        _png16_with_profile_name(src / f"scan{k}.png", seed=k)
+    params = write_params(tmp_path, ingest={"source": str(src), "workers": workers})
+    with _root_log() as logged:
+        assert ingest.main(["--params", str(params)]) == 0
+    out, err = capfd.readouterr()
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.*"))
+    for text in (out, err, logged.getvalue(), written):
+        assert "Zebedee" not in text and "7781234" not in text
+    report = json.loads(Path(load_params(params).paths.ingest_report).read_text())
+    kind = "imagecodecs: PNG warning: iCCP: profile '...': '...': invalid signature"
+    assert report["decode_warnings"] == {kind: 2}
+    assert f"retina_vae.ingest: 2 files: {kind}" in logged.getvalue()
+
+
+@pytest.mark.parametrize("library", libwarn.LIBRARY_LOGGERS)
+def test_library_log_records_are_kinds_inside_and_outside_a_file(library):
+    """A decode library's record (here one logged on its logger, as it would) is a kind of the
+    file being decoded, and outside any file one line with its quoted values hidden."""
+    libwarn.route_library_logs()
+    logger = logging.getLogger(f"{library}.decoder")
+    with _root_log() as logged, libwarn.caught() as kinds:
+        logger.warning("tag 'Quartermaine^Zebedee' ignored")
+        logger.debug("value 'Quartermaine^Zebedee'")  # debug lines are dropped
+    assert kinds == [f"{library}: tag '...' ignored"] and logged.getvalue() == ""
+    with _root_log() as logged:
+        logger.error("file 'PHI-7781234.tif' raised ValueError('Zebedee")
+    want = f"retina_vae.libwarn: {library}: file '...' raised ValueError('...'\n"
+    assert logged.getvalue() == want
