@@ -18,7 +18,8 @@ are meant to be seen (README, "Your own data", lists each decision):
   are numbered over its picture pages. MINISWHITE grey (0 is white) is inverted at every
   depth, as DICOM MONOCHROME1 is.
   Every frame of an animated PNG/WebP and every image of an MPO (stereo pair) is an image, as
-  a TIFF page is (an MPO's large thumbnails skipped).
+  a TIFF page is (an MPO's large thumbnails and an APNG's default image outside the animation
+  skipped).
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window (each frame its own from an enhanced image's
@@ -326,7 +327,10 @@ def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
         kind = "animated 16-bit PNG"
         raise BadImage(f"{kind} ({n} frames): its frames cannot be read at full depth", kind)
     if im.format in ("PNG", "WEBP"):  # animation frames share the canvas, mode and EXIF; not
-        return [_page(im, png16)._replace(index=i) for i in range(n)]  # seeking decodes them
+        # seeking decodes them. An APNG's default image before its first frame control (Pillow:
+        # info "default_image") is a still for other viewers, not a frame (APNG spec)
+        first = 1 if im.format == "PNG" and im.info.get("default_image") else 0
+        return [_page(im, png16)._replace(index=i) for i in range(first, n)]
     pages = []
     for i in range(n):
         im.seek(i)

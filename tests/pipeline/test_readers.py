@@ -1481,3 +1481,23 @@ def test_tiff_pages_only_tifffile_reads_are_read_at_any_position(tmp_path, kind)
         assert px.shape == w.shape and np.abs(px.astype(int) - w).max() <= 1
     ((k, px),) = read_image(path, frames=[len(means) - 1]).frames  # the last page alone
     assert k == len(means) - 1 and np.abs(px.astype(int) - want[-1]).max() <= 1
+
+
+def test_apng_default_image_outside_the_animation_is_not_a_frame(tmp_path):
+    """An APNG whose default image (IDAT) comes before the first frame control is a still for
+    viewers without APNG (APNG spec: not part of the animation): skipped, frames numbered over
+    the animation. Reference: the pictures written."""
+    poster, *frames = _views(3)
+    path = tmp_path / "a.png"
+    Image.fromarray(poster).save(
+        path, save_all=True, append_images=[Image.fromarray(f) for f in frames], default_image=True
+    )
+    with Image.open(path) as im:  # the premise: Pillow sees the poster as its frame 0
+        assert im.info["default_image"] and im.n_frames == 3
+    d = read_image(path)
+    assert [k for k, _ in d.frames] == [0, 1] and d.n_frames == 2
+    assert all(np.array_equal(px, f) for (_, px), f in zip(d.frames, frames, strict=True))
+    ((k, px),) = read_image(path, oct_central=True).frames
+    assert k == 1 and np.array_equal(px, frames[1])
+    ((k, px),) = read_image(path, frames=[0]).frames
+    assert k == 0 and np.array_equal(px, frames[0])
