@@ -7,7 +7,8 @@ engines) and ``retina-vae encode``, so every stage sees the same pixels. A bad f
 Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays, the right way up, as they
 are meant to be seen (README, "Your own data", lists each decision):
 - photos: the EXIF/TIFF orientation (all eight, mirrored ones too) is applied first, so sizes,
-  hashes and training pixels are of the upright picture; palettes are looked up; transparent
+  hashes and training pixels are of the upright picture; palettes are looked up (a TIFF's
+  up to 16-bit indices, its ColorMap's 16-bit entries scaled by their full range); transparent
   pixels (alpha, transparent palette entries, colour keys) are composited onto black; 8-bit
   pixels are kept, 16/32-bit and float pages are scaled from the min..max of the whole file
   (every high-depth page of a multi-page TIFF, so a volume keeps one intensity scale). Pages
@@ -195,8 +196,10 @@ HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # scaled over the fi
 # depth instead: a 16-bit PNG by imagecodecs (libpng), such a TIFF page by tifffile.
 DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the file too
 # TIFF PhotometricInterpretation read at full depth: grey (0 is white, 0 is black), RGB
-MINISWHITE, MINISBLACK, RGB = 0, 1, 2
+MINISWHITE, MINISBLACK, RGB, PALETTE = 0, 1, 2, 3
 DEEP_PHOTOMETRIC = (MINISWHITE, MINISBLACK, RGB)
+# ... and those tifffile's pages may have: a palette too (16-bit indices: Pillow cannot open them)
+TIFFFILE_PHOTOMETRIC = (*DEEP_PHOTOMETRIC, PALETTE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 # TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
@@ -468,9 +471,10 @@ def _png_values(data: bytes) -> np.ndarray:
 
 
 def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
-    """A grey or RGB TIFF page's samples at full depth (tifffile), MINISWHITE grey inverted
-    (:func:`_min_is_white`); the first alpha extra sample (ExtraSamples 1 associated, 2
-    unassociated) composited onto black, other extras dropped."""
+    """A grey, RGB or palette TIFF page's samples at full depth (tifffile), MINISWHITE grey
+    inverted (:func:`_min_is_white`), a palette looked up (:func:`_tiff_palette`); the first
+    alpha extra sample (ExtraSamples 1 associated, 2 unassociated) composited onto black,
+    other extras dropped. BadImage for any other kind of page."""
     arr = page.asarray()
     if arr.dtype.kind not in "buif":
         kind = "unsupported TIFF page"
@@ -479,7 +483,7 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
         arr = np.moveaxis(arr, 0, -1)
     arr = arr[..., None] if arr.ndim == 2 else arr
     colour = 3 if page.photometric == 2 else 1
-    if page.photometric not in DEEP_PHOTOMETRIC or arr.ndim != 3 or arr.shape[-1] < colour:
+    if page.photometric not in TIFFFILE_PHOTOMETRIC or arr.ndim != 3 or arr.shape[-1] < colour:
         what = getattr(page.photometric, "name", page.photometric)
         kind = "unsupported TIFF page"
         raise BadImage(f"{kind} ({page.bitspersample}-bit {what})", kind)
@@ -488,9 +492,24 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
     shown = arr[..., :colour]
     if page.photometric == MINISWHITE:
         shown = _min_is_white(shown, page.bitspersample)
+    elif page.photometric == PALETTE:
+        shown = _tiff_palette(shown[..., 0], page.colormap)
     if alpha is None:
         return _deep_colour(shown, None, False)
     return _deep_colour(shown, arr[..., colour + alpha], extras[alpha] == 1)
+
+
+def _tiff_palette(indices: np.ndarray, colormap: np.ndarray | None) -> np.ndarray:
+    """(H, W) palette indices (any depth up to 16 bits) -> (H, W, 3) uint8 through the TIFF
+    ColorMap (3, 2^BitsPerSample) of 16-bit entries (TIFF 6.0), scaled by their full range
+    (65535 -> 255) as a DICOM palette's are: a palette names colours, it is never stretched."""
+    if colormap is None or colormap.ndim != 2 or colormap.shape[0] != 3:
+        raise BadImage("TIFF palette page without a ColorMap", "TIFF palette without a ColorMap")
+    if indices.dtype.kind not in "bu" or int(indices.max(initial=0)) >= colormap.shape[1]:
+        kind = "TIFF palette index not in its ColorMap"
+        raise BadImage(f"{kind} ({colormap.shape[1]} entries)", kind)
+    rgb = np.moveaxis(colormap[:, indices.astype(np.intp)], 0, -1)
+    return np.round(rgb * (255.0 / 65535)).astype(np.uint8)
 
 
 def _min_is_white(values: np.ndarray, bits: int) -> np.ndarray:

@@ -1501,3 +1501,36 @@ def test_apng_default_image_outside_the_animation_is_not_a_frame(tmp_path):
     assert k == 1 and np.array_equal(px, frames[1])
     ((k, px),) = read_image(path, frames=[0]).frames
     assert k == 0 and np.array_equal(px, frames[0])
+
+
+_IDX16 = (_YX[1] * 1300 + _YX[0] * 5).astype(np.uint16)  # (32, 48) indices up to 61255
+_RAMP = np.linspace(0, 65535, 65536)
+_CMAP16 = np.stack([_RAMP, _RAMP[::-1], (_RAMP * 7) % 65536]).astype(np.uint16)
+_PAL16 = {"photometric": "palette", "colormap": _CMAP16}
+_PAL8 = {"photometric": "palette", "colormap": _CMAP[::-1].astype(np.uint16)}
+PALETTE_TIFFS = {
+    # kind: (pages as (stored, tifffile keywords), the page looked at)
+    "16-bit": ([(_IDX16, _PAL16)], 0),
+    "16-bit, orientation 8": ([(_IDX16, {**_PAL16, "extratags": [(274, "H", 1, 8, True)]})], 0),
+    "16-bit after an 8-bit grey page": ([(_RGB8[..., 0], {}), (_IDX16, _PAL16)], 1),
+    "8-bit after a float64 page": ([(_F64, {}), (_IDX16.astype(np.uint8), _PAL8)], 1),
+}
+
+
+@pytest.mark.parametrize("kind", PALETTE_TIFFS)
+def test_tiff_palettes_are_looked_up_at_every_depth(tmp_path, kind):
+    """A palette TIFF page of 16-bit indices (a 65536-entry ColorMap), and any palette page
+    tifffile reads, is looked up to RGB, its 16-bit entries scaled by their full range (never
+    stretched to the page's min..max). Reference: tifffile's ColorMap indexed with numpy."""
+    pages, k = PALETTE_TIFFS[kind]
+    path = tmp_path / "p.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for stored, kwargs in pages:
+            tif.write(stored, **{"photometric": "minisblack", **kwargs})
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[k]
+        cmap, raw, turn = page.colormap, page.asarray(), page.tags.valueof(274, 1)
+    looked_up = np.moveaxis(cmap[:, raw], 0, -1).astype(float)
+    want = NUMPY_UPRIGHT[turn](np.round(looked_up * 255 / 65535))
+    ((frame, px),) = read_image(path, frames=[k]).frames
+    assert frame == k and px.shape == want.shape and np.array_equal(px, want)
