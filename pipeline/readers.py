@@ -206,6 +206,9 @@ TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIF
 # resolution copy of another page (preview, thumbnail, pyramid level), bit 2 a transparency
 # mask; the old SubfileType (tag 255) 2 a reduced-resolution copy. They are skipped.
 NOT_A_PICTURE = 0b101
+# What Pillow raises setting up a TIFF page whose format it does not know: SyntaxError for
+# its sample layout (float64, 16-bit grey+alpha, 16-bit palette), KeyError for its compression
+UNKNOWN_TO_PILLOW = (SyntaxError, KeyError)
 ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 ORIENTATION = 0x0112  # EXIF/TIFF tag: how the stored pixels must be turned to stand upright
 # EXIF orientation -> the numpy transform that undoes it on (H, W[, C]) pixels (EXIF 2.32,
@@ -345,16 +348,16 @@ def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
 def _tiff_pages(im: Image.Image, deep: _FullDepth) -> list[_Page]:
     """The picture pages of a TIFF Pillow opens, each decided on its own: read by Pillow, or
     by tifffile where Pillow would cut it to 8 bits (:func:`_deep_tiff`) or does not know its
-    format (Pillow's SyntaxError when it sets the page up); previews and masks skipped."""
+    format (:data:`UNKNOWN_TO_PILLOW` when it sets the page up); previews and masks skipped."""
     try:
         n = im.n_frames  # sets every page up
-    except SyntaxError:  # a page Pillow does not know: tifffile counts them
+    except UNKNOWN_TO_PILLOW:  # a page Pillow does not know: tifffile counts them
         n = len(deep.tiff().pages)
     pages = []
     for i in range(n):
         try:
             im.seek(i)
-        except SyntaxError:
+        except UNKNOWN_TO_PILLOW:
             page = deep.page(i)
             pages += [page] if page is not None else []
             continue

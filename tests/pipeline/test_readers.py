@@ -1454,6 +1454,10 @@ MIXED_PAGES = {
         (_GA16, {"extrasamples": [2]}, np.where(_KEEP, _G16 // 2, 0)),
     ],
     "uint16 then a float64 preview": [(_G16, {}, _G16), (_F64[::2, ::2], PREVIEW, None)],
+    "uint16 then LERC-compressed uint16": [
+        (_G16, {}, _G16),
+        (_G16 // 3, {"compression": "lerc"}, _G16 // 3),
+    ],
     "8-bit RGB, float64, 16-bit grey": [
         (_RGB8, {"photometric": "rgb"}, _RGB8),
         (_F64, {}, _F64),
@@ -1464,7 +1468,7 @@ MIXED_PAGES = {
 
 @pytest.mark.parametrize("kind", MIXED_PAGES)
 def test_tiff_pages_only_tifffile_reads_are_read_at_any_position(tmp_path, kind):
-    """A page Pillow cannot read (float64, 16-bit grey+alpha) is read by tifffile wherever it
+    """A page Pillow cannot read (float64, 16-bit grey+alpha, LERC) is read by tifffile wherever it
     stands in the file, not only first; a preview of that kind is skipped. Reference: the
     pictures written; high-depth pages scaled with numpy over the file's min..max, 8-bit kept."""
     path = tmp_path / "mixed.tif"
