@@ -546,8 +546,22 @@ def _photo_range(
 # ----------------------------------------------------------------------------- DICOM
 
 
+def _quiet_pydicom() -> None:
+    """Keep pydicom's own log records (a decoder plugin's failure logged with its traceback,
+    notes that may quote header values) out of every log, in whichever process decodes: the
+    file's one-line BadImage reason says what went wrong. Its warnings are caught per file."""
+    logger = logging.getLogger("pydicom")
+    logger.setLevel(logging.CRITICAL)
+    logger.propagate = False  # its own NullHandler only: nothing reaches the stage's handlers
+
+
+_quiet_pydicom()  # on import: the stage's process, each worker process, each Ray worker
+
+
 def _open_dicom(path: Path) -> pydicom.Dataset:
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings become our reasons
+    """``path`` parsed by pydicom (header and pixel data element, not yet decoded); BadImage
+    when it is no usable DICOM (unparseable, truncated, without pixel data)."""
+    _quiet_pydicom()  # again: a library (pydicom.config.debug, a logging setup) may reset it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate
 
 from pipeline import ingest, preprocess
 from pipeline.io import ArrowRows
@@ -544,3 +546,39 @@ def test_jpeg_duplicates_are_confirmed_on_full_size_pixels(tmp_path, case):
     assert sorted(m["source"]) == sorted(set(files) - {p for p, _ in pairs})
     r = _report(paths)
     assert (r["found"], r["ingested"], r["duplicates"]) == (len(files), len(m), len(pairs))
+
+
+# ------------------------------------------------------ library tracebacks never reach the log
+
+DAMAGED_STREAMS = {  # transfer syntax of the damaged file -> its garbage codestream
+    "jpeg": b"\xff\xd8garbage" * 10,
+    "j2k_lossless": b"\xff\x4f\xff\x51garbage" * 10,
+}
+
+
+def test_damaged_dicom_is_one_reason_without_library_traceback(tmp_path, capfd, caplog):
+    """pydicom logs each decoder plugin's failure with its traceback (LOGGER.exception): in the
+    stage's own process (workers 1) none of it may reach the log; the quarantine reason is the
+    message. Reference: the codestreams are garbage, so pydicom's own decode fails too."""
+    caplog.set_level(logging.DEBUG)
+    src = tmp_path / "src"
+    src.mkdir()
+    for syntax, garbage in DAMAGED_STREAMS.items():
+        path = make_dicom(src / f"{syntax}.dcm", gradient(64, 64)[None], syntax=syntax)
+        ds = pydicom.dcmread(path)
+        ds.PixelData = encapsulate([garbage])
+        ds.save_as(path)
+        with pytest.raises(Exception):  # noqa: B017, PT011 -- pydicom's own failure, any kind
+            pydicom.pixels.pixel_array(path)
+    for k in range(2):
+        Image.fromarray(gradient(64, 64, seed=k)).save(src / f"good{k}.png")
+    caplog.clear()  # only the stage's own output is judged
+    capfd.readouterr()
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "max_quarantine_fraction": 1.0})
+    log = capfd.readouterr().err + caplog.text
+    assert rc == 0 and "Traceback" not in log and "pydicom" not in log
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") or r.exc_info]
+    q = dict(pd.read_csv(paths.quarantine).values)
+    assert {k: v.startswith("undecodable DICOM pixel data") for k, v in q.items()} == {
+        f"{s}.dcm": True for s in DAMAGED_STREAMS
+    }
