@@ -56,7 +56,10 @@ from pipeline.errors import UserError
 from pipeline.io import ArrowRows, write_json, write_table
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
+    NOT_UTF8,
+    escaped,
     is_npz,
+    is_utf8,
     npz_key,
     npz_source,
     source_files,
@@ -356,28 +359,33 @@ def _inspect(task: tuple) -> dict:
 
 def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Refused]]:
     """One entry per file to inspect (from the label sheet, else the folder); listing counts;
-    the files refused before decoding (the sheet's rows for them disagree)."""
+    the files refused before decoding: a file or folder name that is not UTF-8 (in every
+    layout: no sheet row can name it, no output can hold it; quarantine.csv shows it
+    :func:`~pipeline.manifest.escaped`, no log line shows it), a file the sheet's rows
+    disagree on."""
     ing = params.ingest
     sheet = Path(ing.labels) if ing.labels else None
     if sheet is None and ing.source == "demo":
         sheet = root / "labels.csv"
     counts = {"skipped_sidecars": 0}
-    candidates = []
+    candidates, odd = [], []
     for rel in source_files(root):
-        if readers.is_candidate(rel):
+        if not readers.is_candidate(rel):
+            counts["skipped_sidecars"] += 1
+        elif is_utf8(rel):
             candidates.append(rel)
         else:
-            counts["skipped_sidecars"] += 1
+            odd.append(Refused(escaped(rel), NOT_UTF8, NOT_UTF8))
     pattern = re.compile(ing.patient_pattern)
     if sheet is None:
-        return _listed_entries(params, candidates, pattern), counts, []
+        return _listed_entries(params, candidates, pattern), counts, odd
     table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
     listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
     del candidates
     _log_listing(sheet, root, listing)
     counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
     table = listing.table
-    refused = [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
+    refused = odd + [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
     return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts, refused
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -582,3 +583,46 @@ def test_damaged_dicom_is_one_reason_without_library_traceback(tmp_path, capfd, 
     assert {k: v.startswith("undecodable DICOM pixel data") for k, v in q.items()} == {
         f"{s}.dcm": True for s in DAMAGED_STREAMS
     }
+
+
+# ------------------------------------------------ file names that are not UTF-8 (latin-1 zips)
+
+NAME = b"Schr\xf6dinger_OD.png"  # latin-1 bytes: not UTF-8; 'dinger' stands for a patient name
+NOT_UTF8 = {  # case: (relative path as bytes, its label sheet lists the good files)
+    "file name": (NAME, False),
+    "folder name": (b"Schr\xf6dinger/OD.png", False),
+    "file name, label sheet": (NAME, True),
+}
+
+
+@pytest.mark.parametrize("case", NOT_UTF8)
+def test_a_file_name_that_is_not_utf8_is_quarantined_without_showing_it(
+    tmp_path, case, capfd, caplog
+):
+    """Such a file (os.fsencode bytes) is quarantined with a one-line reason; its name reaches
+    no log line and no reason; quarantine.csv shows its path with the bytes escaped (Python's
+    own backslashreplace of the known bytes), so it can be found and renamed."""
+    caplog.set_level(logging.DEBUG)
+    rel, sheet = NOT_UTF8[case]
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        Image.fromarray(gradient(64, 64, seed=k)).save(src / f"good{k}.png")
+    odd = os.path.join(os.fsencode(src), rel)
+    os.makedirs(os.path.dirname(odd), exist_ok=True)
+    Image.fromarray(gradient(64, 64, seed=9)).save(odd)
+    ingest_params = {"source": str(src), "max_quarantine_fraction": 1.0}
+    if sheet:
+        (tmp_path / "labels.csv").write_text(
+            "path,label\n" + "".join(f"good{k}.png,{k}\n" for k in range(3))
+        )
+        ingest_params["labels"] = str(tmp_path / "labels.csv")
+    rc, paths = _run(tmp_path, ingest=ingest_params)
+    log = (capfd.readouterr().err + caplog.text).encode("utf-8", "backslashreplace")
+    assert rc == 0 and b"Traceback" not in log and b"dinger" not in log
+    q = pd.read_csv(paths.quarantine)
+    assert list(q["path"]) == [rel.decode("latin-1").replace("\xf6", "\\xf6")]
+    assert list(q["reason"]) == ["file or folder name is not valid UTF-8 (rename it)"]
+    r = _report(paths)
+    assert (r["found"], r["ingested"], r["quarantined"], r["files"]) == (4, 3, 1, 4)
+    assert sorted(pd.read_parquet(paths.manifest)["source"]) == [f"good{k}.png" for k in range(3)]
