@@ -8,9 +8,12 @@ CRLF line ends, and the empty rows and columns Excel leaves are all accepted. A 
 be a path relative to the source, a bare file name anywhere in the source tree, or either one
 without its suffix (EyePACS ``10_left``, APTOS ``000c1434d8d7``, IDRiD ``IDRiD_001``): it then
 matches the one file of that stem, and a stem that two files share is a one-line error.
-Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty, and in a column of
-numbers Excel's ``1.0`` is ``1``. Rows naming one file are merged, or, when they disagree, the
-file is left out with its reason (ingest quarantines it). Errors name the file's own line.
+Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty; in a label column of
+numbers each is written in its canonical form (``01``, ``+1``, ``1.0``, ``1e0`` are ``1``,
+``1.50`` is ``1.5``: one class per number), while patient IDs keep their leading zeros
+(``007`` and ``7`` are different patients in real registries; only Excel's ``7.0`` is ``7``).
+Rows naming one file are merged, or, when they disagree, the file is left out with its reason
+(ingest quarantines it). Errors name the file's own line.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import os
 import posixpath
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pandas as pd
@@ -50,10 +54,8 @@ UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
 # not 'None', a grade's name in some sheets ("no retinopathy")
 MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "nat"}
 MISSING |= {"1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"}
-# the columns whose cells may be missing, and those whose integral floats (Excel's 1.0) are
-# written as integers when every value of the column is a number
+# the columns whose cells may be missing
 VALUES = ("label", "patient_id", "eye", "split", "severity")
-NUMBERED = ("label", "patient_id")
 
 
 def _header(name: object) -> str:
@@ -152,7 +154,7 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     out["split"] = df[_header(split)] if split and _header(split) in df.columns else ""
     out["severity"] = df["severity"] if "severity" in df.columns else ""
     for role in VALUES:
-        out[role] = _values(out[role], numbered=role in NUMBERED)
+        out[role] = _values(out[role], NUMBERED.get(role))
     out["path"] = _paths(path, out["path"], root)
     _check(path, out)
     return out
@@ -202,23 +204,39 @@ def _check(path: Path, table: pd.DataFrame) -> None:
             raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
 
 
-def _values(column: pd.Series, numbered: bool) -> pd.Series:
-    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when
-    ``numbered`` and every other cell is a number, integral floats (``1.0``, ``2e0``) written
-    as the integer (``1``): one class or patient whether Excel wrote it one way or the other.
-    Integers are kept as written (``007`` stays ``007``)."""
+def _values(column: pd.Series, numbered: Callable[[str], str] | None = None) -> pd.Series:
+    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when every
+    other cell is a number, each written as ``numbered`` makes it (:data:`NUMBERED`: a
+    label's canonical number, a patient ID's integral float as the integer)."""
     column = column.mask(column.str.casefold().isin(MISSING), "")
     filled = column[column != ""]
-    if not numbered or not len(filled) or not all(map(_is_number, filled)):
+    if numbered is None or not len(filled) or not all(map(_is_number, filled)):
         return column
-    return column.map(_integral)
+    return column.map(lambda text: numbered(text) if text else text)
+
+
+def _canonical(text: str) -> str:
+    """A number cell in one form per number, exactly (decimal, no float rounding): ``01``,
+    ``+1``, ``1.0``, ``1e0`` -> ``1``; ``1.50`` -> ``1.5``; ``-0`` -> ``0``; ``1e2`` -> ``100``.
+    So a grade is one class however the sheet wrote it."""
+    try:
+        value = Decimal(text).normalize()
+    except InvalidOperation:  # float() reads it (see _is_number), Decimal not: as written
+        return text
+    return "0" if value.is_zero() else format(value, "f")
 
 
 def _integral(text: str) -> str:
-    """``text`` (a number) as an integer when it is an integral float, else as written."""
-    if text and not text.lstrip("+-").isdigit() and float(text).is_integer():
+    """A patient ID that is a number: an integral float (Excel's ``7.0``, ``7e0``) as the
+    integer (``7``); an integer kept as written (``007`` and ``7`` are different patients in
+    registries that number them with leading zeros), so is any other number."""
+    if not text.lstrip("+-").isdigit() and float(text).is_integer():
         return str(int(float(text)))
     return text
+
+
+# how each column's cells are written when every one is a number (others: as written)
+NUMBERED: dict[str, Callable[[str], str]] = {"label": _canonical, "patient_id": _integral}
 
 
 def _is_number(text: str) -> bool:

@@ -214,7 +214,17 @@ LABEL_CELLS = {
     "missing_markers": ("a,x\nb,NaN\nc,#N/A\n", {"a.png": "x", "b.png": None, "c.png": None}),
     "excel_integral_floats": ("a,1\nb,1.0\nc, 2 \n", {"a.png": "1", "b.png": "1", "c.png": "2"}),
     "not_all_numbers": ("a,1\nb,1.0\nc,n/a\n", {"a.png": "1", "b.png": "1", "c.png": None}),
-    "text_kept": ("a,1.5\nb,1.50\nc,007\n", {"a.png": "1.5", "b.png": "1.50", "c.png": "007"}),
+    # every cell a number (float() of each: 1.5, 1.5, 7): one class per number, written canonically
+    "numbers_canonical": ("a,1.5\nb,1.50\nc,007\n", {"a.png": "1.5", "b.png": "1.5", "c.png": "7"}),
+    "signs_and_leading_zeros": ("a,+1\nb,01\nc,00\n", {"a.png": "1", "b.png": "1", "c.png": "0"}),
+    "exponent_and_negative_zero": (
+        "a,1e0\nb,02.0\nc,-0\n",
+        {"a.png": "1", "b.png": "2", "c.png": "0"},
+    ),
+    "words_keep_every_cell_as_written": (
+        "a,01\nb,1\nc,mild\n",
+        {"a.png": "01", "b.png": "1", "c.png": "mild"},
+    ),
 }
 
 
@@ -229,6 +239,37 @@ def test_label_cells_are_read_as_one_class_per_value(tmp_path, case):
     m = pd.read_parquet(paths.manifest)
     got = [None if pd.isna(v) else v for v in m["label"]]
     assert dict(zip(m["source"], got, strict=True)) == expected
+
+
+def test_xlsx_number_and_text_cells_of_one_number_are_one_class(tmp_path):
+    """A number cell 1 and a text cell '01' (openpyxl writes each as given) are one class;
+    2.50 as a number cell is 2.5."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.xlsx"
+    book = openpyxl.Workbook()
+    for row in (["path", "label"], ["a", 1], ["b", "01"], ["c", 2.50]):
+        book.active.append(row)
+    book.save(sheet)
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    assert rc == 0 and dict(zip(m["source"], m["label"], strict=True)) == {
+        "a.png": "1",
+        "b.png": "1",
+        "c.png": "2.5",
+    }
+
+
+def test_label_numbers_are_one_class_but_patient_ids_keep_leading_zeros(tmp_path):
+    """Grades 01, 1 and 1.0 are one class; patients 007 and 7 are different people
+    (registries number them so), only Excel's 7.0 is 7."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label,patient_id\na,01,007\nb,1,7\nc,1.0,7.0\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    subject = dict(m[["source", "subject_id"]].values)
+    assert rc == 0 and set(m["label"]) == {"1"}
+    assert subject["a.png"] != subject["b.png"] == subject["c.png"]
 
 
 def test_labels_differing_only_in_case_are_named_in_one_warning(tmp_path, caplog):
@@ -296,6 +337,11 @@ REPEATS = {
     "same_or_empty_repeats": (
         "path,label,eye\na,mild,R\nb,,\nc,mild,L\na.png,mild,OD\n./b.png,severe,L\n",
         {"a.png": "mild", "b.png": "severe", "c.png": "mild"},
+        {},
+    ),
+    "one_number_written_two_ways": (
+        "path,label\na,1\nb,2\nc,0\na.png,01\nb.png,2.0\nc,+0\n",
+        {"a.png": "1", "b.png": "2", "c.png": "0"},
         {},
     ),
     "conflicting_patients": (
