@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import zipfile
 from pathlib import Path
 
 import openpyxl
@@ -270,6 +272,79 @@ def test_label_numbers_are_one_class_but_patient_ids_keep_leading_zeros(tmp_path
     subject = dict(m[["source", "subject_id"]].values)
     assert rc == 0 and set(m["label"]) == {"1"}
     assert subject["a.png"] != subject["b.png"] == subject["c.png"]
+
+
+def _formula_sheet(path: Path, rows: list[list], cached: dict[str, str]) -> None:
+    """An .xlsx written by openpyxl (formulas without a saved value, as any script leaves
+    them), then given the saved text values ``cached`` (cell -> text) a spreadsheet program
+    writes (``<c t="str"><f>..</f><v>text</v></c>``) by editing the sheet's XML."""
+    book = openpyxl.Workbook()
+    for row in rows:
+        book.active.append(row)
+    book.save(path)
+    with zipfile.ZipFile(path) as z:
+        parts = {name: z.read(name) for name in z.namelist()}
+    xml = parts["xl/worksheets/sheet1.xml"].decode()
+    for cell, text in cached.items():
+        xml = re.sub(
+            f'<c r="{cell}"><f>(.*?)</f><v ?/>',
+            lambda m, t=text, c=cell: f'<c r="{c}" t="str"><f>{m[1]}</f><v>{t}</v>',
+            xml,
+        )
+    parts["xl/worksheets/sheet1.xml"] = xml.encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+
+
+FORMULA = '=IF(C{r}=0,"normal","dr")'
+# case: (rows after the header path,label,grade,note; saved values; error or manifest labels)
+FORMULAS = {
+    "label formulas never saved": (
+        [["a", FORMULA, 0, ""], ["b", FORMULA, 1, ""], ["c", FORMULA, 2, ""]],
+        {},
+        "column 'label', row 2: formulas without a saved value",
+    ),
+    "path formula never saved, from row 3": (
+        [["a", "x", 0, ""], ['="b"&".png"', "y", 1, ""], ["c", "z", 2, ""]],
+        {},
+        "column 'path', row 3: formulas without a saved value",
+    ),
+    "saved by a spreadsheet program": (
+        [["a", FORMULA, 0, ""], ["b", FORMULA, 1, ""], ["c", FORMULA, 2, ""]],
+        {"B2": "normal", "B3": "dr", "B4": ""},  # an empty result is an empty label
+        {"a.png": "normal", "b.png": "dr", "c.png": None},
+    ),
+    "formula in a column not read": (
+        [["a", "x", 0, "=C2*2"], ["b", "y", 1, "=C3*2"], ["c", "z", 2, "=C4*2"]],
+        {},
+        {"a.png": "x", "b.png": "y", "c.png": "z"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FORMULAS)
+def test_xlsx_formulas_without_a_saved_value_are_a_one_line_error(tmp_path, capsys, case):
+    """Reference: openpyxl's own reading without data_only shows the formulas; the values a
+    spreadsheet program saved are read as it shows them."""
+    rows, cached, want = FORMULAS[case]
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.xlsx"
+    rows = [
+        [v.format(r=r) if isinstance(v, str) else v for v in row] for r, row in enumerate(rows, 2)
+    ]
+    _formula_sheet(sheet, [["path", "label", "grade", "note"], *rows], cached)
+    formulas = openpyxl.load_workbook(sheet).active
+    assert any(str(c.value).startswith("=") for row in formulas.iter_rows() for c in row)
+    rc, paths = _ingest(tmp_path, sheet)
+    if isinstance(want, str):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and want in err[0]
+        assert "open and save the sheet in Excel or LibreOffice, or export CSV" in err[0]
+        return
+    m = pd.read_parquet(paths.manifest)
+    got = [None if pd.isna(v) else v for v in m["label"]]
+    assert rc == 0 and dict(zip(m["source"], got, strict=True)) == want
 
 
 def test_labels_differing_only_in_case_are_named_in_one_warning(tmp_path, caplog):
