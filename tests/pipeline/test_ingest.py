@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import logging
@@ -626,3 +627,51 @@ def test_a_file_name_that_is_not_utf8_is_quarantined_without_showing_it(
     r = _report(paths)
     assert (r["found"], r["ingested"], r["quarantined"], r["files"]) == (4, 3, 1, 4)
     assert sorted(pd.read_parquet(paths.manifest)["source"]) == [f"good{k}.png" for k in range(3)]
+
+
+def _two_frame_tiff() -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(gradient(64, 64, seed=s)) for s in (1, 2)]
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _jpeg_with_comment(comment: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gradient(64, 64, seed=3)).save(buf, "JPEG", quality=90, comment=comment)
+    return buf.getvalue()
+
+
+# case: (bytes of file a, of file b, frames compared, one image?) -- the reference is the
+# bytes (filecmp) for a byte copy, Pillow's own decodes otherwise
+BYTE_COPIES = {
+    "byte copies, not even decodable": (b"\xff\xd8 damaged" * 9, b"\xff\xd8 damaged" * 9, (0, 0)),
+    "byte copies, other frames": (_two_frame_tiff(), _two_frame_tiff(), (0, 1)),
+    "same size, other bytes, same pixels": (
+        _jpeg_with_comment(b"aa"),
+        _jpeg_with_comment(b"bb"),
+        (0, 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BYTE_COPIES)
+def test_full_size_confirmation_takes_byte_copies_without_decoding(tmp_path, case):
+    """The same frame of byte-identical files is one image without a decode (a file no
+    decoder reads shows none is made); anything else is decided on full-size pixels."""
+    data_a, data_b, (fa, fb) = BYTE_COPIES[case]
+    (tmp_path / "a").write_bytes(data_a)
+    (tmp_path / "b").write_bytes(data_b)
+    copies = filecmp.cmp(tmp_path / "a", tmp_path / "b", shallow=False)
+    if copies and fa == fb:
+        want = True
+    else:
+        with Image.open(io.BytesIO(data_a)) as im:
+            im.seek(fa)
+            pixels_a = np.asarray(im.convert("L"))
+        with Image.open(io.BytesIO(data_b)) as im:
+            im.seek(fb)
+            pixels_b = np.asarray(im.convert("L"))
+        want = np.array_equal(pixels_a, pixels_b)
+        assert len(data_a) == len(data_b) or fa != fb  # the size alone decides nothing here
+    assert ingest.FullSize(tmp_path, None)("a", fa, "b", fb) is bool(want)
