@@ -41,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.html_map import UNKNOWN
 from pipeline.io import write_table
 from pipeline.latent import LAYOUT_FILE, MAP_POINTS, PROBE_FILE, probe_predict
+from pipeline.manifest import NOT_UTF8, hidden, is_utf8
 from pipeline.model_io import encode_images, load_model
 from pipeline.params import Params
 from pipeline.pixels import prepare_file, prepare_npz_row
@@ -60,7 +61,7 @@ def expand(paths: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and readers.is_candidate(p))
             if not found:
-                log.warning("%s: no image files in this folder", path)
+                log.warning("%s: no image files in this folder", hidden(path))
             files += found
         else:
             files.append(path)  # a missing file is reported when read, with the others
@@ -163,16 +164,19 @@ def read_inputs(
     files = expand(inputs)
     for path in files:
         try:
+            if not is_utf8(str(path)):  # no output can hold its path; no log shows it
+                raise UserError(NOT_UTF8)
             found = frames(path, params, size)
         except UserError as exc:
-            failures.append(f"{path}: {exc}")
-            log.error("%s: %s", path, exc)
+            failures.append(f"{hidden(path)}: {exc}")
+            log.error("%s: %s", hidden(path), exc)
             continue
         rows += [(name, frame) for name, frame, _ in found]
         images += [arr for _, _, arr in found]
     if not images:
         raise UserError(
-            f"no image could be encoded from {len(files)} file(s) ({', '.join(inputs)})"
+            f"no image could be encoded from {len(files)} file(s) "
+            f"({', '.join(map(hidden, inputs))})"
         )
     return rows, images, failures
 

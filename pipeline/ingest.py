@@ -21,9 +21,9 @@ Each file is fully decoded (JPEGs at a reduced DCT scale, see :mod:`pipeline.rea
 catch truncation; a bad file is quarantined with a one-line reason. ``content_hash`` is the
 SHA-256 of the decoded pixels at that check scale plus their shape: two images are duplicates
 when their full-size pixels are identical. For a JPEG hashed at a reduced scale the hash is a
-first filter: a match is confirmed on the full-size decodes of the two files (only those are
-decoded again), and two JPEGs equal only at the reduced scale are both kept (with one
-``content_hash``).
+first filter: a match is confirmed by the files' bytes (a byte copy is a duplicate without
+decoding), else on the full-size decodes of the two files (only those are decoded again),
+and two JPEGs equal only at the reduced scale are both kept (with one ``content_hash``).
 Library warnings raised while decoding are counted per kind (:mod:`pipeline.libwarn`).
 Counts balance: found = ingested + quarantined + duplicates (in images: a multi-frame file
 counts one per frame kept; a quarantined file counts one).
@@ -56,7 +56,10 @@ from pipeline.errors import UserError
 from pipeline.io import ArrowRows, write_json, write_table
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
+    NOT_UTF8,
+    escaped,
     is_npz,
+    is_utf8,
     npz_key,
     npz_source,
     source_files,
@@ -261,17 +264,42 @@ class Entries:
 
 class FullSize:
     """Confirms a collision of check-scale hashes on the full-size pixels: two frames are one
-    image when their full-size decodes (no DCT reduction) are identical. Each frame is decoded
-    once, and only frames whose hashes collided ever are; a frame that fails to decode now
-    is never called a copy."""
+    image when their full-size decodes (no DCT reduction) are identical. The same frame of
+    two byte-identical files (same size, same SHA-256 of the bytes) is that without decoding:
+    a byte copy, the common case, costs two reads. Otherwise each frame is decoded once, and
+    only frames whose hashes collided ever are; a frame that fails to decode now is never
+    called a copy."""
 
     def __init__(self, root: Path, max_pixels: int | None) -> None:
         self.root, self.max_pixels = root, max_pixels
         self._hashes: dict[tuple[str, int], str | None] = {}
+        self._bytes: dict[str, str | None] = {}  # source -> SHA-256 of its bytes
 
     def __call__(self, source: str, frame: int, other: str, other_frame: int) -> bool:
+        if frame == other_frame and self._byte_copy(source, other):
+            return True
         a, b = self._hash(source, frame), self._hash(other, other_frame)
         return a is not None and a == b
+
+    def _byte_copy(self, source: str, other: str) -> bool:
+        """Whether the two files hold the same bytes (sizes compared first)."""
+        try:
+            sizes = {os.path.getsize(os.path.join(self.root, s)) for s in (source, other)}
+        except OSError:
+            return False
+        if len(sizes) > 1:
+            return False
+        a, b = self._file_hash(source), self._file_hash(other)
+        return a is not None and a == b
+
+    def _file_hash(self, source: str) -> str | None:
+        if source not in self._bytes:
+            try:
+                with open(os.path.join(self.root, source), "rb") as f:
+                    self._bytes[source] = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                self._bytes[source] = None
+        return self._bytes[source]
 
     def _hash(self, source: str, frame: int) -> str | None:
         key = (source, frame)
@@ -356,28 +384,33 @@ def _inspect(task: tuple) -> dict:
 
 def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Refused]]:
     """One entry per file to inspect (from the label sheet, else the folder); listing counts;
-    the files refused before decoding (the sheet's rows for them disagree)."""
+    the files refused before decoding: a file or folder name that is not UTF-8 (in every
+    layout: no sheet row can name it, no output can hold it; quarantine.csv shows it
+    :func:`~pipeline.manifest.escaped`, no log line shows it), a file the sheet's rows
+    disagree on."""
     ing = params.ingest
     sheet = Path(ing.labels) if ing.labels else None
     if sheet is None and ing.source == "demo":
         sheet = root / "labels.csv"
     counts = {"skipped_sidecars": 0}
-    candidates = []
+    candidates, odd = [], []
     for rel in source_files(root):
-        if readers.is_candidate(rel):
+        if not readers.is_candidate(rel):
+            counts["skipped_sidecars"] += 1
+        elif is_utf8(rel):
             candidates.append(rel)
         else:
-            counts["skipped_sidecars"] += 1
+            odd.append(Refused(escaped(rel), NOT_UTF8, NOT_UTF8))
     pattern = re.compile(ing.patient_pattern)
     if sheet is None:
-        return _listed_entries(params, candidates, pattern), counts, []
+        return _listed_entries(params, candidates, pattern), counts, odd
     table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
     listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
     del candidates
     _log_listing(sheet, root, listing)
     counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
     table = listing.table
-    refused = [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
+    refused = odd + [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
     return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts, refused
 
 

@@ -8,9 +8,12 @@ CRLF line ends, and the empty rows and columns Excel leaves are all accepted. A 
 be a path relative to the source, a bare file name anywhere in the source tree, or either one
 without its suffix (EyePACS ``10_left``, APTOS ``000c1434d8d7``, IDRiD ``IDRiD_001``): it then
 matches the one file of that stem, and a stem that two files share is a one-line error.
-Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty, and in a column of
-numbers Excel's ``1.0`` is ``1``. Rows naming one file are merged, or, when they disagree, the
-file is left out with its reason (ingest quarantines it). Errors name the file's own line.
+Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty; in a label column of
+numbers each is written in its canonical form (``01``, ``+1``, ``1.0``, ``1e0`` are ``1``,
+``1.50`` is ``1.5``: one class per number), while patient IDs keep their leading zeros
+(``007`` and ``7`` are different patients in real registries; only Excel's ``7.0`` is ``7``).
+Rows naming one file are merged, or, when they disagree, the file is left out with its reason
+(ingest quarantines it). Errors name the file's own line.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import os
 import posixpath
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pandas as pd
@@ -50,10 +54,8 @@ UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
 # not 'None', a grade's name in some sheets ("no retinopathy")
 MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "nat"}
 MISSING |= {"1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"}
-# the columns whose cells may be missing, and those whose integral floats (Excel's 1.0) are
-# written as integers when every value of the column is a number
+# the columns whose cells may be missing
 VALUES = ("label", "patient_id", "eye", "split", "severity")
-NUMBERED = ("label", "patient_id")
 
 
 def _header(name: object) -> str:
@@ -71,8 +73,12 @@ def _raw(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".xls":
         raise UserError(f"{path}: Excel 97 .xls is not read; save it as .xlsx or .csv")
+    unsaved: dict[int, int] = {}  # column index -> first row of a formula without a value
     try:
-        records = _xlsx_records(path) if suffix in EXCEL else _csv_records(path, suffix)
+        if suffix in EXCEL:
+            records, unsaved = _xlsx_records(path)
+        else:
+            records = _csv_records(path, suffix)
     except UNREADABLE as exc:
         raise UserError(f"{path}: not a readable CSV/TSV/.xlsx ({type(exc).__name__})") from None
     records = [(n, [c.strip() for c in r]) for n, r in records if any(c.strip() for c in r)]
@@ -84,7 +90,10 @@ def _raw(path: Path) -> pd.DataFrame:
         if any(record[width:]):
             raise UserError(f"{path}: line {n}: {len(record)} values, but the header names {width}")
     rows = [(record + [""] * width)[:width] for _, record in body]
-    return pd.DataFrame(rows, columns=_names(header), index=[n for n, _ in body], dtype=object)
+    names = _names(header)
+    df = pd.DataFrame(rows, columns=names, index=[n for n, _ in body], dtype=object)
+    df.attrs["unsaved"] = {names[j]: n for j, n in unsaved.items() if j < width}
+    return df
 
 
 def _csv_records(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
@@ -98,19 +107,41 @@ def _csv_records(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
     return out
 
 
-def _xlsx_records(path: Path) -> list[tuple[int, list[str]]]:
-    """(row number, its cells as text) for each row of the workbook's first sheet (cached
-    values of formulas, as Excel shows them)."""
+def _xlsx_records(path: Path) -> tuple[list[tuple[int, list[str]]], dict[int, int]]:
+    """(row number, its cells as text) for each row of the workbook's first sheet (the values
+    of formulas as the spreadsheet program that last saved it computed them), and, per
+    column index (0-based), the first row whose cell is a formula without such a saved
+    value: a workbook written by a script (openpyxl, pandas) and never opened and saved in
+    Excel or LibreOffice holds none, and its cells would read as empty."""
+    formulas = {
+        (cell.row, cell.column)
+        for row in _xlsx_rows(path, data_only=False)
+        for cell in row
+        if cell.data_type == "f"
+    }
+    records, unsaved = [], {}
+    for n, row in enumerate(_xlsx_rows(path, data_only=True), 1):
+        records.append((n, ["" if c.value is None else str(c.value) for c in row]))
+        for j, cell in enumerate(row):
+            # a saved empty text result is <v></v> typed "str"; a formula never computed has
+            # no typed value at all
+            if (n, j + 1) in formulas and cell.value is None and cell.data_type != "str":
+                unsaved.setdefault(j, n)
+    return records, unsaved
+
+
+def _xlsx_rows(path: Path, data_only: bool) -> list[tuple]:
+    """The cells of each row of the workbook's first sheet (openpyxl's read-only cells);
+    ``data_only``: formulas' saved values, else the formulas (``data_type`` ``"f"``)."""
     import openpyxl  # here: only an .xlsx sheet pays for its import
     from openpyxl.utils.exceptions import InvalidFileException
 
     try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        book = openpyxl.load_workbook(path, read_only=True, data_only=data_only)
     except InvalidFileException:
         raise ValueError("not an Excel workbook") from None
     try:
-        rows = book.worksheets[0].iter_rows(min_row=1, values_only=True)
-        return [(n, ["" if v is None else str(v) for v in row]) for n, row in enumerate(rows, 1)]
+        return list(book.worksheets[0].iter_rows(min_row=1))
     finally:
         book.close()
 
@@ -135,27 +166,45 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     built-in names, as the demo's labels.csv has them).
 
     Raises UserError (one line) for an unreadable file, a missing path column or a column
-    named in params but absent, an empty path, a path outside ``root`` or an unknown split.
+    named in params but absent, a column read holding formulas without a saved value (.xlsx),
+    an empty path, a path outside ``root`` or an unknown split.
     """
     df = _raw(path)
     out = pd.DataFrame(index=df.index)
+    taken = {}  # role -> the sheet's column read for it
     for role, key in ROLES.items():
         name = getattr(ing, key) if named else role
         if _header(name) in df.columns:
-            out[role] = df[_header(name)]
+            taken[role] = _header(name)
         elif role == "path" or _header(name) != role:  # a default name may be absent
             found = ", ".join(df.columns) or "none"
             raise UserError(f"{path}: no column {name!r} (ingest.{key}; found {found})")
-        else:
-            out[role] = ""
     split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
-    out["split"] = df[_header(split)] if split and _header(split) in df.columns else ""
-    out["severity"] = df["severity"] if "severity" in df.columns else ""
+    if split and _header(split) in df.columns:
+        taken["split"] = _header(split)
+    if "severity" in df.columns:
+        taken["severity"] = "severity"
+    _refuse_unsaved(path, df, taken.values())
+    for role in (*ROLES, "split", "severity"):
+        out[role] = df[taken[role]] if role in taken else ""
     for role in VALUES:
-        out[role] = _values(out[role], numbered=role in NUMBERED)
+        out[role] = _values(out[role], NUMBERED.get(role))
     out["path"] = _paths(path, out["path"], root)
     _check(path, out)
     return out
+
+
+def _refuse_unsaved(path: Path, df: pd.DataFrame, read: Iterable[str]) -> None:
+    """One line when a column the stage reads holds a formula without a saved value
+    (:func:`_xlsx_records`): its cells would be read as empty, every image silently
+    unlabelled or a path empty. Formulas in other columns are fine."""
+    unsaved = df.attrs.get("unsaved", {})
+    for name in read:
+        if name in unsaved:
+            raise UserError(
+                f"{path}: column {name!r}, row {unsaved[name]}: formulas without a saved "
+                "value: open and save the sheet in Excel or LibreOffice, or export CSV"
+            )
 
 
 def relative(root: Path, value: str) -> str | None:
@@ -202,23 +251,39 @@ def _check(path: Path, table: pd.DataFrame) -> None:
             raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
 
 
-def _values(column: pd.Series, numbered: bool) -> pd.Series:
-    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when
-    ``numbered`` and every other cell is a number, integral floats (``1.0``, ``2e0``) written
-    as the integer (``1``): one class or patient whether Excel wrote it one way or the other.
-    Integers are kept as written (``007`` stays ``007``)."""
+def _values(column: pd.Series, numbered: Callable[[str], str] | None = None) -> pd.Series:
+    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when every
+    other cell is a number, each written as ``numbered`` makes it (:data:`NUMBERED`: a
+    label's canonical number, a patient ID's integral float as the integer)."""
     column = column.mask(column.str.casefold().isin(MISSING), "")
     filled = column[column != ""]
-    if not numbered or not len(filled) or not all(map(_is_number, filled)):
+    if numbered is None or not len(filled) or not all(map(_is_number, filled)):
         return column
-    return column.map(_integral)
+    return column.map(lambda text: numbered(text) if text else text)
+
+
+def _canonical(text: str) -> str:
+    """A number cell in one form per number, exactly (decimal, no float rounding): ``01``,
+    ``+1``, ``1.0``, ``1e0`` -> ``1``; ``1.50`` -> ``1.5``; ``-0`` -> ``0``; ``1e2`` -> ``100``.
+    So a grade is one class however the sheet wrote it."""
+    try:
+        value = Decimal(text).normalize()
+    except InvalidOperation:  # float() reads it (see _is_number), Decimal not: as written
+        return text
+    return "0" if value.is_zero() else format(value, "f")
 
 
 def _integral(text: str) -> str:
-    """``text`` (a number) as an integer when it is an integral float, else as written."""
-    if text and not text.lstrip("+-").isdigit() and float(text).is_integer():
+    """A patient ID that is a number: an integral float (Excel's ``7.0``, ``7e0``) as the
+    integer (``7``); an integer kept as written (``007`` and ``7`` are different patients in
+    registries that number them with leading zeros), so is any other number."""
+    if not text.lstrip("+-").isdigit() and float(text).is_integer():
         return str(int(float(text)))
     return text
+
+
+# how each column's cells are written when every one is a number (others: as written)
+NUMBERED: dict[str, Callable[[str], str]] = {"label": _canonical, "patient_id": _integral}
 
 
 def _is_number(text: str) -> bool:

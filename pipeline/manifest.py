@@ -58,6 +58,37 @@ def source_files(root: Path) -> Iterator[str]:
     return walk(str(root), "")
 
 
+NOT_UTF8 = "file or folder name is not valid UTF-8 (rename it)"  # a quarantine reason and kind
+_HIDDEN = "<name not UTF-8>"
+
+
+def is_utf8(path: str) -> bool:
+    """Whether a path the file system gave is valid UTF-8. Python keeps the bytes of a name
+    that is not (a latin-1 name from an old zip, 'M\\xfcller.png') as lone surrogates, which
+    nothing that writes text takes (parquet, CSV, the keyed hashes of :mod:`pipeline.deid`),
+    and which no label sheet (UTF-8 text) can name."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escaped(path: str) -> str:
+    """``path`` as text with each byte that is not UTF-8 written ``\\xNN`` (``M\\xfcller.png``):
+    how quarantine.csv names such a file, so that it can be found and renamed."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def hidden(path: str | os.PathLike) -> str:
+    """``path`` for a log line: each folder or file name that is not UTF-8 shown as
+    ``<name not UTF-8>`` (it may hold a patient's name; a log never shows it)."""
+    path = os.fspath(path)
+    if is_utf8(path):
+        return path
+    return "/".join(part if is_utf8(part) else _HIDDEN for part in path.split("/"))
+
+
 def _broken_link(path: str) -> bool:
     """A symlink whose target is missing: listed, so that ingest quarantines it with its
     reason instead of losing the file without a word."""

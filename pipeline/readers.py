@@ -24,7 +24,8 @@ are meant to be seen (README, "Your own data", lists each decision):
 - DICOM: values are cut to Bits Stored (sign-extended when signed) whatever the transfer
   syntax; PALETTE COLOR is looked up to RGB; grey images get rescale slope/intercept (or the
   modality LUT) and the VOI LUT or window (each frame its own from an enhanced image's
-  functional groups), MONOCHROME1 is inverted; YBR is converted to RGB;
+  functional groups), MONOCHROME1 is inverted (within the range black..white is taken
+  from: a frame's VOI output range, else the whole file's); YBR is converted to RGB;
   non-8-bit results are scaled from the VOI's output range when there is one, else from the
   min..max of the whole file (all frames, also when only some are kept).
 - ``draft``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose upright size
@@ -649,8 +650,22 @@ def _photo_range(
 # ----------------------------------------------------------------------------- DICOM
 
 
+def _quiet_pydicom() -> None:
+    """Keep pydicom's own log records (a decoder plugin's failure logged with its traceback,
+    notes that may quote header values) out of every log, in whichever process decodes: the
+    file's one-line BadImage reason says what went wrong. Its warnings are caught per file."""
+    logger = logging.getLogger("pydicom")
+    logger.setLevel(logging.CRITICAL)
+    logger.propagate = False  # its own NullHandler only: nothing reaches the stage's handlers
+
+
+_quiet_pydicom()  # on import: the stage's process, each worker process, each Ray worker
+
+
 def _open_dicom(path: Path) -> pydicom.Dataset:
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings become our reasons
+    """``path`` parsed by pydicom (header and pixel data element, not yet decoded); BadImage
+    when it is no usable DICOM (unparseable, truncated, without pixel data)."""
+    _quiet_pydicom()  # again: a library (pydicom.config.debug, a logging setup) may reset it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -775,8 +790,9 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
     Stored values are cut to Bits Stored first (whatever the transfer syntax), then: a palette
     is looked up (PALETTE COLOR -> RGB); grey images get the modality rescale or LUT, the VOI
     LUT or window (each frame its own, from the functional groups of an enhanced image), and
-    MONOCHROME1 is inverted within the range those give; YBR comes from pydicom already
-    converted to RGB."""
+    MONOCHROME1 is inverted within the range those give (a frame without one is inverted by
+    :func:`_dicom_uint8`, over the whole file); YBR comes from pydicom already converted to
+    RGB."""
     frames = list(frames)
     if frames == list(range(n)):
         arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
@@ -796,20 +812,27 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
 
 def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Range | None]:
     """One grey frame's stored values (H, W) through its modality and VOI transforms (pydicom's
-    ``apply_rescale`` and ``apply_voi_lut`` on the frame's header ``view``), MONOCHROME1
-    inverted; with the range shown black..white (a VOI's output range; for values still of 8
-    bits or fewer, the range their Bits Stored or 8-bit LUT allows: 0..63 for 6-bit, 0..1
-    for 1-bit), else None (scaled over the file)."""
+    ``apply_rescale`` and ``apply_voi_lut`` on the frame's header ``view``), with the range
+    shown black..white (a VOI's output range; for values still of 8 bits or fewer, the range
+    their Bits Stored or 8-bit LUT allows: 0..63 for 6-bit, 0..1 for 1-bit), MONOCHROME1
+    inverted within it; else None, the values left as they are (scaled, and a MONOCHROME1
+    frame inverted, over the whole file by :func:`_dicom_uint8`: each frame's own rescaled
+    range would invert frames of one volume differently)."""
     lo, hi = _display_range(view)
     shown = apply_voi_lut(apply_rescale(px, view), view)
     # a VOI's output, or values still of 8 bits or fewer (stored, or an 8-bit modality LUT's),
     # span lo..hi; others (rescaled, more bits) are scaled over the file
     fixed = (lo, hi) if (_has_voi(view) or shown.dtype == np.uint8) and hi > lo else None
-    if view.get("PhotometricInterpretation") == "MONOCHROME1":  # the lowest value is white
+    if fixed is not None and _inverted(view):  # the lowest value is white
         flipped = lo + hi - shown.astype(np.float64)
         exact = shown.dtype == np.uint8 and (lo, hi) == (0, 255)
         shown = flipped.astype(np.uint8) if exact else flipped
     return shown, fixed
+
+
+def _inverted(ds: pydicom.Dataset) -> bool:
+    """Whether the grey image is MONOCHROME1 (its lowest value is white)."""
+    return str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
 
 
 def _frame_header(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
@@ -895,20 +918,23 @@ def _item(sequence: object, index: int) -> pydicom.Dataset | None:
 def _dicom_uint8(ds: pydicom.Dataset, frames: list[int], n: int) -> np.ndarray:
     """The listed frames as (F, H, W[, 3]) uint8: each frame's display values scaled from the
     range that is black..white for them, or, where there is none, from the min..max of every
-    such frame of the file (all frames, also when only some are kept)."""
+    such frame of the file (all frames, also when only some are kept); a MONOCHROME1 frame
+    of the latter kind is inverted within that same whole-file range, as a viewer does."""
     shown, whole = _dicom_values(ds, frames, n), (0.0, 0.0)
     if any(r is None for _, r in shown):
         every = shown if sorted(frames) == list(range(n)) else _dicom_values(ds, range(n), n)
         whole = _value_range(a for a, r in every if r is None)
-    return np.stack([_scaled(a, whole if r is None else r) for a, r in shown])
+    flip = _inverted(ds) and ds.get("SamplesPerPixel", 1) == 1
+    return np.stack([_scaled(a, whole, flip) if r is None else _scaled(a, r) for a, r in shown])
 
 
-def _scaled(values: np.ndarray, shown: Range) -> np.ndarray:
-    """``values`` scaled from ``shown`` (lo, hi) to 0..255 uint8; 8-bit values already on
-    0..255 are kept as they are."""
-    if values.dtype == np.uint8 and shown == (0, 255):
+def _scaled(values: np.ndarray, shown: Range, invert: bool = False) -> np.ndarray:
+    """``values`` scaled from ``shown`` (lo, hi) to 0..255 uint8 (``invert``: hi black, lo
+    white); 8-bit values already on 0..255 are kept as they are."""
+    if values.dtype == np.uint8 and shown == (0, 255) and not invert:
         return values
-    return to_uint8(values.astype(np.float64), *shown)
+    values = values.astype(np.float64)
+    return to_uint8(shown[0] + shown[1] - values if invert else values, *shown)
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:

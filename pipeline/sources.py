@@ -39,8 +39,9 @@ def _sheet(path: Path) -> str:
 
 
 def _stat(h: hashlib._Hash, rel: str, path: str) -> None:
+    """Hash ``rel`` (its bytes on disk, a name that is not UTF-8 too), size and time."""
     st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a link to a missing file
-    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
 def _tree(root: Path) -> str:

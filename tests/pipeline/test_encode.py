@@ -1,6 +1,7 @@
 """``retina-vae encode``: latent means of image files and folders, bad files listed."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,22 @@ def test_html_without_a_map_is_a_one_line_error(tmp_path, folder, capsys):
     argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
     assert main([*argv, "--html", str(tmp_path / "m.html"), str(folder)]) == 1
     assert "--html needs --map" in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_is_a_failure_that_does_not_show_it(
+    tmp_path, folder, capfd, caplog
+):
+    """A latin-1 file name (os.fsencode bytes): one failure line with the name hidden, the
+    other files written; the name reaches neither the log nor the output."""
+    _model(tmp_path)
+    _photo(Path(os.fsdecode(os.path.join(os.fsencode(folder), b"Schr\xf6dinger_OD.png"))), 3)
+    out = tmp_path / "latents.csv"
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(folder)]) == 1
+    log = (capfd.readouterr().err + caplog.text).encode("utf-8", "backslashreplace")
+    assert b"Traceback" not in log and b"dinger" not in log
+    listed = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert listed == [
+        f"{folder}/<name not UTF-8>: file or folder name is not valid UTF-8 (rename it)"
+    ]
+    assert b"dinger" not in out.read_bytes() and len(pd.read_csv(out)) == 4

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate
 
 from pipeline import ingest, preprocess
 from pipeline.io import ArrowRows
@@ -544,3 +548,130 @@ def test_jpeg_duplicates_are_confirmed_on_full_size_pixels(tmp_path, case):
     assert sorted(m["source"]) == sorted(set(files) - {p for p, _ in pairs})
     r = _report(paths)
     assert (r["found"], r["ingested"], r["duplicates"]) == (len(files), len(m), len(pairs))
+
+
+# ------------------------------------------------------ library tracebacks never reach the log
+
+DAMAGED_STREAMS = {  # transfer syntax of the damaged file -> its garbage codestream
+    "jpeg": b"\xff\xd8garbage" * 10,
+    "j2k_lossless": b"\xff\x4f\xff\x51garbage" * 10,
+}
+
+
+def test_damaged_dicom_is_one_reason_without_library_traceback(tmp_path, capfd, caplog):
+    """pydicom logs each decoder plugin's failure with its traceback (LOGGER.exception): in the
+    stage's own process (workers 1) none of it may reach the log; the quarantine reason is the
+    message. Reference: the codestreams are garbage, so pydicom's own decode fails too."""
+    caplog.set_level(logging.DEBUG)
+    src = tmp_path / "src"
+    src.mkdir()
+    for syntax, garbage in DAMAGED_STREAMS.items():
+        path = make_dicom(src / f"{syntax}.dcm", gradient(64, 64)[None], syntax=syntax)
+        ds = pydicom.dcmread(path)
+        ds.PixelData = encapsulate([garbage])
+        ds.save_as(path)
+        with pytest.raises(Exception):  # noqa: B017, PT011 -- pydicom's own failure, any kind
+            pydicom.pixels.pixel_array(path)
+    for k in range(2):
+        Image.fromarray(gradient(64, 64, seed=k)).save(src / f"good{k}.png")
+    caplog.clear()  # only the stage's own output is judged
+    capfd.readouterr()
+    rc, paths = _run(tmp_path, ingest={"source": str(src), "max_quarantine_fraction": 1.0})
+    log = capfd.readouterr().err + caplog.text
+    assert rc == 0 and "Traceback" not in log and "pydicom" not in log
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") or r.exc_info]
+    q = dict(pd.read_csv(paths.quarantine).values)
+    assert {k: v.startswith("undecodable DICOM pixel data") for k, v in q.items()} == {
+        f"{s}.dcm": True for s in DAMAGED_STREAMS
+    }
+
+
+# ------------------------------------------------ file names that are not UTF-8 (latin-1 zips)
+
+NAME = b"Schr\xf6dinger_OD.png"  # latin-1 bytes: not UTF-8; 'dinger' stands for a patient name
+NOT_UTF8 = {  # case: (relative path as bytes, its label sheet lists the good files)
+    "file name": (NAME, False),
+    "folder name": (b"Schr\xf6dinger/OD.png", False),
+    "file name, label sheet": (NAME, True),
+}
+
+
+@pytest.mark.parametrize("case", NOT_UTF8)
+def test_a_file_name_that_is_not_utf8_is_quarantined_without_showing_it(
+    tmp_path, case, capfd, caplog
+):
+    """Such a file (os.fsencode bytes) is quarantined with a one-line reason; its name reaches
+    no log line and no reason; quarantine.csv shows its path with the bytes escaped (Python's
+    own backslashreplace of the known bytes), so it can be found and renamed."""
+    caplog.set_level(logging.DEBUG)
+    rel, sheet = NOT_UTF8[case]
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        Image.fromarray(gradient(64, 64, seed=k)).save(src / f"good{k}.png")
+    odd = os.path.join(os.fsencode(src), rel)
+    os.makedirs(os.path.dirname(odd), exist_ok=True)
+    Image.fromarray(gradient(64, 64, seed=9)).save(odd)
+    ingest_params = {"source": str(src), "max_quarantine_fraction": 1.0}
+    if sheet:
+        (tmp_path / "labels.csv").write_text(
+            "path,label\n" + "".join(f"good{k}.png,{k}\n" for k in range(3))
+        )
+        ingest_params["labels"] = str(tmp_path / "labels.csv")
+    rc, paths = _run(tmp_path, ingest=ingest_params)
+    log = (capfd.readouterr().err + caplog.text).encode("utf-8", "backslashreplace")
+    assert rc == 0 and b"Traceback" not in log and b"dinger" not in log
+    q = pd.read_csv(paths.quarantine)
+    assert list(q["path"]) == [rel.decode("latin-1").replace("\xf6", "\\xf6")]
+    assert list(q["reason"]) == ["file or folder name is not valid UTF-8 (rename it)"]
+    r = _report(paths)
+    assert (r["found"], r["ingested"], r["quarantined"], r["files"]) == (4, 3, 1, 4)
+    assert sorted(pd.read_parquet(paths.manifest)["source"]) == [f"good{k}.png" for k in range(3)]
+
+
+def _two_frame_tiff() -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(gradient(64, 64, seed=s)) for s in (1, 2)]
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _jpeg_with_comment(comment: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gradient(64, 64, seed=3)).save(buf, "JPEG", quality=90, comment=comment)
+    return buf.getvalue()
+
+
+# case: (bytes of file a, of file b, frames compared, one image?) -- the reference is the
+# bytes (filecmp) for a byte copy, Pillow's own decodes otherwise
+BYTE_COPIES = {
+    "byte copies, not even decodable": (b"\xff\xd8 damaged" * 9, b"\xff\xd8 damaged" * 9, (0, 0)),
+    "byte copies, other frames": (_two_frame_tiff(), _two_frame_tiff(), (0, 1)),
+    "same size, other bytes, same pixels": (
+        _jpeg_with_comment(b"aa"),
+        _jpeg_with_comment(b"bb"),
+        (0, 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BYTE_COPIES)
+def test_full_size_confirmation_takes_byte_copies_without_decoding(tmp_path, case):
+    """The same frame of byte-identical files is one image without a decode (a file no
+    decoder reads shows none is made); anything else is decided on full-size pixels."""
+    data_a, data_b, (fa, fb) = BYTE_COPIES[case]
+    (tmp_path / "a").write_bytes(data_a)
+    (tmp_path / "b").write_bytes(data_b)
+    copies = filecmp.cmp(tmp_path / "a", tmp_path / "b", shallow=False)
+    if copies and fa == fb:
+        want = True
+    else:
+        with Image.open(io.BytesIO(data_a)) as im:
+            im.seek(fa)
+            pixels_a = np.asarray(im.convert("L"))
+        with Image.open(io.BytesIO(data_b)) as im:
+            im.seek(fb)
+            pixels_b = np.asarray(im.convert("L"))
+        want = np.array_equal(pixels_a, pixels_b)
+        assert len(data_a) == len(data_b) or fa != fb  # the size alone decides nothing here
+    assert ingest.FullSize(tmp_path, None)("a", fa, "b", fb) is bool(want)

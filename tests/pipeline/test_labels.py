@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import zipfile
 from pathlib import Path
 
 import openpyxl
@@ -214,7 +216,17 @@ LABEL_CELLS = {
     "missing_markers": ("a,x\nb,NaN\nc,#N/A\n", {"a.png": "x", "b.png": None, "c.png": None}),
     "excel_integral_floats": ("a,1\nb,1.0\nc, 2 \n", {"a.png": "1", "b.png": "1", "c.png": "2"}),
     "not_all_numbers": ("a,1\nb,1.0\nc,n/a\n", {"a.png": "1", "b.png": "1", "c.png": None}),
-    "text_kept": ("a,1.5\nb,1.50\nc,007\n", {"a.png": "1.5", "b.png": "1.50", "c.png": "007"}),
+    # every cell a number (float() of each: 1.5, 1.5, 7): one class per number, written canonically
+    "numbers_canonical": ("a,1.5\nb,1.50\nc,007\n", {"a.png": "1.5", "b.png": "1.5", "c.png": "7"}),
+    "signs_and_leading_zeros": ("a,+1\nb,01\nc,00\n", {"a.png": "1", "b.png": "1", "c.png": "0"}),
+    "exponent_and_negative_zero": (
+        "a,1e0\nb,02.0\nc,-0\n",
+        {"a.png": "1", "b.png": "2", "c.png": "0"},
+    ),
+    "words_keep_every_cell_as_written": (
+        "a,01\nb,1\nc,mild\n",
+        {"a.png": "01", "b.png": "1", "c.png": "mild"},
+    ),
 }
 
 
@@ -229,6 +241,110 @@ def test_label_cells_are_read_as_one_class_per_value(tmp_path, case):
     m = pd.read_parquet(paths.manifest)
     got = [None if pd.isna(v) else v for v in m["label"]]
     assert dict(zip(m["source"], got, strict=True)) == expected
+
+
+def test_xlsx_number_and_text_cells_of_one_number_are_one_class(tmp_path):
+    """A number cell 1 and a text cell '01' (openpyxl writes each as given) are one class;
+    2.50 as a number cell is 2.5."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.xlsx"
+    book = openpyxl.Workbook()
+    for row in (["path", "label"], ["a", 1], ["b", "01"], ["c", 2.50]):
+        book.active.append(row)
+    book.save(sheet)
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    assert rc == 0 and dict(zip(m["source"], m["label"], strict=True)) == {
+        "a.png": "1",
+        "b.png": "1",
+        "c.png": "2.5",
+    }
+
+
+def test_label_numbers_are_one_class_but_patient_ids_keep_leading_zeros(tmp_path):
+    """Grades 01, 1 and 1.0 are one class; patients 007 and 7 are different people
+    (registries number them so), only Excel's 7.0 is 7."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label,patient_id\na,01,007\nb,1,7\nc,1.0,7.0\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    subject = dict(m[["source", "subject_id"]].values)
+    assert rc == 0 and set(m["label"]) == {"1"}
+    assert subject["a.png"] != subject["b.png"] == subject["c.png"]
+
+
+def _formula_sheet(path: Path, rows: list[list], cached: dict[str, str]) -> None:
+    """An .xlsx written by openpyxl (formulas without a saved value, as any script leaves
+    them), then given the saved text values ``cached`` (cell -> text) a spreadsheet program
+    writes (``<c t="str"><f>..</f><v>text</v></c>``) by editing the sheet's XML."""
+    book = openpyxl.Workbook()
+    for row in rows:
+        book.active.append(row)
+    book.save(path)
+    with zipfile.ZipFile(path) as z:
+        parts = {name: z.read(name) for name in z.namelist()}
+    xml = parts["xl/worksheets/sheet1.xml"].decode()
+    for cell, text in cached.items():
+        xml = re.sub(
+            f'<c r="{cell}"><f>(.*?)</f><v ?/>',
+            lambda m, t=text, c=cell: f'<c r="{c}" t="str"><f>{m[1]}</f><v>{t}</v>',
+            xml,
+        )
+    parts["xl/worksheets/sheet1.xml"] = xml.encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in parts.items():
+            z.writestr(name, data)
+
+
+FORMULA = '=IF(C{r}=0,"normal","dr")'
+# case: (rows after the header path,label,grade,note; saved values; error or manifest labels)
+FORMULAS = {
+    "label formulas never saved": (
+        [["a", FORMULA, 0, ""], ["b", FORMULA, 1, ""], ["c", FORMULA, 2, ""]],
+        {},
+        "column 'label', row 2: formulas without a saved value",
+    ),
+    "path formula never saved, from row 3": (
+        [["a", "x", 0, ""], ['="b"&".png"', "y", 1, ""], ["c", "z", 2, ""]],
+        {},
+        "column 'path', row 3: formulas without a saved value",
+    ),
+    "saved by a spreadsheet program": (
+        [["a", FORMULA, 0, ""], ["b", FORMULA, 1, ""], ["c", FORMULA, 2, ""]],
+        {"B2": "normal", "B3": "dr", "B4": ""},  # an empty result is an empty label
+        {"a.png": "normal", "b.png": "dr", "c.png": None},
+    ),
+    "formula in a column not read": (
+        [["a", "x", 0, "=C2*2"], ["b", "y", 1, "=C3*2"], ["c", "z", 2, "=C4*2"]],
+        {},
+        {"a.png": "x", "b.png": "y", "c.png": "z"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FORMULAS)
+def test_xlsx_formulas_without_a_saved_value_are_a_one_line_error(tmp_path, capsys, case):
+    """Reference: openpyxl's own reading without data_only shows the formulas; the values a
+    spreadsheet program saved are read as it shows them."""
+    rows, cached, want = FORMULAS[case]
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.xlsx"
+    rows = [
+        [v.format(r=r) if isinstance(v, str) else v for v in row] for r, row in enumerate(rows, 2)
+    ]
+    _formula_sheet(sheet, [["path", "label", "grade", "note"], *rows], cached)
+    formulas = openpyxl.load_workbook(sheet).active
+    assert any(str(c.value).startswith("=") for row in formulas.iter_rows() for c in row)
+    rc, paths = _ingest(tmp_path, sheet)
+    if isinstance(want, str):
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and want in err[0]
+        assert "open and save the sheet in Excel or LibreOffice, or export CSV" in err[0]
+        return
+    m = pd.read_parquet(paths.manifest)
+    got = [None if pd.isna(v) else v for v in m["label"]]
+    assert rc == 0 and dict(zip(m["source"], got, strict=True)) == want
 
 
 def test_labels_differing_only_in_case_are_named_in_one_warning(tmp_path, caplog):
@@ -296,6 +412,11 @@ REPEATS = {
     "same_or_empty_repeats": (
         "path,label,eye\na,mild,R\nb,,\nc,mild,L\na.png,mild,OD\n./b.png,severe,L\n",
         {"a.png": "mild", "b.png": "severe", "c.png": "mild"},
+        {},
+    ),
+    "one_number_written_two_ways": (
+        "path,label\na,1\nb,2\nc,0\na.png,01\nb.png,2.0\nc,+0\n",
+        {"a.png": "1", "b.png": "2", "c.png": "0"},
         {},
     ),
     "conflicting_patients": (

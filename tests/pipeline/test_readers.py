@@ -242,18 +242,24 @@ FUNCTIONAL_GROUPS = {
         [{}, {}],
         [_window(1000, 800)] * 2,
     ),
+    "no rescale, no window": ({}, {}, [{}, {}], [{}, {}]),
 }
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 @pytest.mark.parametrize("case", FUNCTIONAL_GROUPS)
-def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
+def test_functional_groups_rescale_and_window_each_frame(tmp_path, case, photometric):
     """Reference: pydicom's modality and VOI transforms on each frame with its known values
     at the top level; a window's output range (Bits Stored through the rescale) is
-    black..white, without one the volume is scaled over its min..max."""
+    black..white, without one the volume is scaled over its min..max. MONOCHROME1 is
+    inverted (numpy) within that same range: the window's output range, else the whole
+    file's min..max, so one picture stored at two scales looks the same in both frames."""
     top, shared, per_frame, meant = FUNCTIONAL_GROUPS[case]
     v = (np.arange(40 * 48).reshape(40, 48) % 3000 + 500).astype(np.uint16)
     vol = np.stack([v, v // 2 + 100])
-    path = make_dicom(tmp_path / "fg.dcm", vol, bits_stored=12, sop_class=OCT_TOMOGRAPHY)
+    path = make_dicom(
+        tmp_path / "fg.dcm", vol, bits_stored=12, sop_class=OCT_TOMOGRAPHY, photometric=photometric
+    )
     ds = pydicom.dcmread(path)
     for k, value in top.items():
         setattr(ds, k, value)
@@ -273,6 +279,8 @@ def test_functional_groups_rescale_and_window_each_frame(tmp_path, case):
         window = sorted((intercept, 4095 * slope + intercept)) if "WindowWidth" in values else None
         ranges.append(window)
     whole = (min(s.min() for s in shown), max(s.max() for s in shown))
+    if photometric == "MONOCHROME1":  # the lowest value is white
+        shown = [(r or whole)[0] + (r or whole)[1] - s for s, r in zip(shown, ranges, strict=True)]
     expected = [_scaled(s, *(r or whole)) for s, r in zip(shown, ranges, strict=True)]
     d = read_image(path)
     for (_, px), want in zip(d.frames, expected, strict=True):

@@ -3,6 +3,7 @@ when one of them does (the end-to-end `dvc repro` check is in tests/test_pipelin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,3 +46,19 @@ def test_fingerprint_changes_with_the_sheet_or_the_tree_and_names_nothing(tmp_pa
 
 def test_demo_source_and_no_sheet_have_no_fingerprint(tmp_path):
     assert _fingerprint(tmp_path, source="demo", labels=None) == {"source": None, "labels": None}
+
+
+def test_a_file_name_that_is_not_utf8_is_fingerprinted_by_its_bytes(tmp_path):
+    """A latin-1 name (os.fsencode bytes) is hashed as it is on disk, with its size and time:
+    reference hashlib over the known bytes; the fingerprint names nothing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    name = b"Schr\xf6dinger_OD.png"
+    path = os.path.join(os.fsencode(src), name)
+    with open(path, "wb") as f:
+        f.write(b"one")
+    st = os.stat(path)
+    want = hashlib.sha256(name + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode()).hexdigest()
+    assert _fingerprint(tmp_path, source=str(src), labels=None)["source"] == want
+    text = Path(load_params(tmp_path / "params.yaml").paths.sources).read_bytes()
+    assert b"dinger" not in text
