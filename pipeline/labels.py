@@ -141,7 +141,9 @@ def _xlsx_rows(path: Path, data_only: bool) -> list[tuple]:
     except InvalidFileException:
         raise ValueError("not an Excel workbook") from None
     try:
-        return list(book.worksheets[0].iter_rows(min_row=1))
+        sheet = book.worksheets[0]
+        sheet.reset_dimensions()  # read-only mode trusts the stored extent, often stale
+        return list(sheet.iter_rows(min_row=1))
     finally:
         book.close()
 

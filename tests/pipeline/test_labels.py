@@ -442,3 +442,26 @@ def test_rows_that_disagree_on_a_file_quarantine_it(tmp_path, caplog, case):
     r = json.loads(Path(paths.ingest_report).read_text())
     assert (r["found"], r["quarantined"], r["unlisted"]) == (3, len(refused), 0)
     assert "P-100" not in caplog.text and "a.png" not in caplog.text
+
+
+@pytest.mark.parametrize("ref", ["A1:B3", "A1"])
+def test_xlsx_rows_beyond_a_stale_dimension_record_are_read(tmp_path, ref):
+    """Writers leave the sheet's <dimension ref> stale; openpyxl in normal mode (the
+    reference) reads every row regardless, and so must ingest."""
+    _images(tmp_path / "src")
+    book = openpyxl.Workbook()
+    for row in (["path", "label"], ["a", "x"], ["b", "y"], ["c", "z"]):
+        book.active.append(row)
+    book.save(tmp_path / "ok.xlsx")
+    sheet = tmp_path / "labels.xlsx"
+    with zipfile.ZipFile(tmp_path / "ok.xlsx") as zin, zipfile.ZipFile(sheet, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.startswith("xl/worksheets/sheet"):
+                data = re.sub(rb"<dimension[^>]*>", f'<dimension ref="{ref}"/>'.encode(), data)
+            zout.writestr(item, data)
+    ws = openpyxl.load_workbook(sheet).active
+    want = {f"{r[0]}.png": r[1] for r in ws.iter_rows(min_row=2, values_only=True)}
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    assert rc == 0 and dict(zip(m["source"], m["label"], strict=True)) == want
