@@ -22,6 +22,7 @@ import csv
 import math
 import os
 import posixpath
+import re
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -270,7 +271,7 @@ def _canonical(text: str) -> str:
     So a grade is one class however the sheet wrote it."""
     try:
         value = Decimal(text).normalize()
-    except InvalidOperation:  # float() reads it (see _is_number), Decimal not: as written
+    except InvalidOperation:  # not reached for a cell _is_number accepts: as written
         return text
     return "0" if value.is_zero() else format(value, "f")
 
@@ -288,11 +289,14 @@ def _integral(text: str) -> str:
 NUMBERED: dict[str, Callable[[str], str]] = {"label": _canonical, "patient_id": _integral}
 
 
+# a number as a spreadsheet or CSV writes one: ASCII digits, an optional sign, fraction and
+# exponent; not Python's digit-group underscores (``1_0``), other scripts' digits, ``inf``, hex
+NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
+    """Whether a cell is a finite number in plain ASCII decimal notation (:data:`NUMBER`)."""
+    return NUMBER.fullmatch(text) is not None and math.isfinite(float(text))
 
 
 class FileIndex:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -465,3 +466,51 @@ def test_xlsx_rows_beyond_a_stale_dimension_record_are_read(tmp_path, ref):
     rc, paths = _ingest(tmp_path, sheet)
     m = pd.read_parquet(paths.manifest)
     assert rc == 0 and dict(zip(m["source"], m["label"], strict=True)) == want
+
+
+def _read(tmp_path: Path, rows: list[list[str]]) -> pd.DataFrame:
+    """``rows`` (header first) as a CSV sheet read by labels.read_sheet over src/ a, b, c."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    with open(sheet, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    params = load_params(write_params(tmp_path, ingest={"source": str(tmp_path / "src")}))
+    return labels.read_sheet(sheet, params.ingest, tmp_path / "src")
+
+
+# A cell beside a '01' in the label and the patient column -> (label a, label b, patient a):
+# only plain ASCII decimal notation (sign, digits, fraction, exponent) is a number, so only
+# then is the column canonicalised ('01' -> '1'); anything else stays as written.
+NUMBER_CELLS = {
+    "1_0": ("1_0", "01", "1_0"),
+    "01_0023": ("01_0023", "01", "01_0023"),
+    "\u0663": ("\u0663", "01", "\u0663"),  # Arabic-Indic digit three
+    "\u0661\u0662": ("\u0661\u0662", "01", "\u0661\u0662"),
+    "\uff11": ("\uff11", "01", "\uff11"),  # full-width digit one
+    "inf": ("inf", "01", "inf"),
+    "-Infinity": ("-Infinity", "01", "-Infinity"),
+    "nan": ("", "1", ""),  # a missing marker: the rest is all numbers
+    "1e3": ("1000", "1", "1000"),
+    " 1 ": ("1", "1", "1"),  # cells are stripped
+    "0x10": ("0x10", "01", "0x10"),
+    "1,5": ("1,5", "01", "1,5"),
+    "1 000": ("1 000", "01", "1 000"),
+    "+.5e+2": ("50", "1", "50"),
+    "5.": ("5", "1", "5"),
+    "1.5e-1": ("0.15", "1", "1.5e-1"),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(NUMBER_CELLS))
+def test_only_plain_decimal_cells_are_numbers(tmp_path, cell):
+    table = _read(tmp_path, [["path", "label", "patient_id"], ["a", cell, cell], ["b", "01", "01"]])
+    got = (table["label"].iloc[0], table["label"].iloc[1], table["patient_id"].iloc[0])
+    assert got == NUMBER_CELLS[cell]
+
+
+def test_underscored_patient_ids_of_two_sites_stay_two_patients(tmp_path):
+    """g06: '01_0023' and '010_023' were both read as the number 10023: one subject."""
+    rows = [["path", "label", "patient_id"], ["a", "1_0", "01_0023"], ["b", "1_1", "010_023"]]
+    table = _read(tmp_path, rows)
+    assert list(table["patient_id"]) == ["01_0023", "010_023"]
+    assert list(table["label"]) == ["1_0", "1_1"]
