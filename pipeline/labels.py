@@ -180,8 +180,7 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
         if _header(name) in df.columns:
             taken[role] = _header(name)
         elif role == "path" or _header(name) != role:  # a default name may be absent
-            found = ", ".join(df.columns) or "none"
-            raise UserError(f"{path}: no column {name!r} (ingest.{key}; found {found})")
+            raise UserError(f"{path}: {_no_column(name, key, len(df.columns))}")
     split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
     if split and _header(split) in df.columns:
         taken["split"] = _header(split)
@@ -195,6 +194,15 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     out["path"] = _paths(path, out["path"], root)
     _check(path, out)
     return out
+
+
+def _no_column(name: str, key: str, width: int) -> str:
+    """The reason a column named in params is absent. The first row's cells are not shown: in
+    a sheet without a header row they are a patient's data (file name, name, ID)."""
+    return (
+        f"no column {name!r} (ingest.{key}) among the {width} columns of the first row, "
+        "which must be a header naming them"
+    )
 
 
 def _refuse_unsaved(path: Path, df: pd.DataFrame, read: Iterable[str]) -> None:
@@ -361,11 +369,9 @@ def match(path: Path, table: pd.DataFrame, index: FileIndex, candidates: int) ->
     resolved, missing = [], []
     for n, value in table["path"].items():
         hits = index.find(value)
-        if len(hits) > 1:
-            shown = ", ".join(hits[:3]) + (", ..." if len(hits) > 3 else "")
+        if len(hits) > 1:  # the files' names (folders may be patients') are not shown
             raise UserError(
-                f"{path}: line {n}: {value!r} matches {len(hits)} files ({shown}); "
-                "give its suffix or folder"
+                f"{path}: line {n}: {value!r} matches {len(hits)} files; give its suffix or folder"
             )
         resolved.append(hits[0] if hits else None)
         if not hits:

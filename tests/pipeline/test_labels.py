@@ -75,13 +75,19 @@ def test_sheet_shapes_read_alike(tmp_path, name):
 @pytest.mark.parametrize(
     ("sheet_text", "keys", "expected"),
     [
-        ("image,level\na,0\n", {}, "no column 'path' (ingest.path_column; found image, level)"),
+        (
+            "image,level\na,0\n",
+            {},
+            "no column 'path' (ingest.path_column) among the 2 columns of the first row, which "
+            "must be a header naming them",
+        ),
         (
             "id_code,level\na,0\n",
             {"path_column": "id_code", "label_column": "diagnosis"},
-            "no column 'diagnosis' (ingest.label_column; found id_code, level)",
+            "no column 'diagnosis' (ingest.label_column) among the 2 columns of the first row, "
+            "which must be a header naming them",
         ),
-        ("path\nd\n", {}, "line 2: 'd' matches 2 files (d.jpg, d.png); give its suffix or folder"),
+        ("path\nd\n", {}, "line 2: 'd' matches 2 files; give its suffix or folder"),
         ("path,split\na,train\nb,later\n", {}, "line 3: split 'later' is not train, val or test"),
     ],
 )
@@ -514,3 +520,30 @@ def test_underscored_patient_ids_of_two_sites_stay_two_patients(tmp_path):
     table = _read(tmp_path, rows)
     assert list(table["patient_id"]) == ["01_0023", "010_023"]
     assert list(table["label"]) == ["1_0", "1_1"]
+
+
+# Sheets whose first row or folders are a patient's data: no error may show them.
+HEADERLESS = {
+    "headerless.csv": (
+        "IMG001.png,Jane Doe,MRN4711,dr\nIMG002.png,John Smith,MRN4712,normal\n",
+        {},
+    ),
+    "label_column_absent.csv": ("path,Jane Doe,MRN4711\na,x,y\n", {"label_column": "grade"}),
+    "stem_in_patient_folders.csv": ("path\nd\n", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADERLESS))
+def test_sheet_errors_quote_no_cell_or_file_name(tmp_path, capsys, name):
+    _images(tmp_path / "src")
+    for folder in ("Jane Doe", "MRN4711"):  # one stem in two patients' folders
+        (tmp_path / "src" / folder).mkdir()
+        Image.fromarray(gradient(40, 48, seed=9)).save(tmp_path / "src" / folder / "d.png")
+    sheet = tmp_path / name
+    text, keys = HEADERLESS[name]
+    sheet.write_text(text)
+    rc, _ = _ingest(tmp_path, sheet, **keys)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "error" in err[0]
+    for secret in ("img001", "jane doe", "mrn4711", "john smith"):
+        assert secret not in err[0].lower()
