@@ -19,6 +19,7 @@ Rows naming one file are merged, or, when they disagree, the file is left out wi
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import posixpath
@@ -35,6 +36,8 @@ import pandas as pd
 from pipeline import readers
 from pipeline.errors import UserError
 from pipeline.params import IngestParams
+
+log = logging.getLogger("retina_vae.ingest")
 
 # what each canonical column of a read sheet holds, and the params key that names it
 ROLES = {"path": "path_column", "label": "label_column", "patient_id": "patient_column"}
@@ -55,6 +58,11 @@ UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
 # not 'None', a grade's name in some sheets ("no retinopathy")
 MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "#n/a n/a", "#na", "<na>", "null", "nat"}
 MISSING |= {"1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"}
+# the error values a spreadsheet saves for a formula that failed (#N/A is in MISSING): read as
+# empty, counted in one warning
+ERRORS = {"#div/0!", "#value!", "#ref!", "#name?", "#num!", "#null!", "#getting_data"}
+ERRORS |= {"#spill!", "#calc!", "#field!", "#blocked!", "#connect!", "#busy!", "#unknown!"}
+ERRORS |= {"#python!", "#external!"}
 # the columns whose cells may be missing
 VALUES = ("label", "patient_id", "eye", "split", "severity")
 
@@ -189,11 +197,25 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     _refuse_unsaved(path, df, taken.values())
     for role in (*ROLES, "split", "severity"):
         out[role] = df[taken[role]] if role in taken else ""
+    _warn_errors(out[list(VALUES)])
     for role in VALUES:
         out[role] = _values(out[role], NUMBERED.get(role))
     out["path"] = _paths(path, out["path"], root)
     _check(path, out)
     return out
+
+
+def _warn_errors(table: pd.DataFrame) -> None:
+    """One warning counting the spreadsheet error values (:data:`ERRORS`) by kind; neither the
+    sheet's rows nor any file is named. :func:`_values` reads them as empty."""
+    kinds = Counter(v.upper() for v in table.to_numpy().ravel() if v.casefold() in ERRORS)
+    if kinds:
+        log.warning(
+            "label sheet: %d cells hold a spreadsheet error value (%s): read as empty "
+            "(fix the formulas and save the sheet again to use them)",
+            kinds.total(),
+            ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())),
+        )
 
 
 def _no_column(name: str, key: str, width: int) -> str:
@@ -263,10 +285,11 @@ def _check(path: Path, table: pd.DataFrame) -> None:
 
 
 def _values(column: pd.Series, numbered: Callable[[str], str] | None = None) -> pd.Series:
-    """A column's cells with the missing markers (:data:`MISSING`) made '' and, when every
+    """A column's cells with the missing markers and error values (:data:`MISSING`,
+    :data:`ERRORS`) made '' and, when every
     other cell is a number, each written as ``numbered`` makes it (:data:`NUMBERED`: a
     label's canonical number, a patient ID's integral float as the integer)."""
-    column = column.mask(column.str.casefold().isin(MISSING), "")
+    column = column.mask(column.str.casefold().isin(MISSING | ERRORS), "")
     filled = column[column != ""]
     if numbered is None or not len(filled) or not all(map(_is_number, filled)):
         return column

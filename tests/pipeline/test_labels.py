@@ -547,3 +547,40 @@ def test_sheet_errors_quote_no_cell_or_file_name(tmp_path, capsys, name):
     assert rc == 1 and len(err) == 1 and "error" in err[0]
     for secret in ("img001", "jane doe", "mrn4711", "john smith"):
         assert secret not in err[0].lower()
+
+
+# Error values a failed formula saves, in an .xlsx (typed "e") and as a CSV export writes them:
+# each read as empty (unlabelled), the other cells still a column of numbers; one warning.
+ERROR_CELLS = {
+    "labels.xlsx": (["#DIV/0!", "01", "#REF!"], "#DIV/0! 1, #REF! 1"),
+    "labels.csv": (["#VALUE!", "1", "#VALUE!"], "#VALUE! 2"),
+    "spill_and_name.csv": (["#SPILL!", "#name?", "1.0"], "#NAME? 1, #SPILL! 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_CELLS))
+def test_spreadsheet_error_values_are_unlabelled_with_one_warning(tmp_path, caplog, name):
+    cells, counted = ERROR_CELLS[name]
+    _images(tmp_path / "src")
+    sheet = tmp_path / name
+    rows = [["path", "label"], *([n, c] for n, c in zip(NAMES, cells, strict=True))]
+    if name.endswith(".xlsx"):
+        book = openpyxl.Workbook()
+        for row in rows:
+            book.active.append(row)
+        for cell in book.active["B"][1:]:
+            if cell.value.startswith("#"):
+                cell.data_type = "e"
+        book.save(sheet)
+    else:
+        sheet.write_text("".join(",".join(r) + "\n" for r in rows))
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    got = {s: None if pd.isna(v) else v for s, v in zip(m["source"], m["label"], strict=True)}
+    want = {
+        f"{n}.png": None if c.startswith("#") else "1" for n, c in zip(NAMES, cells, strict=True)
+    }
+    assert rc == 0 and got == want
+    lines = [r.getMessage() for r in caplog.records if "error value" in r.getMessage()]
+    assert len(lines) == 1 and f"({counted})" in lines[0]
+    assert not any(n in lines[0] for n in ("a.png", "b.png", str(tmp_path)))
