@@ -19,6 +19,7 @@ Rows naming one file are merged, or, when they disagree, the file is left out wi
 from __future__ import annotations
 
 import csv
+import datetime
 import logging
 import math
 import os
@@ -130,13 +131,25 @@ def _xlsx_records(path: Path) -> tuple[list[tuple[int, list[str]]], dict[int, in
     }
     records, unsaved = [], {}
     for n, row in enumerate(_xlsx_rows(path, data_only=True), 1):
-        records.append((n, ["" if c.value is None else str(c.value) for c in row]))
+        records.append((n, [_cell_text(c.value) for c in row]))
         for j, cell in enumerate(row):
             # a saved empty text result is <v></v> typed "str"; a formula never computed has
             # no typed value at all
             if (n, j + 1) in formulas and cell.value is None and cell.data_type != "str":
                 unsaved.setdefault(j, n)
     return records, unsaved
+
+
+def _cell_text(value: object) -> str:
+    """An .xlsx cell's value as a CSV export of the sheet writes it: '' for none, ``TRUE`` /
+    ``FALSE``, a date in ISO form (``2020-01-02``; with its time only when not midnight)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, datetime.datetime) and value.time() == datetime.time():
+        return value.date().isoformat()
+    return str(value)  # a datetime with its time as "2020-01-02 13:00:00", as CSV exports do
 
 
 def _xlsx_rows(path: Path, data_only: bool) -> list[tuple]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import logging
 import re
@@ -584,3 +585,31 @@ def test_spreadsheet_error_values_are_unlabelled_with_one_warning(tmp_path, capl
     lines = [r.getMessage() for r in caplog.records if "error value" in r.getMessage()]
     assert len(lines) == 1 and f"({counted})" in lines[0]
     assert not any(n in lines[0] for n in ("a.png", "b.png", str(tmp_path)))
+
+
+# .xlsx cells that are not text -> the label a CSV export of the sheet gives (written by hand).
+TYPED_CELLS = {
+    "booleans": ([True, False, True], ["TRUE", "FALSE", "TRUE"]),
+    "dates": (
+        [
+            datetime.date(2020, 1, 2),
+            datetime.datetime(2020, 1, 3),
+            datetime.datetime(2020, 1, 2, 13),
+        ],
+        ["2020-01-02", "2020-01-03", "2020-01-02 13:00:00"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYPED_CELLS))
+def test_xlsx_typed_cells_read_as_a_csv_export_writes_them(tmp_path, case):
+    cells, want = TYPED_CELLS[case]
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.xlsx"
+    book = openpyxl.Workbook()
+    for row in (["path", "label"], *([n, c] for n, c in zip(NAMES, cells, strict=True))):
+        book.active.append(row)
+    book.save(sheet)
+    params = load_params(write_params(tmp_path, ingest={"source": str(tmp_path / "src")}))
+    table = labels.read_sheet(sheet, params.ingest, tmp_path / "src")
+    assert list(table["label"]) == want
