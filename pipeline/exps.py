@@ -126,7 +126,7 @@ def exp_show(extra: list[str]) -> list[dict[str, Any]]:
     return json.loads(done.stdout)
 
 
-def _body(params: Params, args: argparse.Namespace) -> None:
+def _body(params: Params | None, args: argparse.Namespace) -> None:
     extra = ["-A"] if args.all_commits else []
     extra += ["-n", str(args.num)] if args.num else []
     print(table(exp_show(extra)))
@@ -138,4 +138,8 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("exps", argv, _body, _add_args, description=__doc__.splitlines()[0])
+    # params.yaml is not read: after a failed `dvc exp run -S key=bad` it still holds the bad
+    # value, and comparing the experiments is what the user needs then
+    return run_stage(
+        "exps", argv, _body, _add_args, description=__doc__.splitlines()[0], needs_params=False
+    )

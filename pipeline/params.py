@@ -7,6 +7,7 @@ Validation is pydantic's (strict types, ``extra="forbid"``); any problem becomes
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -230,12 +231,16 @@ def _tuples(node: Any) -> Any:
 
 
 def _one_line(path: Path, group: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key first: a misspelt key is why the key it was meant to be is missing.
+    err = next((e for e in errors if e["type"] == "unexpected_keyword_argument"), errors[0])
     key = ".".join([group, *(str(part) for part in err["loc"])])
     if err["type"] == "missing":
         detail = "missing key"
     elif err["type"] == "unexpected_keyword_argument":
-        detail = "unknown key"
+        missing = [str(e["loc"][0]) for e in errors if e["type"] == "missing"]
+        close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
+        detail = "unknown key" + (f" (did you mean {group}.{close[0]}?)" if close else "")
     else:
         got = REDACTED if key in SECRETS else repr(err.get("input"))
         got = got if len(got) <= 60 else got[:57] + "..."
@@ -272,6 +277,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {unknown[0]}: unknown param group")
     missing = [g for g in groups if g not in raw]
     if missing:
-        raise ParamsError(f"{path}: {missing[0]}: missing param group")
+        raise ParamsError(
+            f"{path}: {missing[0]}: missing param group (a params file holds every group of "
+            "params.yaml: copy it and change what you need)"
+        )
     types = get_type_hints(Params)
     return Params(**{g: _group(path, g, types[g], raw[g]) for g in groups})

@@ -30,9 +30,12 @@ def run_stage(
     body: Callable[[Params, argparse.Namespace], None],
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     description: str | None = None,
+    needs_params: bool = True,
 ) -> int:
     """Parse ``--params`` (and stage flags), load params once, run ``body``; return exit code.
 
+    ``needs_params=False``: ``body`` gets None and the params file is not read (a command that
+    must work while params.yaml is invalid, such as comparing experiments after a failed one).
     A :class:`UserError` (bad params, bad input, unusable environment) ends the stage with one
     line ``retina-vae <name>: error: ...`` and exit code 1 instead of a traceback.
     """
@@ -48,9 +51,10 @@ def run_stage(
     # default pool (mimalloc) keeps them, and a stage's peak memory then grows with its tables
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        params = load_params(args.params)
-        _remove_stale_temporaries(params)
-        body(params, args)
+        params = load_params(args.params) if needs_params else None
+        if params is not None:
+            _remove_stale_temporaries(params)
+        body(params, args)  # type: ignore[arg-type]
     except UserError as exc:
         print(f"retina-vae {name}: error: {exc}", file=sys.stderr)
         return 1

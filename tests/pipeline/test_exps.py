@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from pipeline import exps
 
 
@@ -58,3 +61,19 @@ def test_flatten_names_nested_keys_as_dvc_does():
         "val.neg_elbo": 1.0,
         "epochs": 3,
     }
+
+
+def test_compares_experiments_while_params_yaml_holds_a_bad_value(tmp_path, monkeypatch, capsys):
+    """After a failed ``dvc exp run -S train.epochs=-1`` DVC leaves the bad value in params.yaml;
+    the real ``dvc exp show`` in a real repository still gives the table (no params read)."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: -1\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "bad params"], check=True)
+    assert exps.main([]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].startswith("experiment") and "workspace" in out.out
+    assert "error" not in out.err

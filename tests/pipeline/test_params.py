@@ -44,6 +44,17 @@ def test_flat_has_one_entry_per_key():
     [
         ({"train": {"epochz": 3}}, None, "train.epochz: unknown key"),
         ({}, ("train", "epochs"), "train.epochs: missing key"),
+        # a misspelt key is named first, with the key it was meant to be
+        (
+            {"train": {"epoch": 3}},
+            ("train", "epochs"),
+            "train.epoch: unknown key (did you mean train.epochs?)",
+        ),
+        (
+            {"model": {"latent_dims": 8}},
+            ("model", "latent_dim"),
+            "model.latent_dims: unknown key (did you mean model.latent_dim?)",
+        ),
         ({"train": {"epochs": "ten"}}, None, "train.epochs: Input should be a valid integer"),
         ({"train": {"epochs": -3}}, None, "train.epochs: Input should be greater than 0"),
         ({"train": {"use_gpu": 1}}, None, "train.use_gpu: Input should be a valid boolean"),
