@@ -1,5 +1,7 @@
-"""``retina-vae sources``: fingerprint an external ``ingest.source`` and ``ingest.labels`` so
-that DVC re-runs ingest when either changes.
+"""``retina-vae sources``: fingerprint the source folder and label sheet for DVC.
+
+It writes what makes DVC re-run ingest when an external ``ingest.source`` or ``ingest.labels``
+changes.
 
 DVC re-runs a stage when a file it lists changes, but the source folder and the label sheet
 are params (``null`` and ``demo`` by default), which dvc.yaml cannot list as deps. So the

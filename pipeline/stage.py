@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +40,7 @@ def run_stage(
     A :class:`UserError` (bad params, bad input, unusable environment) ends the stage with one
     line ``retina-vae <name>: error: ...`` and exit code 1 instead of a traceback.
     """
-    parser = argparse.ArgumentParser(prog=f"retina-vae {name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"retina-vae {name}", description=_plain(description))
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
@@ -62,6 +63,15 @@ def run_stage(
         print(f"retina-vae {name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _plain(summary: str | None) -> str | None:
+    """A module docstring's summary as --help shows it: no ``retina-vae X``: prefix, no
+    reStructuredText literal quotes."""
+    if summary is None:
+        return None
+    text = re.sub(r"^(Stage )?``retina-vae \w+``: ", "", summary)
+    return text.replace("``", "`")
 
 
 def _remove_stale_temporaries(params: Params) -> None:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli import COMMANDS, available, main
 
 
@@ -27,3 +29,16 @@ def test_installed_console_script_runs():
     script = Path(sys.executable).parent / "retina-vae"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "commands:" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_help_is_plain_text_and_a_whole_sentence(capsys, name):
+    """`retina-vae X --help` shows the stage's summary as prose: no reStructuredText quotes, no
+    repeated `retina-vae X:` prefix, and a sentence that ends (not cut at a line break)."""
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.split("\n\n")
+    summary = " ".join(lines[1].split())  # the description paragraph after the usage
+    assert "``" not in summary and not summary.startswith(("retina-vae", "Stage"))
+    assert summary.endswith("."), summary
