@@ -762,6 +762,11 @@ def _refuse_if_bad(root: Path, params: Params, report: dict) -> None:
     error points at are this run's, never beside a manifest of an earlier run."""
     found, refused = report["found"], report["quarantined"]
     limit = params.ingest.max_quarantine_fraction
+    if not found and not report["listed_missing"]:
+        raise UserError(
+            f"{root}: no image files found (hidden files, DICOMDIR and text sidecars are "
+            "skipped; ingest.source?)"
+        )
     if not report["ingested"]:
         reasons = Counter(report["quarantine_reasons"])
         why = f" (most common: {reasons.most_common(1)[0][0]})" if reasons else ""

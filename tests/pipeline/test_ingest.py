@@ -190,6 +190,17 @@ def test_broken_files_quarantined_and_counts_balance(tmp_path, capsys, caplog):
     assert rc == 1 and "exceeds ingest.max_quarantine_fraction" in err[-1]
 
 
+def test_a_source_without_image_files_says_so_in_one_line(tmp_path, capsys):
+    src = tmp_path / "empty"
+    (src / "sub").mkdir(parents=True)
+    (src / "notes.txt").write_text("no images here")  # a text sidecar: skipped, not an image
+    rc, paths = _run(tmp_path, ingest={"source": str(src)})
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = f"{src}: no image files found (hidden files, DICOMDIR and text sidecars are "
+    assert rc == 1 and err[-1].endswith(expected + "skipped; ingest.source?)")
+    assert _report(paths)["found"] == 0
+
+
 def test_nothing_usable_is_a_one_line_error(tmp_path, capsys):
     src = tmp_path / "junk"
     src.mkdir()
