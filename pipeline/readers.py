@@ -320,15 +320,18 @@ class _Page(NamedTuple):
     index: int
 
 
-def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
+def _pages(im: Image.Image, path: Path, deep: _FullDepth, max_pixels: int | None) -> list[_Page]:
     """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
     of an animated PNG or WebP, each image of an MPO (stereo pairs). Reduced-resolution
     copies (TIFF previews and pyramid levels, MPO large thumbnails) and TIFF masks are
     skipped: no picture of the eye. A TIFF page whose format Pillow does not know (float64,
-    16-bit grey+alpha, ...), wherever it stands, is tifffile's (``deep``)."""
+    16-bit grey+alpha, ...), wherever it stands, is tifffile's (``deep``). BadImage before
+    any frame is looked at where the frame count the header declares (an APNG's acTL, an MPO's
+    index) cannot be held by the file or exceeds ``max_pixels`` (:func:`_check_declared_frames`)."""
     if im.format == "TIFF":
         return _tiff_pages(im, deep)
     n = getattr(im, "n_frames", 1)
+    _check_declared_frames(n, im.size, path, max_pixels)
     png16 = im.format == "PNG" and _png_bit_depth(path) > 8
     if png16 and n > 1:  # libpng reads the default image only, Pillow cuts to 8 bits
         kind = "animated 16-bit PNG"
@@ -344,6 +347,18 @@ def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
         if not _is_copy(im, i):
             pages.append(_page(im, False)._replace(index=i))
     return pages
+
+
+def _check_declared_frames(
+    n: int, size: tuple[int, int], path: Path, max_pixels: int | None
+) -> None:
+    """Refuse a file whose header declares ``n`` frames of ``size`` (width, height) that it
+    cannot hold (every frame takes a chunk of 8 bytes at least: its count is then damaged or
+    crafted) or whose declared pixels exceed ``max_pixels``, before any frame is read."""
+    if n > max(path.stat().st_size // 8, 1):
+        kind = "frame count beyond the file"
+        raise BadImage(f"{kind}: {n} frames declared, more than the file can hold", kind)
+    _check_pixels(n * size[0] * size[1], f"{size[0]}x{size[1]}x{n}", max_pixels)
 
 
 def _tiff_pages(im: Image.Image, deep: _FullDepth) -> list[_Page]:
@@ -574,7 +589,7 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
     with _open_photo(path) as im, _FullDepth(path, "TIFF" if im is None else im.format) as deep:
-        pages = _pages(im, path, deep) if im is not None else deep.pages()
+        pages = _pages(im, path, deep, max_pixels) if im is not None else deep.pages()
         if not pages:
             kind = "no full-resolution image"
             raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)

@@ -1546,3 +1546,39 @@ def test_tiff_palettes_are_looked_up_at_every_depth(tmp_path, kind):
     want = NUMPY_UPRIGHT[turn](np.round(looked_up * 255 / 65535))
     ((frame, px),) = read_image(path, frames=[k]).frames
     assert frame == k and px.shape == want.shape and np.array_equal(px, want)
+
+
+def _apng_declaring(path, declared: int) -> None:
+    """A two-frame 64x48 APNG whose acTL chunk declares ``declared`` frames."""
+    frames = [Image.fromarray(v) for v in _views(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    png = buf.getvalue()
+    at = png.index(b"acTL") - 4
+    body = struct.pack(">II", declared, 0)
+    chunk = struct.pack(">I", 8) + b"acTL" + body + struct.pack(">I", zlib.crc32(b"acTL" + body))
+    path.write_bytes(png[:at] + chunk + png[at + 20 :])
+
+
+@pytest.mark.parametrize(
+    ("declared", "max_pixels", "kind"),
+    [
+        (2**31 - 1, None, "frame count beyond the file"),
+        (2**31 - 1, 10**12, "frame count beyond the file"),
+        (10**6, None, "frame count beyond the file"),
+        (10**6, 10**12, "frame count beyond the file"),
+    ],
+)
+def test_apng_declaring_more_frames_than_it_holds_is_refused_at_once(
+    tmp_path, declared, max_pixels, kind
+):
+    """An APNG whose acTL declares far more frames than it holds (damaged or crafted) is
+    refused from its header, before any frame is looked at (it hung ingest: one record per
+    declared frame). Reference: Pillow's n_frames, the declared count."""
+    path = tmp_path / "a.png"
+    _apng_declaring(path, declared)
+    with Image.open(path) as im:
+        assert im.n_frames == declared  # the premise
+    with pytest.raises(BadImage) as err:
+        read_image(path, max_pixels=max_pixels)
+    assert err.value.kind == kind and str(declared) in str(err.value) and "\n" not in str(err.value)
