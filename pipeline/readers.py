@@ -419,8 +419,9 @@ def _png_bit_depth(path: Path) -> int:
 def _deep_tiff(im: Image.Image) -> bool:
     """Whether the current TIFF page, which Pillow opens, is read by tifffile instead: more
     than 8 bits per sample (BitsPerSample) in a grey or RGB page Pillow opens in an 8-bit mode
-    (RGB48, RGBA64, ...: it would keep only the high byte of each sample), or in a MINISWHITE
-    page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives)."""
+    (RGB48, RGBA64, ...: it would keep only the high byte of each sample), in a MINISWHITE
+    page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives), or
+    in a mode that cannot hold the stored type (:func:`_mode_holds`: unsigned 32-bit in "I")."""
     if im.format != "TIFF":
         return False
     bits = im.tag_v2.get(258, 1)
@@ -428,7 +429,21 @@ def _deep_tiff(im: Image.Image) -> bool:
     photometric = im.tag_v2.get(262)
     if max(bits) <= 8 or photometric not in DEEP_PHOTOMETRIC:
         return False
-    return photometric == MINISWHITE or im.mode not in HIGH_DEPTH
+    if photometric == MINISWHITE or im.mode not in HIGH_DEPTH:
+        return True
+    fmt = im.tag_v2.get(339, 1)
+    return not _mode_holds(im.mode, max(bits), max(fmt if isinstance(fmt, tuple) else (fmt,)))
+
+
+def _mode_holds(mode: str, bits: int, sample_format: int) -> bool:
+    """Whether Pillow's high-depth ``mode`` holds every value of ``bits``-bit samples of TIFF
+    SampleFormat ``sample_format`` (1 unsigned, 2 signed, 3 float): "I" is int32 (an unsigned
+    32-bit sample >= 2^31 would wrap), "F" float32, "I;16*" unsigned 16-bit."""
+    if mode == "I":
+        return (sample_format == 2 and bits <= 32) or (sample_format == 1 and bits <= 31)
+    if mode == "F":
+        return sample_format == 3 and bits <= 32
+    return mode.startswith("I;16") and sample_format == 1 and bits <= 16
 
 
 class _FullDepth:

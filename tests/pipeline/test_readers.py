@@ -1582,3 +1582,26 @@ def test_apng_declaring_more_frames_than_it_holds_is_refused_at_once(
     with pytest.raises(BadImage) as err:
         read_image(path, max_pixels=max_pixels)
     assert err.value.kind == kind and str(declared) in str(err.value) and "\n" not in str(err.value)
+
+
+_WIDE = (_YX[1] * 89_000_000 + _YX[0] * 1000).astype(np.float64)  # 0 .. 4.18e9, (32, 48)
+GREY_TIFF_TYPES = {
+    "uint32, over 2^31": _WIDE.astype(np.uint32),
+    "uint32, below 2^31": (_WIDE // 3).astype(np.uint32),
+    "int32, negative": (_WIDE - 2**31).astype(np.int32),
+    "uint16": (_WIDE // 2**16).astype(np.uint16),
+    "int16": (_WIDE // 2**16 - 2**15).astype(np.int16),
+}
+
+
+@pytest.mark.parametrize("kind", GREY_TIFF_TYPES)
+def test_grey_tiff_samples_keep_their_stored_type(tmp_path, kind):
+    """A 16/32-bit grey TIFF page is read with its own sample type: an unsigned 32-bit one
+    (Pillow opens it as int32, values >= 2^31 wrapping to negatives) by tifffile, then scaled
+    over its min..max. Reference: tifffile's raw page scaled with numpy."""
+    path = tmp_path / "g.tif"
+    tifffile.imwrite(path, GREY_TIFF_TYPES[kind], photometric="minisblack")
+    raw = tifffile.imread(path).astype(np.float64)
+    want = np.round((raw - raw.min()) * (255 / (raw.max() - raw.min())))
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.abs(px - want).max() <= 1
