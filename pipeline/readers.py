@@ -231,10 +231,21 @@ def _orientation(im: Image.Image) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Corrupt EXIF data": the page's decode may still work
-            value = int(im.getexif().get(ORIENTATION, 1))
+            value = int(_exif(im).get(ORIENTATION, 1))
     except Exception:  # noqa: BLE001 -- Pillow raises many kinds on malformed EXIF
         return 1
     return value if value in _UPRIGHT else 1
+
+
+def _exif(im: Image.Image) -> Image.Exif:
+    """The current page's EXIF. An MPO frame's from its own APP1 only, empty without one:
+    Pillow keeps the previous frame's entries after seeking to a frame that has none."""
+    if im.format != "MPO":
+        return im.getexif()
+    exif = Image.Exif()
+    if im.info.get("exif"):
+        exif.load(im.info["exif"])
+    return exif
 
 
 def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -643,10 +654,13 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
     # orientation read after loading: where Pillow turned the page itself (TIFF, in recent
     # versions) it has dropped the tag, and the page is not turned twice
     px = _upright(px, _orientation(im))
-    if not drafted and px.shape[:2] != (page.height, page.width):  # never a scrambled page
+    # never a scrambled page; a drafted one at the DCT-scaled size, turned as its header says
+    w, h = (page.width, page.height) if not drafted else _stored_size(im)
+    w, h = (h, w) if drafted and page.orientation >= 5 else (w, h)
+    if px.shape[:2] != (h, w):
         raise BadImage(
             f"undecodable image (page decoded as {px.shape[1]}x{px.shape[0]}, "
-            f"its header says {page.width}x{page.height})",
+            f"its header says {w}x{h})",
             "undecodable image",
         )
     return px

@@ -1605,3 +1605,38 @@ def test_grey_tiff_samples_keep_their_stored_type(tmp_path, kind):
     want = np.round((raw - raw.min()) * (255 / (raw.max() - raw.min())))
     ((_, px),) = read_image(path).frames
     assert px.dtype == np.uint8 and np.abs(px - want).max() <= 1
+
+
+def _jpeg_bytes(view: np.ndarray, orientation: int | None) -> bytes:
+    """``view`` as a JPEG (quality 95, as the MPO's frames), EXIF orientation if given."""
+    buf = io.BytesIO()
+    exif = _exif_bytes(orientation) if orientation else b""
+    Image.fromarray(view).save(buf, "JPEG", quality=95, exif=b"Exif\0\0" + exif if exif else b"")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "orientations", [(6, None), (None, 8), (None, 8, None), (3, None, 6), (6, 1)]
+)
+def test_mpo_frames_are_turned_by_their_own_exif_only(tmp_path, orientations):
+    """Each MPO frame is turned by its own EXIF orientation, none (no APP1) being 1: Pillow
+    keeps the previous frame's EXIF after seeking to a frame without one. Full and drafted
+    decodes alike. Reference: each frame's JPEG decoded on its own by Pillow, turned by numpy."""
+    views = _views(len(orientations))
+    first, *rest = map(Image.fromarray, views)
+    for im, o in zip(rest, orientations[1:], strict=True):
+        im.encoderinfo = {"exif": b"Exif\0\0" + _exif_bytes(o) if o else b""}
+    path = tmp_path / "x.mpo"
+    exif0 = b"Exif\0\0" + _exif_bytes(orientations[0]) if orientations[0] else b""
+    first.save(path, "MPO", save_all=True, append_images=rest, quality=95, exif=exif0)
+    refs = []
+    for view, o in zip(views, orientations, strict=True):
+        with Image.open(io.BytesIO(_jpeg_bytes(view, o))) as im:
+            refs.append(NUMPY_UPRIGHT[o or 1](np.asarray(im)))
+    d = read_image(path)
+    assert d.sizes == [r.shape[1::-1] for r in refs]
+    assert all(np.array_equal(px, r) for (_, px), r in zip(d.frames, refs, strict=True))
+    drafted = read_image(path, draft=(32, 24)).frames
+    assert [px.shape[0] > px.shape[1] for _, px in drafted] == [
+        r.shape[0] > r.shape[1] for r in refs
+    ]
