@@ -254,9 +254,14 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
-def _on_black(im: Image.Image) -> np.ndarray:
+def _on_black(im: Image.Image, bits: int = 8) -> np.ndarray:
     """A page with transparency (alpha channel, transparent palette entries or colour key)
-    composited onto black, the background of a fundus photo: (H, W) or (H, W, 3) uint8."""
+    composited onto black, the background of a fundus photo: (H, W) or (H, W, 3) uint8.
+    ``bits``: a PNG's bit depth (a 2- or 4-bit grey colour key is in the file's units)."""
+    key = _low_bit_grey_key(im, bits)
+    if key is not None:
+        px = np.asarray(im)
+        return np.where(px == key, 0, px).astype(np.uint8)
     grey = im.mode in ("1", "L", "LA", "La")
     rgba = np.asarray(im.convert("LA" if grey else "RGBA"), dtype=np.uint16)
     colour, alpha = rgba[..., :-1], rgba[..., -1:]
@@ -264,14 +269,24 @@ def _on_black(im: Image.Image) -> np.ndarray:
     return out[..., 0] if grey else out
 
 
-def _photo_array(im: Image.Image) -> np.ndarray:
+def _low_bit_grey_key(im: Image.Image, bits: int) -> int | None:
+    """A 2- or 4-bit (``bits``) grey PNG's tRNS colour key on Pillow's 0..255 scale of its
+    samples (it scales the samples, x85 or x17, but keeps the key in the file's units); None
+    for any other page."""
+    key = im.info.get("transparency")
+    if im.format != "PNG" or im.mode != "L" or not isinstance(key, int) or bits not in (2, 4):
+        return None
+    return key * 255 // (2**bits - 1)
+
+
+def _photo_array(im: Image.Image, bits: int = 8) -> np.ndarray:
     """A Pillow page -> (H, W) or (H, W, 3): uint8, or the page's own 16/32-bit or float values
     for a high-depth grey page (the caller scales those over the whole file). Not for a
     :data:`DEEP` page (16-bit colour), which Pillow would cut to its high byte."""
     if im.mode in HIGH_DEPTH:
         return np.asarray(im)
     if im.mode in ALPHA_MODES or "transparency" in im.info:
-        return _on_black(im)
+        return _on_black(im, bits)
     if im.mode in ("L", "RGB"):
         return np.asarray(im)
     if im.mode == "1":
@@ -650,7 +665,8 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
     if drafted:
         im.decoderconfig = ()  # an MPO seek keeps the last frame's DCT scale: draft anew
         _draft(im, draft, page.orientation)
-    px = _photo_array(im)  # loads the page
+    bits = _png_bit_depth(deep.path) if im.format == "PNG" else 8  # a PNG's IHDR bit depth
+    px = _photo_array(im, bits)  # loads the page
     # orientation read after loading: where Pillow turned the page itself (TIFF, in recent
     # versions) it has dropped the tag, and the page is not turned twice
     px = _upright(px, _orientation(im))

@@ -1640,3 +1640,35 @@ def test_mpo_frames_are_turned_by_their_own_exif_only(tmp_path, orientations):
     assert [px.shape[0] > px.shape[1] for _, px in drafted] == [
         r.shape[0] > r.shape[1] for r in refs
     ]
+
+
+def _grey_png(path, values: np.ndarray, bits: int, key: int) -> None:
+    """A grey PNG of ``bits``-bit ``values`` (H, W) with a tRNS colour key, written by hand."""
+    h, w = values.shape
+    packed = np.packbits(
+        ((values[..., None] >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8).reshape(h, -1),
+        axis=1,
+    )
+    raw = b"".join(b"\0" + row.tobytes() for row in packed)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    ihdr = struct.pack(">IIBBBBB", w, h, bits, 0, 0, 0, 0)
+    parts = [chunk(b"IHDR", ihdr), chunk(b"tRNS", struct.pack(">H", key))]
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + b"".join(parts)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(("bits", "key"), [(1, 1), (2, 3), (2, 1), (4, 15), (4, 6), (8, 50)])
+def test_grey_png_colour_key_is_black_at_every_bit_depth(tmp_path, bits, key):
+    """A grey PNG's tRNS colour key is composited onto black at every bit depth (Pillow keeps
+    a 2- or 4-bit key in the file's units while scaling the samples to 0..255). Reference:
+    numpy on the samples written: key -> 0, others v * 255 / (2^bits - 1)."""
+    values = ((_YX[1] + _YX[0]) % 2**bits).astype(np.uint8)
+    path = tmp_path / "g.png"
+    _grey_png(path, values, bits, key)
+    want = np.where(values == key, 0, np.round(values.astype(float) * 255 / (2**bits - 1)))
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, want)
