@@ -531,10 +531,11 @@ def _png_values(data: bytes) -> np.ndarray:
 
 
 def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
-    """A grey, RGB or palette TIFF page's samples at full depth (tifffile), MINISWHITE grey
-    inverted (:func:`_min_is_white`), a palette looked up (:func:`_tiff_palette`); the first
-    alpha extra sample (ExtraSamples 1 associated, 2 unassociated) composited onto black,
-    other extras dropped. BadImage for any other kind of page."""
+    """A grey, RGB or palette TIFF page's samples at full depth (tifffile), 2..7-bit ones
+    scaled to 0..255 (:func:`_low_bits_to_8`), MINISWHITE grey inverted (:func:`_min_is_white`),
+    a palette looked up (:func:`_tiff_palette`); the first alpha extra sample (ExtraSamples 1
+    associated, 2 unassociated) composited onto black, other extras dropped. BadImage for any
+    other kind of page."""
     arr = page.asarray()
     if arr.dtype.kind not in "buif":
         kind = "unsupported TIFF page"
@@ -549,14 +550,23 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
         raise BadImage(f"{kind} ({page.bitspersample}-bit {what})", kind)
     extras = list(page.extrasamples)
     alpha = next((i for i, e in enumerate(extras) if e in (1, 2)), None)
+    bits = page.bitspersample
+    if arr.dtype == np.uint8 and 1 < bits < 8 and page.photometric != PALETTE:
+        arr, bits = _low_bits_to_8(arr, bits), 8  # as Pillow shows them (and DICOM's)
     shown = arr[..., :colour]
     if page.photometric == MINISWHITE:
-        shown = _min_is_white(shown, page.bitspersample)
+        shown = _min_is_white(shown, bits)
     elif page.photometric == PALETTE:
         shown = _tiff_palette(shown[..., 0], page.colormap)
     if alpha is None:
         return _deep_colour(shown, None, False)
     return _deep_colour(shown, arr[..., colour + alpha], extras[alpha] == 1)
+
+
+def _low_bits_to_8(values: np.ndarray, bits: int) -> np.ndarray:
+    """Samples of 2..7 ``bits`` (uint8, 0..2^bits-1) scaled to 0..255 by their full range,
+    as Pillow does (a 4-bit 15 is 255): same shape, uint8."""
+    return np.round(values * (255.0 / (2**bits - 1))).astype(np.uint8)
 
 
 def _tiff_palette(indices: np.ndarray, colormap: np.ndarray | None) -> np.ndarray:

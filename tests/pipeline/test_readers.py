@@ -1672,3 +1672,21 @@ def test_grey_png_colour_key_is_black_at_every_bit_depth(tmp_path, bits, key):
     want = np.where(values == key, 0, np.round(values.astype(float) * 255 / (2**bits - 1)))
     ((_, px),) = read_image(path).frames
     assert px.dtype == np.uint8 and np.array_equal(px, want)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_low_bit_tiff_page_read_by_tifffile_is_scaled_like_pillows(tmp_path, bits, photometric):
+    """A 2..7-bit grey TIFF page tifffile reads (after a float64 page Pillow cannot open) is
+    shown over its BitsPerSample range, 0..2^bits-1 as 0..255, as Pillow shows the same page
+    (it came 0..15 of 255 before: far too dark). Reference: tifffile's raw page with numpy."""
+    values = ((_YX[1] + _YX[0]) % 2**bits).astype(np.uint8)
+    path = tmp_path / "t.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(_F64)
+        tif.write(values, bitspersample=bits, photometric=photometric)
+    raw = tifffile.imread(path, key=1).astype(float)
+    full = 2**bits - 1
+    want = np.round((full - raw if photometric == "miniswhite" else raw) * 255 / full)
+    ((_, px),) = read_image(path, frames=[1]).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, want)
