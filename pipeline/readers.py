@@ -447,12 +447,19 @@ def _deep_tiff(im: Image.Image) -> bool:
     than 8 bits per sample (BitsPerSample) in a grey or RGB page Pillow opens in an 8-bit mode
     (RGB48, RGBA64, ...: it would keep only the high byte of each sample), in a MINISWHITE
     page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives), or
-    in a mode that cannot hold the stored type (:func:`_mode_holds`: unsigned 32-bit in "I")."""
+    in a mode that cannot hold the stored type (:func:`_mode_holds`: unsigned 32-bit in "I");
+    or with associated (premultiplied) alpha at any depth, the picture on black as stored
+    (Pillow un-premultiplies it, and compositing again is off by one)."""
     if im.format != "TIFF":
         return False
     bits = im.tag_v2.get(258, 1)
     bits = bits if isinstance(bits, tuple) else (bits,)
     photometric = im.tag_v2.get(262)
+    extras = im.tag_v2.get(338, ())
+    if photometric in DEEP_PHOTOMETRIC and 1 in (
+        extras if isinstance(extras, tuple) else (extras,)
+    ):
+        return True  # associated alpha: Pillow un-premultiplies it, tifffile keeps the picture
     if max(bits) <= 8 or photometric not in DEEP_PHOTOMETRIC:
         return False
     if photometric == MINISWHITE or im.mode not in HIGH_DEPTH:

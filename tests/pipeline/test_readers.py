@@ -1690,3 +1690,18 @@ def test_low_bit_tiff_page_read_by_tifffile_is_scaled_like_pillows(tmp_path, bit
     want = np.round((full - raw if photometric == "miniswhite" else raw) * 255 / full)
     ((_, px),) = read_image(path, frames=[1]).frames
     assert px.dtype == np.uint8 and np.array_equal(px, want)
+
+
+@pytest.mark.parametrize(("photometric", "channels"), [("rgb", 3), ("minisblack", 1)])
+def test_8bit_tiff_associated_alpha_is_the_stored_picture(tmp_path, photometric, channels):
+    """An 8-bit TIFF page with associated (premultiplied) alpha is the picture on black as
+    stored (Pillow un-premultiplies it; multiplying again was off by one). Reference: the
+    colour samples tifffile reads."""
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 256, (32, 48, channels + 1), dtype=np.uint8)
+    stored[..., :channels] = np.minimum(stored[..., :channels], stored[..., channels:])
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, stored, photometric=photometric, extrasamples=[1])
+    raw = tifffile.imread(path)[..., :channels]
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, raw[..., 0] if channels == 1 else raw)
