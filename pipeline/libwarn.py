@@ -2,9 +2,13 @@
 notes, ...), caught per file and reported once per kind with a count: never a traceback-style
 line per file on the terminal, never a file path or a header value.
 
-A kind is the warning's text with every quoted value hidden but the DICOM terms that explain it
-(``'RGB'``, ``'YBR_FULL_422'``) and every count replaced by ``N``, prefixed by the library that
-raised it (from the warning's own source file, inside site-packages: not the image's path).
+A kind is the warning's text up to where file content may start: the first quote that opens
+(any of ' " ` and typographic quotes; nothing after it is kept, as no rule over quotes can tell
+where a value holding quotes ends), the word a name follows (``profile``, ``name``, ...) or a
+path, shown as ``'...'``; only pydicom's messages whose variable parts are DICOM terms
+(``'RGB'``, ``'YBR_FULL_422'``) and counts are kept whole. Every count is ``N``; the kind is
+prefixed by the library that raised it (from the warning's own source file, inside
+site-packages: not the image's path).
 
 The decode libraries' loggers (:data:`LIBRARY_LOGGERS`) go the same way: their records quote
 file content (libpng, through imagecodecs, quotes an iCCP profile's free-text name; tifffile
@@ -23,29 +27,79 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-# Quoted values shown as they are: DICOM Photometric Interpretation terms (no patient data)
-TERMS = frozenset(
+# Messages shown with their quoted values, whole-text templates whose every quoted slot is
+# one of these DICOM terms (no patient data): anchored, so no file content can pass as a term
+TERMS = (
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_ICT",
+    "YBR_RCT",
+    "YBR_PARTIAL_420",
+)
+_TERM = "'(?:" + "|".join(re.escape(t) for t in sorted(TERMS, key=len, reverse=True)) + ")'"
+_FRAMES = (
+    "(0028,0008) 'Number of Frames' value of N. The returned data will include these extra "
+    "frames and if it's correct then you should update 'Number of Frames' accordingly, "
+    "otherwise pass 'allow_excess_frames=False' to return only the first N frames."
+)
+# pydicom's messages whose only variable parts are a term (TERM) or a count (N), in full
+_TEMPLATES = tuple(
+    re.compile(
+        "^"
+        + "".join(
+            {"TERM": _TERM, "N": r"\d+"}.get(part, re.escape(part))
+            for part in re.split(r"\b(TERM|N)\b", t)
+        )
+        + "$"
+    )
+    for t in (
+        "The (0028,0004) 'Photometric Interpretation' value is TERM however the encoded "
+        "image's codestream contains a JFIF APP marker which indicates it should be TERM",
+        "N frames have been found in the encapsulated pixel data, which is larger than the "
+        "given " + _FRAMES,
+        "The number of bytes of pixel data is sufficient to contain N frames which is larger "
+        "than the given " + _FRAMES,
+    )
+)
+# Any character a message may open a quoted value with: ASCII, backtick, typographic, guillemets
+_QUOTES = re.compile("['\"`\u00ab\u00b4\u00bb\u2018-\u201f\u2039\u203a]")
+# The apostrophe of the library's own English (image's, doesn't): after a word of 3+ letters
+# (so never a b'', rb'' repr prefix), before a short ending, then a space or the end
+_APOSTROPHE = re.compile(r"(?<![A-Za-z])[A-Za-z]{3,}'(?:s|t|re|ve|ll|d|m)(?= |$)")
+# Unquoted free text: a name after these words (libpng's iCCP "profile <name>"), a path
+_REPR_PREFIX = re.compile(r"(?<!\w)[bBrRuUfF]{1,2}$")  # b'...', rb'...'
+_NAME_AFTER = re.compile(r"\b(?:profile|name|named|file|filename|path|patient)\b", re.I)
+_PATH = re.compile(r"[^\s(]*[/\\]")
+# libpng's fixed reasons at the end of an iCCP message, kept after the hidden profile name
+_REASONS = frozenset(
     {
-        "MONOCHROME1",
-        "MONOCHROME2",
-        "PALETTE COLOR",
-        "RGB",
-        "YBR_FULL",
-        "YBR_FULL_422",
-        "YBR_ICT",
-        "YBR_RCT",
-        "YBR_PARTIAL_420",
-        "Photometric Interpretation",
-        "Number of Frames",
-        "Samples per Pixel",
-        "Bits Allocated",
-        "Bits Stored",
-        "Planar Configuration",
+        "invalid signature",
+        "invalid length",
+        "too short",
+        "tag count too large",
+        "invalid rendering intent",
+        "intent outside defined range",
+        "known incorrect sRGB profile",
+        "out-of-date sRGB profile with no signature",
+        "PCS illuminant is not D50",
+        "invalid embedded Abstract ICC profile",
+        "unexpected DeviceLink ICC profile class",
+        "unexpected NamedColor ICC profile class",
+        "unrecognized ICC profile class",
+        "unexpected ICC PCS encoding",
+        "invalid ICC profile color space",
+        "RGB color space not permitted on grayscale PNG",
+        "Gray color space not permitted on RGB PNG",
+        "ICC profile tag outside profile",
+        "ICC profile tag start not a multiple of 4",
+        "length does not match profile",
+        "exceeds application limits",
     }
 )
-# A quoted value (not an apostrophe), also b'...' and one whose closing quote is missing (a
-# repr cut short): hidden to the end of the text
-_QUOTED = re.compile(r"(?<!\w)(?:[bBrRuU]{1,2}(?='))?'(.*?)(?:'(?!\w)|$)|\"(.*?)(?:\"|$)")
 _NUMBER = re.compile(r"(?<![\w(,.])\d+(?:\.\d+)?(?![\w,)])")  # not inside a (gggg,eeee) tag
 _LIBRARY = re.compile(r"(?:site|dist)-packages[/\\]([A-Za-z_][\w]*)")
 
@@ -56,12 +110,32 @@ _NOTED: ContextVar[list[str] | None] = ContextVar("libwarn_noted", default=None)
 log = logging.getLogger("retina_vae.libwarn")
 
 
+def _fixed_text(text: str) -> str:
+    """``text`` up to where a library may have put file content: the first quote that is not
+    an English apostrophe (nothing after a quote that opens is kept: no rule over quotes can
+    tell where a value holding quotes ends), the end of a word that a name follows
+    (``profile``, ``name``, ...), or a path. A cut is shown as ``'...'``, then one of libpng's
+    fixed :data:`_REASONS` if the text ends with it."""
+    apostrophes = {m.start() + m[0].index("'") for m in _APOSTROPHE.finditer(text)}
+    quotes = (m.start() for m in _QUOTES.finditer(text) if m.start() not in apostrophes)
+    name, path = _NAME_AFTER.search(text), _PATH.search(text)
+    cuts = [next(quotes, len(text)), name.end() if name else len(text)]
+    cut = min(cuts + [path.start() if path else len(text)])
+    if cut == len(text):
+        return text
+    reason = text.rsplit(": ", 1)[-1]
+    kept = _REPR_PREFIX.sub("", text[:cut]).rstrip() + " '...'"
+    return f"{kept}: {reason}" if reason in _REASONS else kept
+
+
 def kind(message: str, filename: str = "", library: str | None = None) -> str:
-    """The one-line kind of a warning: quoted values hidden unless in :data:`TERMS`, numbers
-    as N, prefixed by the raising library's package name (``library``, else found in
-    ``filename``, the warning's source file)."""
+    """The one-line kind of a warning: a pydicom message of :data:`_TEMPLATES` whole, any other
+    cut where file content may start (:func:`_fixed_text`); numbers as N, prefixed by the
+    raising library's package name (``library``, else found in ``filename``, the warning's
+    source file)."""
     text = " ".join(str(message).split())
-    text = _QUOTED.sub(lambda m: m[0] if (m[1] or m[2]) in TERMS else "'...'", text)
+    if not any(t.match(text) for t in _TEMPLATES):
+        text = _fixed_text(text)
     text = _NUMBER.sub("N", text)
     if library is None:
         found = _LIBRARY.search(filename or "")

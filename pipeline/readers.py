@@ -231,10 +231,21 @@ def _orientation(im: Image.Image) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Corrupt EXIF data": the page's decode may still work
-            value = int(im.getexif().get(ORIENTATION, 1))
+            value = int(_exif(im).get(ORIENTATION, 1))
     except Exception:  # noqa: BLE001 -- Pillow raises many kinds on malformed EXIF
         return 1
     return value if value in _UPRIGHT else 1
+
+
+def _exif(im: Image.Image) -> Image.Exif:
+    """The current page's EXIF. An MPO frame's from its own APP1 only, empty without one:
+    Pillow keeps the previous frame's entries after seeking to a frame that has none."""
+    if im.format != "MPO":
+        return im.getexif()
+    exif = Image.Exif()
+    if im.info.get("exif"):
+        exif.load(im.info["exif"])
+    return exif
 
 
 def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -243,9 +254,14 @@ def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr if turn is None else np.ascontiguousarray(turn(arr))
 
 
-def _on_black(im: Image.Image) -> np.ndarray:
+def _on_black(im: Image.Image, bits: int = 8) -> np.ndarray:
     """A page with transparency (alpha channel, transparent palette entries or colour key)
-    composited onto black, the background of a fundus photo: (H, W) or (H, W, 3) uint8."""
+    composited onto black, the background of a fundus photo: (H, W) or (H, W, 3) uint8.
+    ``bits``: a PNG's bit depth (a 2- or 4-bit grey colour key is in the file's units)."""
+    key = _low_bit_grey_key(im, bits)
+    if key is not None:
+        px = np.asarray(im)
+        return np.where(px == key, 0, px).astype(np.uint8)
     grey = im.mode in ("1", "L", "LA", "La")
     rgba = np.asarray(im.convert("LA" if grey else "RGBA"), dtype=np.uint16)
     colour, alpha = rgba[..., :-1], rgba[..., -1:]
@@ -253,14 +269,24 @@ def _on_black(im: Image.Image) -> np.ndarray:
     return out[..., 0] if grey else out
 
 
-def _photo_array(im: Image.Image) -> np.ndarray:
+def _low_bit_grey_key(im: Image.Image, bits: int) -> int | None:
+    """A 2- or 4-bit (``bits``) grey PNG's tRNS colour key on Pillow's 0..255 scale of its
+    samples (it scales the samples, x85 or x17, but keeps the key in the file's units); None
+    for any other page."""
+    key = im.info.get("transparency")
+    if im.format != "PNG" or im.mode != "L" or not isinstance(key, int) or bits not in (2, 4):
+        return None
+    return key * 255 // (2**bits - 1)
+
+
+def _photo_array(im: Image.Image, bits: int = 8) -> np.ndarray:
     """A Pillow page -> (H, W) or (H, W, 3): uint8, or the page's own 16/32-bit or float values
     for a high-depth grey page (the caller scales those over the whole file). Not for a
     :data:`DEEP` page (16-bit colour), which Pillow would cut to its high byte."""
     if im.mode in HIGH_DEPTH:
         return np.asarray(im)
     if im.mode in ALPHA_MODES or "transparency" in im.info:
-        return _on_black(im)
+        return _on_black(im, bits)
     if im.mode in ("L", "RGB"):
         return np.asarray(im)
     if im.mode == "1":
@@ -320,15 +346,18 @@ class _Page(NamedTuple):
     index: int
 
 
-def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
+def _pages(im: Image.Image, path: Path, deep: _FullDepth, max_pixels: int | None) -> list[_Page]:
     """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
     of an animated PNG or WebP, each image of an MPO (stereo pairs). Reduced-resolution
     copies (TIFF previews and pyramid levels, MPO large thumbnails) and TIFF masks are
     skipped: no picture of the eye. A TIFF page whose format Pillow does not know (float64,
-    16-bit grey+alpha, ...), wherever it stands, is tifffile's (``deep``)."""
+    16-bit grey+alpha, ...), wherever it stands, is tifffile's (``deep``). BadImage before
+    any frame is looked at where the frame count the header declares (an APNG's acTL, an MPO's
+    index) cannot be held by the file or exceeds ``max_pixels`` (:func:`_check_declared_frames`)."""
     if im.format == "TIFF":
         return _tiff_pages(im, deep)
     n = getattr(im, "n_frames", 1)
+    _check_declared_frames(n, im.size, path, max_pixels)
     png16 = im.format == "PNG" and _png_bit_depth(path) > 8
     if png16 and n > 1:  # libpng reads the default image only, Pillow cuts to 8 bits
         kind = "animated 16-bit PNG"
@@ -344,6 +373,18 @@ def _pages(im: Image.Image, path: Path, deep: _FullDepth) -> list[_Page]:
         if not _is_copy(im, i):
             pages.append(_page(im, False)._replace(index=i))
     return pages
+
+
+def _check_declared_frames(
+    n: int, size: tuple[int, int], path: Path, max_pixels: int | None
+) -> None:
+    """Refuse a file whose header declares ``n`` frames of ``size`` (width, height) that it
+    cannot hold (every frame takes a chunk of 8 bytes at least: its count is then damaged or
+    crafted) or whose declared pixels exceed ``max_pixels``, before any frame is read."""
+    if n > max(path.stat().st_size // 8, 1):
+        kind = "frame count beyond the file"
+        raise BadImage(f"{kind}: {n} frames declared, more than the file can hold", kind)
+    _check_pixels(n * size[0] * size[1], f"{size[0]}x{size[1]}x{n}", max_pixels)
 
 
 def _tiff_pages(im: Image.Image, deep: _FullDepth) -> list[_Page]:
@@ -404,16 +445,38 @@ def _png_bit_depth(path: Path) -> int:
 def _deep_tiff(im: Image.Image) -> bool:
     """Whether the current TIFF page, which Pillow opens, is read by tifffile instead: more
     than 8 bits per sample (BitsPerSample) in a grey or RGB page Pillow opens in an 8-bit mode
-    (RGB48, RGBA64, ...: it would keep only the high byte of each sample), or in a MINISWHITE
-    page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives)."""
+    (RGB48, RGBA64, ...: it would keep only the high byte of each sample), in a MINISWHITE
+    page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives), or
+    in a mode that cannot hold the stored type (:func:`_mode_holds`: unsigned 32-bit in "I");
+    or with associated (premultiplied) alpha at any depth, the picture on black as stored
+    (Pillow un-premultiplies it, and compositing again is off by one)."""
     if im.format != "TIFF":
         return False
     bits = im.tag_v2.get(258, 1)
     bits = bits if isinstance(bits, tuple) else (bits,)
     photometric = im.tag_v2.get(262)
+    extras = im.tag_v2.get(338, ())
+    if photometric in DEEP_PHOTOMETRIC and 1 in (
+        extras if isinstance(extras, tuple) else (extras,)
+    ):
+        return True  # associated alpha: Pillow un-premultiplies it, tifffile keeps the picture
     if max(bits) <= 8 or photometric not in DEEP_PHOTOMETRIC:
         return False
-    return photometric == MINISWHITE or im.mode not in HIGH_DEPTH
+    if photometric == MINISWHITE or im.mode not in HIGH_DEPTH:
+        return True
+    fmt = im.tag_v2.get(339, 1)
+    return not _mode_holds(im.mode, max(bits), max(fmt if isinstance(fmt, tuple) else (fmt,)))
+
+
+def _mode_holds(mode: str, bits: int, sample_format: int) -> bool:
+    """Whether Pillow's high-depth ``mode`` holds every value of ``bits``-bit samples of TIFF
+    SampleFormat ``sample_format`` (1 unsigned, 2 signed, 3 float): "I" is int32 (an unsigned
+    32-bit sample >= 2^31 would wrap), "F" float32, "I;16*" unsigned 16-bit."""
+    if mode == "I":
+        return (sample_format == 2 and bits <= 32) or (sample_format == 1 and bits <= 31)
+    if mode == "F":
+        return sample_format == 3 and bits <= 32
+    return mode.startswith("I;16") and sample_format == 1 and bits <= 16
 
 
 class _FullDepth:
@@ -475,10 +538,11 @@ def _png_values(data: bytes) -> np.ndarray:
 
 
 def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
-    """A grey, RGB or palette TIFF page's samples at full depth (tifffile), MINISWHITE grey
-    inverted (:func:`_min_is_white`), a palette looked up (:func:`_tiff_palette`); the first
-    alpha extra sample (ExtraSamples 1 associated, 2 unassociated) composited onto black,
-    other extras dropped. BadImage for any other kind of page."""
+    """A grey, RGB or palette TIFF page's samples at full depth (tifffile), 2..7-bit ones
+    scaled to 0..255 (:func:`_low_bits_to_8`), MINISWHITE grey inverted (:func:`_min_is_white`),
+    a palette looked up (:func:`_tiff_palette`); the first alpha extra sample (ExtraSamples 1
+    associated, 2 unassociated) composited onto black, other extras dropped. BadImage for any
+    other kind of page."""
     arr = page.asarray()
     if arr.dtype.kind not in "buif":
         kind = "unsupported TIFF page"
@@ -493,14 +557,23 @@ def _tiff_values(page: tifffile.TiffPage) -> np.ndarray:
         raise BadImage(f"{kind} ({page.bitspersample}-bit {what})", kind)
     extras = list(page.extrasamples)
     alpha = next((i for i, e in enumerate(extras) if e in (1, 2)), None)
+    bits = page.bitspersample
+    if arr.dtype == np.uint8 and 1 < bits < 8 and page.photometric != PALETTE:
+        arr, bits = _low_bits_to_8(arr, bits), 8  # as Pillow shows them (and DICOM's)
     shown = arr[..., :colour]
     if page.photometric == MINISWHITE:
-        shown = _min_is_white(shown, page.bitspersample)
+        shown = _min_is_white(shown, bits)
     elif page.photometric == PALETTE:
         shown = _tiff_palette(shown[..., 0], page.colormap)
     if alpha is None:
         return _deep_colour(shown, None, False)
     return _deep_colour(shown, arr[..., colour + alpha], extras[alpha] == 1)
+
+
+def _low_bits_to_8(values: np.ndarray, bits: int) -> np.ndarray:
+    """Samples of 2..7 ``bits`` (uint8, 0..2^bits-1) scaled to 0..255 by their full range,
+    as Pillow does (a 4-bit 15 is 255): same shape, uint8."""
+    return np.round(values * (255.0 / (2**bits - 1))).astype(np.uint8)
 
 
 def _tiff_palette(indices: np.ndarray, colormap: np.ndarray | None) -> np.ndarray:
@@ -574,7 +647,7 @@ def _draft(im: Image.Image, draft: tuple[int, int], orientation: int) -> None:
 
 def _read_photo(path: Path, min_size: int, max_pixels: int | None, draft, oct_central, frames):
     with _open_photo(path) as im, _FullDepth(path, "TIFF" if im is None else im.format) as deep:
-        pages = _pages(im, path, deep) if im is not None else deep.pages()
+        pages = _pages(im, path, deep, max_pixels) if im is not None else deep.pages()
         if not pages:
             kind = "no full-resolution image"
             raise BadImage(f"{kind} (only reduced-resolution or mask pages)", kind)
@@ -609,14 +682,18 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
     if drafted:
         im.decoderconfig = ()  # an MPO seek keeps the last frame's DCT scale: draft anew
         _draft(im, draft, page.orientation)
-    px = _photo_array(im)  # loads the page
+    bits = _png_bit_depth(deep.path) if im.format == "PNG" else 8  # a PNG's IHDR bit depth
+    px = _photo_array(im, bits)  # loads the page
     # orientation read after loading: where Pillow turned the page itself (TIFF, in recent
     # versions) it has dropped the tag, and the page is not turned twice
     px = _upright(px, _orientation(im))
-    if not drafted and px.shape[:2] != (page.height, page.width):  # never a scrambled page
+    # never a scrambled page; a drafted one at the DCT-scaled size, turned as its header says
+    w, h = (page.width, page.height) if not drafted else _stored_size(im)
+    w, h = (h, w) if drafted and page.orientation >= 5 else (w, h)
+    if px.shape[:2] != (h, w):
         raise BadImage(
             f"undecodable image (page decoded as {px.shape[1]}x{px.shape[0]}, "
-            f"its header says {page.width}x{page.height})",
+            f"its header says {w}x{h})",
             "undecodable image",
         )
     return px

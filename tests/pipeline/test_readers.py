@@ -1546,3 +1546,162 @@ def test_tiff_palettes_are_looked_up_at_every_depth(tmp_path, kind):
     want = NUMPY_UPRIGHT[turn](np.round(looked_up * 255 / 65535))
     ((frame, px),) = read_image(path, frames=[k]).frames
     assert frame == k and px.shape == want.shape and np.array_equal(px, want)
+
+
+def _apng_declaring(path, declared: int) -> None:
+    """A two-frame 64x48 APNG whose acTL chunk declares ``declared`` frames."""
+    frames = [Image.fromarray(v) for v in _views(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    png = buf.getvalue()
+    at = png.index(b"acTL") - 4
+    body = struct.pack(">II", declared, 0)
+    chunk = struct.pack(">I", 8) + b"acTL" + body + struct.pack(">I", zlib.crc32(b"acTL" + body))
+    path.write_bytes(png[:at] + chunk + png[at + 20 :])
+
+
+@pytest.mark.parametrize(
+    ("declared", "max_pixels", "kind"),
+    [
+        (2**31 - 1, None, "frame count beyond the file"),
+        (2**31 - 1, 10**12, "frame count beyond the file"),
+        (10**6, None, "frame count beyond the file"),
+        (10**6, 10**12, "frame count beyond the file"),
+    ],
+)
+def test_apng_declaring_more_frames_than_it_holds_is_refused_at_once(
+    tmp_path, declared, max_pixels, kind
+):
+    """An APNG whose acTL declares far more frames than it holds (damaged or crafted) is
+    refused from its header, before any frame is looked at (it hung ingest: one record per
+    declared frame). Reference: Pillow's n_frames, the declared count."""
+    path = tmp_path / "a.png"
+    _apng_declaring(path, declared)
+    with Image.open(path) as im:
+        assert im.n_frames == declared  # the premise
+    with pytest.raises(BadImage) as err:
+        read_image(path, max_pixels=max_pixels)
+    assert err.value.kind == kind and str(declared) in str(err.value) and "\n" not in str(err.value)
+
+
+_WIDE = (_YX[1] * 89_000_000 + _YX[0] * 1000).astype(np.float64)  # 0 .. 4.18e9, (32, 48)
+GREY_TIFF_TYPES = {
+    "uint32, over 2^31": _WIDE.astype(np.uint32),
+    "uint32, below 2^31": (_WIDE // 3).astype(np.uint32),
+    "int32, negative": (_WIDE - 2**31).astype(np.int32),
+    "uint16": (_WIDE // 2**16).astype(np.uint16),
+    "int16": (_WIDE // 2**16 - 2**15).astype(np.int16),
+}
+
+
+@pytest.mark.parametrize("kind", GREY_TIFF_TYPES)
+def test_grey_tiff_samples_keep_their_stored_type(tmp_path, kind):
+    """A 16/32-bit grey TIFF page is read with its own sample type: an unsigned 32-bit one
+    (Pillow opens it as int32, values >= 2^31 wrapping to negatives) by tifffile, then scaled
+    over its min..max. Reference: tifffile's raw page scaled with numpy."""
+    path = tmp_path / "g.tif"
+    tifffile.imwrite(path, GREY_TIFF_TYPES[kind], photometric="minisblack")
+    raw = tifffile.imread(path).astype(np.float64)
+    want = np.round((raw - raw.min()) * (255 / (raw.max() - raw.min())))
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.abs(px - want).max() <= 1
+
+
+def _jpeg_bytes(view: np.ndarray, orientation: int | None) -> bytes:
+    """``view`` as a JPEG (quality 95, as the MPO's frames), EXIF orientation if given."""
+    buf = io.BytesIO()
+    exif = _exif_bytes(orientation) if orientation else b""
+    Image.fromarray(view).save(buf, "JPEG", quality=95, exif=b"Exif\0\0" + exif if exif else b"")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "orientations", [(6, None), (None, 8), (None, 8, None), (3, None, 6), (6, 1)]
+)
+def test_mpo_frames_are_turned_by_their_own_exif_only(tmp_path, orientations):
+    """Each MPO frame is turned by its own EXIF orientation, none (no APP1) being 1: Pillow
+    keeps the previous frame's EXIF after seeking to a frame without one. Full and drafted
+    decodes alike. Reference: each frame's JPEG decoded on its own by Pillow, turned by numpy."""
+    views = _views(len(orientations))
+    first, *rest = map(Image.fromarray, views)
+    for im, o in zip(rest, orientations[1:], strict=True):
+        im.encoderinfo = {"exif": b"Exif\0\0" + _exif_bytes(o) if o else b""}
+    path = tmp_path / "x.mpo"
+    exif0 = b"Exif\0\0" + _exif_bytes(orientations[0]) if orientations[0] else b""
+    first.save(path, "MPO", save_all=True, append_images=rest, quality=95, exif=exif0)
+    refs = []
+    for view, o in zip(views, orientations, strict=True):
+        with Image.open(io.BytesIO(_jpeg_bytes(view, o))) as im:
+            refs.append(NUMPY_UPRIGHT[o or 1](np.asarray(im)))
+    d = read_image(path)
+    assert d.sizes == [r.shape[1::-1] for r in refs]
+    assert all(np.array_equal(px, r) for (_, px), r in zip(d.frames, refs, strict=True))
+    drafted = read_image(path, draft=(32, 24)).frames
+    assert [px.shape[0] > px.shape[1] for _, px in drafted] == [
+        r.shape[0] > r.shape[1] for r in refs
+    ]
+
+
+def _grey_png(path, values: np.ndarray, bits: int, key: int) -> None:
+    """A grey PNG of ``bits``-bit ``values`` (H, W) with a tRNS colour key, written by hand."""
+    h, w = values.shape
+    packed = np.packbits(
+        ((values[..., None] >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8).reshape(h, -1),
+        axis=1,
+    )
+    raw = b"".join(b"\0" + row.tobytes() for row in packed)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    ihdr = struct.pack(">IIBBBBB", w, h, bits, 0, 0, 0, 0)
+    parts = [chunk(b"IHDR", ihdr), chunk(b"tRNS", struct.pack(">H", key))]
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + b"".join(parts)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(("bits", "key"), [(1, 1), (2, 3), (2, 1), (4, 15), (4, 6), (8, 50)])
+def test_grey_png_colour_key_is_black_at_every_bit_depth(tmp_path, bits, key):
+    """A grey PNG's tRNS colour key is composited onto black at every bit depth (Pillow keeps
+    a 2- or 4-bit key in the file's units while scaling the samples to 0..255). Reference:
+    numpy on the samples written: key -> 0, others v * 255 / (2^bits - 1)."""
+    values = ((_YX[1] + _YX[0]) % 2**bits).astype(np.uint8)
+    path = tmp_path / "g.png"
+    _grey_png(path, values, bits, key)
+    want = np.where(values == key, 0, np.round(values.astype(float) * 255 / (2**bits - 1)))
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, want)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite"])
+def test_low_bit_tiff_page_read_by_tifffile_is_scaled_like_pillows(tmp_path, bits, photometric):
+    """A 2..7-bit grey TIFF page tifffile reads (after a float64 page Pillow cannot open) is
+    shown over its BitsPerSample range, 0..2^bits-1 as 0..255, as Pillow shows the same page
+    (it came 0..15 of 255 before: far too dark). Reference: tifffile's raw page with numpy."""
+    values = ((_YX[1] + _YX[0]) % 2**bits).astype(np.uint8)
+    path = tmp_path / "t.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(_F64)
+        tif.write(values, bitspersample=bits, photometric=photometric)
+    raw = tifffile.imread(path, key=1).astype(float)
+    full = 2**bits - 1
+    want = np.round((full - raw if photometric == "miniswhite" else raw) * 255 / full)
+    ((_, px),) = read_image(path, frames=[1]).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, want)
+
+
+@pytest.mark.parametrize(("photometric", "channels"), [("rgb", 3), ("minisblack", 1)])
+def test_8bit_tiff_associated_alpha_is_the_stored_picture(tmp_path, photometric, channels):
+    """An 8-bit TIFF page with associated (premultiplied) alpha is the picture on black as
+    stored (Pillow un-premultiplies it; multiplying again was off by one). Reference: the
+    colour samples tifffile reads."""
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 256, (32, 48, channels + 1), dtype=np.uint8)
+    stored[..., :channels] = np.minimum(stored[..., :channels], stored[..., channels:])
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, stored, photometric=photometric, extrasamples=[1])
+    raw = tifffile.imread(path)[..., :channels]
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, raw[..., 0] if channels == 1 else raw)
