@@ -63,7 +63,10 @@ def feature_sizes(height: int, width: int, depth: int) -> list[tuple[int, int]]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DDP (``.module``) or torch.compile (``._orig_mod``) wrapper."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        # Not `a or b`: the truth value of a compiled module calls len(), which it refuses.
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner

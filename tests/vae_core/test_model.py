@@ -153,6 +153,20 @@ def test_unwrap_returns_inner_module():
     assert unwrap(holder) is model
 
 
+def test_unwrap_reaches_the_model_in_ddp_around_a_compiled_module(tmp_path):
+    """Ray Train with ``train.compile`` and 2 workers: DDP wraps the torch.compile wrapper, whose
+    truth value raises (it calls len()); unwrap once failed there on every rank."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = ConvVAE(VAEConfig(1, 28, 28, (8,), 4))
+        ddp = nn.parallel.DistributedDataParallel(torch.compile(model))
+        assert unwrap(ddp) is model
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
