@@ -57,6 +57,7 @@ from pipeline.io import ArrowRows, write_json, write_table
 from pipeline.manifest import (
     MANIFEST_COLUMNS,
     NOT_UTF8,
+    broken_link,
     escaped,
     is_npz,
     is_utf8,
@@ -537,7 +538,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
 
 def _refused(root: Path, e: Entry, result: dict) -> Refused:
     full = os.path.join(root, e.source)
-    if os.path.islink(full) and not os.path.exists(full):
+    if broken_link(full):
         return Refused(e.source, BROKEN_LINK, BROKEN_LINK)
     if not os.path.exists(full):
         return Refused(e.source, "listed but file not found", "listed but file not found")

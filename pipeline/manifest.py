@@ -52,7 +52,7 @@ def source_files(root: Path) -> Iterator[str]:
             path = os.path.join(folder, name)
             if is_folder:
                 yield from walk(path, f"{prefix}{name}/")
-            elif os.path.isfile(path) or _broken_link(path):
+            elif os.path.isfile(path) or broken_link(path):
                 yield prefix + name
 
     return walk(str(root), "")
@@ -89,7 +89,7 @@ def hidden(path: str | os.PathLike) -> str:
     return "/".join(part if is_utf8(part) else _HIDDEN for part in path.split("/"))
 
 
-def _broken_link(path: str) -> bool:
+def broken_link(path: str) -> bool:
     """A symlink whose target is missing: listed, so that ingest quarantines it with its
     reason instead of losing the file without a word."""
     return os.path.islink(path) and not os.path.exists(path)
