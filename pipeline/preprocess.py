@@ -312,7 +312,29 @@ def preprocess(params: Params) -> dict:
         *pp.image_size,
         sizes,
     )
+    for line in small_split_warnings(report["splits"], pp.val_fraction, pp.test_fraction):
+        log.warning("%s", line)
     return report
+
+
+MIN_EVAL_IMAGES = 30  # below this a probe accuracy's 95% interval is wider than +-0.18
+
+
+def small_split_warnings(splits: dict, val_fraction: float, test_fraction: float) -> list[str]:
+    """One warning per evaluation split (val, test) asked for but left with fewer than
+    MIN_EVAL_IMAGES images: its figures are too uncertain to compare runs. The width is the
+    worst case of a binomial proportion's normal interval, 1.96 * sqrt(0.25 / n)."""
+    out = []
+    for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+        n, subjects = splits[split]["images"], splits[split]["subjects"]
+        if fraction <= 0 or n >= MIN_EVAL_IMAGES:
+            continue
+        width = "it is empty" if n == 0 else f"an accuracy on it is +-{0.98 / n**0.5:.2f} (95%)"
+        out.append(
+            f"the {split} split has {n} images from {subjects} subjects ({width}): "
+            f"too few to compare runs; add images or raise preprocess.{split}_fraction"
+        )
+    return out
 
 
 def check_sheet_test_split(splits: pd.Series, labels: str | None) -> None:

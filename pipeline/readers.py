@@ -345,6 +345,13 @@ class _Page(NamedTuple):
     mode: str
     index: int
 
+    @classmethod
+    def stored(cls, width: int, height: int, orientation: int, mode: str, index: int) -> _Page:
+        """The page whose pixels are stored ``width`` x ``height``: orientations 5-8 are stored
+        transposed (TIFF 6.0 tag 274, EXIF 4.6.4 A), so upright its width and height swap."""
+        w, h = (height, width) if orientation >= 5 else (width, height)
+        return cls(w, h, orientation, mode, index)
+
 
 def _pages(im: Image.Image, path: Path, deep: _FullDepth, max_pixels: int | None) -> list[_Page]:
     """Every image of the file, upright sizes (headers only): each page of a TIFF, each frame
@@ -410,9 +417,7 @@ def _tiff_pages(im: Image.Image, deep: _FullDepth) -> list[_Page]:
 
 def _page(im: Image.Image, deep: bool) -> _Page:
     """The current page of ``im`` (its index left 0)."""
-    turn = _orientation(im)
-    w, h = _stored_size(im)
-    return _Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP if deep else im.mode, 0)
+    return _Page.stored(*_stored_size(im), _orientation(im), DEEP if deep else im.mode, 0)
 
 
 def _is_copy(im: Image.Image, i: int) -> bool:
@@ -512,7 +517,7 @@ class _FullDepth:
         w, h = page.imagewidth, page.imagelength
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
             raise BadImage("decompression bomb: exceeds Pillow's pixel limit", "decompression bomb")
-        return _Page(*((h, w) if turn >= 5 else (w, h)), turn, DEEP, index)
+        return _Page.stored(w, h, turn, DEEP, index)
 
     def __enter__(self) -> _FullDepth:
         return self
@@ -688,8 +693,9 @@ def _page_pixels(im: Image.Image, deep: _FullDepth, page: _Page, draft) -> np.nd
     # versions) it has dropped the tag, and the page is not turned twice
     px = _upright(px, _orientation(im))
     # never a scrambled page; a drafted one at the DCT-scaled size, turned as its header says
-    w, h = (page.width, page.height) if not drafted else _stored_size(im)
-    w, h = (h, w) if drafted and page.orientation >= 5 else (w, h)
+    if drafted:
+        page = _Page.stored(*_stored_size(im), page.orientation, page.mode, page.index)
+    w, h = page.width, page.height
     if px.shape[:2] != (h, w):
         raise BadImage(
             f"undecodable image (page decoded as {px.shape[1]}x{px.shape[0]}, "

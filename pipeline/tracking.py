@@ -630,18 +630,21 @@ def committed_params(path: Path) -> dict[str, Any] | None:
             return None
 
 
-def run_labels(flat: dict[str, Any], params_path: Path) -> tuple[str | None, dict[str, str]]:
+def run_labels(
+    flat: dict[str, Any], params_path: Path, baseline: Path | None = None
+) -> tuple[str | None, dict[str, str]]:
     """The name and DVC tags of a new training run: :func:`run_name` of the DVC experiment and
-    the params that differ from the committed ``params_path`` (None, MLflow's own random name,
-    when neither is known), and :func:`dvc_experiment_tags`."""
+    the params that differ from the committed ``params_path``, and :func:`dvc_experiment_tags`.
+    A params file git does not hold (a copy run by hand with ``--params``) is compared with the
+    committed ``baseline`` (the repository's params.yaml) and named after its file name, e.g.
+    ``wide.yaml: model.latent_dim=32``. None (MLflow's own random name) when neither is known."""
     tags = dvc_experiment_tags()
-    committed = committed_params(params_path)
-    if committed is None and not tags:
-        return None, tags
-    changed = changed_params(flat, committed)
-    if committed is None:  # an experiment's name alone
-        return tags["dvc.exp_name"], tags
-    return run_name(changed, tags.get("dvc.exp_name")), tags
+    committed, label = committed_params(params_path), tags.get("dvc.exp_name")
+    if committed is None and baseline is not None:
+        committed, label = committed_params(baseline), label or params_path.name
+    if committed is None:  # an experiment's name alone, or MLflow's
+        return tags.get("dvc.exp_name"), tags
+    return run_name(changed_params(flat, committed), label), tags
 
 
 def dvc_experiment_tags(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -457,7 +457,7 @@ def _open_run(
     ``params_path``, and tagged with the experiment (:func:`pipeline.tracking.run_labels`)."""
     state = _read_state(run_dir)
     fresh = bool(state.get("finished"))
-    name, dvc_tags = tracking.run_labels(params.flat(), params_path)
+    name, dvc_tags = tracking.run_labels(params.flat(), params_path, REPO / "params.yaml")
     run_id, resumed = tracking.start_run(
         uri,
         params.tracking.experiment,

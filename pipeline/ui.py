@@ -84,8 +84,8 @@ def stop(server: subprocess.Popen) -> None:
 
 def _body(params: Params, args: argparse.Namespace) -> None:
     uri = tracking.resolve_tracking_uri(params.tracking)
-    run = tracking.newest_run(uri, params.tracking.experiment)
     if uri.startswith(("http://", "https://")):
+        run = tracking.newest_run(uri, params.tracking.experiment)
         print(f"MLflow at {uri}: {_link(uri, run)}", flush=True)
         return
     base = f"http://{args.host}:{args.port}"
@@ -95,7 +95,10 @@ def _body(params: Params, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = None
         try:
+            # started before the store is read: a busy port is reported at once, and the
+            # server migrates a new store before the newest run is looked up
             server = start_server(uri, args.host, args.port, Path(tmp) / "server.log")
+            run = tracking.newest_run(uri, params.tracking.experiment)
             print(f"MLflow UI, {_link(uri, run, base)}", flush=True)
             print("Ctrl-C stops it", flush=True)
             server.wait()

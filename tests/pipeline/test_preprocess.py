@@ -243,3 +243,29 @@ def test_a_manifest_that_is_not_parquet_is_one_line_error(tmp_path, capsys, cont
     err = capsys.readouterr().err.strip()
     assert err.startswith("retina-vae preprocess: error: ") and "\n" not in err
     assert "not a Parquet manifest; re-run retina-vae ingest" in err
+
+
+@pytest.mark.parametrize(
+    ("val", "test", "fractions", "expected"),
+    [
+        ((30, 12), (300, 100), (0.15, 0.15), []),
+        ((29, 10), (300, 100), (0.15, 0.15),
+         ["the val split has 29 images from 10 subjects (an accuracy on it is +-0.18 (95%)): "
+          "too few to compare runs; add images or raise preprocess.val_fraction"]),
+        ((4, 2), (5, 3), (0.15, 0.15),
+         ["the val split has 4 images from 2 subjects (an accuracy on it is +-0.49 (95%)): "
+          "too few to compare runs; add images or raise preprocess.val_fraction",
+          "the test split has 5 images from 3 subjects (an accuracy on it is +-0.44 (95%)): "
+          "too few to compare runs; add images or raise preprocess.test_fraction"]),
+        ((0, 0), (0, 0), (0.0, 0.2),
+         ["the test split has 0 images from 0 subjects (it is empty): "
+          "too few to compare runs; add images or raise preprocess.test_fraction"]),
+        ((0, 0), (0, 0), (0.0, 0.0), []),  # no evaluation split asked for: nothing to warn of
+    ],
+)  # fmt: skip
+def test_small_evaluation_splits_are_warned_of(val, test, fractions, expected):
+    splits = {
+        name: {"images": n, "subjects": s, "labels": {}}
+        for name, (n, s) in {"train": (500, 200), "val": val, "test": test}.items()
+    }
+    assert preprocess.small_split_warnings(splits, *fractions) == expected

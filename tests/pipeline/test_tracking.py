@@ -319,3 +319,34 @@ def test_changed_params_against_the_committed_file(tmp_path):
     }
     assert tracking.committed_params(tmp_path / "other.yaml") is None  # not committed
     assert tracking.committed_params(tmp_path.parent / "params.yaml") is None  # not in git
+
+
+def test_run_by_hand_from_an_uncommitted_params_file_is_named_against_the_committed_one(
+    tmp_path, monkeypatch
+):
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    _git(tmp_path, "add", "params.yaml")
+    _git(tmp_path, "commit", "-qm", "params")
+    from pipeline.params import load_params
+
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(
+        (REPO / "params.yaml").read_text().replace("latent_dim: 16 ", "latent_dim: 32 ")
+    )
+    flat = load_params(wide).flat()
+    assert flat["model.latent_dim"] == 32
+    baseline = tmp_path / "params.yaml"
+    assert tracking.run_labels(flat, wide, baseline) == ("wide.yaml: model.latent_dim=32", {})
+    assert tracking.run_labels(flat, wide) == (None, {})  # nothing to compare with
+    own = load_params(baseline).flat()  # the committed file itself: its own HEAD, no file label
+    assert tracking.run_labels(own, baseline, baseline) == ("defaults", {})
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"  # not in any git repository
+    outside.write_text(wide.read_text())
+    try:
+        name = tracking.run_labels(flat, outside, baseline)[0]
+    finally:
+        outside.unlink()
+    assert name == f"{outside.name}: model.latent_dim=32"

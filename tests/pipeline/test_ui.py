@@ -73,3 +73,5 @@ def test_ui_on_a_busy_port_is_one_line(tmp_path, capsys):
         f"retina-vae ui: error: --port: 127.0.0.1:{port} is in use; pick another, "
         f"e.g. --port {port + 1}"
     )
+    # said before the store is opened (the seconds a new store's migration takes)
+    assert not (tmp_path / "mlflow.db").exists()
