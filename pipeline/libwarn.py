@@ -104,7 +104,7 @@ _NUMBER = re.compile(r"(?<![\w(,.])\d+(?:\.\d+)?(?![\w,)])")  # not inside a (gg
 _LIBRARY = re.compile(r"(?:site|dist)-packages[/\\]([A-Za-z_][\w]*)")
 
 
-# The loggers of the photo decoders (DICOM's pydicom logger is set by readers._open_dicom)
+# The loggers of the photo decoders (DICOM's pydicom logger is set by dicom_pixels.open_dicom)
 LIBRARY_LOGGERS = ("PIL", "imagecodecs", "tifffile")
 _NOTED: ContextVar[list[str] | None] = ContextVar("libwarn_noted", default=None)
 log = logging.getLogger("retina_vae.libwarn")

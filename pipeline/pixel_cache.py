@@ -15,10 +15,11 @@ The cache is an accelerator only, never a DVC output or dependency: preprocess u
 only when all of these match, and otherwise decodes the file itself, so its outputs are the
 same bytes with or without the cache:
 - the cache key: modality, ``preprocess.image_size``, ``oct_aspect``, ``illumination``, the
-  source of :mod:`pipeline.pixels` and :mod:`pipeline.readers`, the decoder library
-  versions and :data:`FORMAT` (raised whenever decoding changes what pixels mean, as when
-  photos were first turned upright) -- a params or code change without re-running ingest is
-  a miss, not a stale hit;
+  source of :mod:`pipeline.pixels` and of the decoders (:mod:`pipeline.readers`,
+  :mod:`pipeline.photo`, :mod:`pipeline.dicom_pixels`), the decoder library versions and
+  :data:`FORMAT` (raised whenever decoding changes what pixels mean, as when photos were
+  first turned upright) -- a params or code change without re-running ingest is a miss, not
+  a stale hit;
 - the manifest: the SHA-256 of the manifest file this cache was written with;
 - the file: its size and modification time at ingest;
 - the frames: the frame list preprocess needs for that file equals the one ingest decoded.
@@ -64,7 +65,7 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 LIBRARIES = ("pillow", "numpy", "scipy", "scikit-image", "pydicom")
-_CODE = ("pixels.py", "readers.py")
+_CODE = ("pixels.py", "readers.py", "photo.py", "dicom_pixels.py")
 
 
 def cache_dir(params: Params) -> Path:
