@@ -12,6 +12,7 @@ import io
 import struct
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import yaml
 from PIL import Image
@@ -24,6 +25,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
@@ -80,54 +82,23 @@ def _sof_to_extended(data: bytes) -> bytes:
     raise ValueError("no SOF0 marker")
 
 
-def jpeg_lossless(img: np.ndarray, precision: int) -> bytes:
-    """Encode (H, W) grayscale as JPEG lossless (process 14, predictor 1, one Huffman table)."""
-    h, w = img.shape
-    x = img.astype(np.int64)
-    pred = np.empty_like(x)
-    pred[0, 0] = 1 << (precision - 1)
-    pred[0, 1:] = x[0, :-1]  # first row: left neighbour
-    pred[1:, 0] = x[:-1, 0]  # first column: the pixel above
-    pred[1:, 1:] = x[1:, :-1]  # predictor 1: left neighbour
-    diff = (x - pred) % 65536
-    diff = np.where(diff > 32768, diff - 65536, diff)
-    # One DC table: all 17 categories (0..16) with 5-bit codes 0..16 (canonical, no all-ones).
-    bits = bytearray()
-    acc, nacc = 0, 0
-    for d in diff.ravel().tolist():
-        ssss = 16 if d == 32768 else abs(d).bit_length()
-        code, n = ssss, 5
-        if 0 < ssss < 16:
-            extra = d if d > 0 else d + (1 << ssss) - 1
-            code, n = (code << ssss) | extra, n + ssss
-        acc, nacc = (acc << n) | code, nacc + n
-        while nacc >= 8:
-            nacc -= 8
-            byte = (acc >> nacc) & 0xFF
-            bits.append(byte)
-            if byte == 0xFF:
-                bits.append(0)  # byte stuffing
-        acc &= (1 << nacc) - 1
-    if nacc:
-        byte = ((acc << (8 - nacc)) | ((1 << (8 - nacc)) - 1)) & 0xFF  # pad with 1-bits
-        bits.append(byte)
-        if byte == 0xFF:
-            bits.append(0)
-    counts = [0] * 16
-    counts[4] = 17  # 17 codes of length 5
-    dht = bytes([0x00, *counts, *range(17)])
-    sof = bytes([precision]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
-    sos = bytes([1, 1, 0x00, 1, 0, 0])  # Ns=1, Cs=1, table 0, Ss=predictor 1, Se=0, Ah/Al=0
-
-    def seg(marker: int, payload: bytes) -> bytes:
-        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
-
-    return (
-        b"\xff\xd8" + seg(0xC4, dht) + seg(0xC3, sof) + seg(0xDA, sos) + bytes(bits) + b"\xff\xd9"
+def jpeg_lossless(img: np.ndarray, precision: int, predictor: int = 1) -> bytes:
+    """Encode (H, W) grey or (H, W, 3) RGB as JPEG lossless (process 14; predictor 1 is the
+    first-order prediction of DICOM's SV1 syntax) at ``precision`` bits, by libjpeg-turbo
+    through imagecodecs (an encoder independent of pydicom's decoders); RGB is coded as is,
+    without a colour transform, as PhotometricInterpretation RGB says."""
+    rgb = {"colorspace": "RGB", "outcolorspace": "RGB"} if img.ndim == 3 else {}
+    return imagecodecs.jpeg8_encode(
+        img, bitspersample=precision, lossless=True, predictor=predictor, **rgb
     )
 
 
 def _jpeg(img: np.ndarray, extended: bool = False) -> bytes:
+    """Baseline JPEG (Pillow), relabelled SOF1 for the 8-bit extended process; a uint16 frame
+    as 12-bit extended sequential JPEG (process 4, libjpeg-turbo through imagecodecs), the
+    values above 12 bits cleared (a 12-bit codestream cannot carry them)."""
+    if img.dtype == np.uint16:
+        return imagecodecs.jpeg8_encode(img & 0x0FFF, level=95, bitspersample=12)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG", quality=95, subsampling=1)
     return _sof_to_extended(buf.getvalue()) if extended else buf.getvalue()
@@ -151,8 +122,9 @@ def make_dicom(
 ) -> Path:
     """Write (F, H, W[, 3]) uint8/uint16 ``frames`` as a DICOM file in ``syntax``.
 
-    syntax: explicit | implicit | rle | jpeg | jpeg_extended | jpeg_lossless | jpegls | j2k |
-    j2k_lossless. ``photometric`` defaults to MONOCHROME2 or RGB.
+    syntax: explicit | implicit | rle | jpeg | jpeg_extended (12-bit for uint16 frames) |
+    jpeg_lossless (SV1) | jpeg_lossless_p7 | jpegls | j2k | j2k_lossless. ``photometric``
+    defaults to MONOCHROME2 or RGB.
 
     ``palette``: (N, 3) uint8/uint16 lookup table: the frames are its indices, written as
     PALETTE COLOR with 8/16-bit Red/Green/Blue Palette Color LUTs. ``label_bits_stored``:
@@ -198,9 +170,10 @@ def make_dicom(
         ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit if syntax != "jpeg" else JPEGBaseline8Bit
         if rgb:
             ds.PhotometricInterpretation = "YBR_FULL_422"
-    elif syntax == "jpeg_lossless":
-        ds.PixelData = encapsulate([jpeg_lossless(f, bits) for f in frames])
-        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    elif syntax in ("jpeg_lossless", "jpeg_lossless_p7"):  # predictor 1 (SV1) or 7
+        predictor = 1 if syntax == "jpeg_lossless" else 7
+        ds.PixelData = encapsulate([jpeg_lossless(f, bits, predictor) for f in frames])
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1 if predictor == 1 else JPEGLossless
     elif syntax in ("rle", "jpegls", "j2k", "j2k_lossless"):
         uid = {
             "rle": RLELossless,

@@ -900,13 +900,14 @@ SYNTAX_KINDS = {
         np.stack([smooth(), smooth() // 2, 255 - smooth()]),
     ),
 }
-SYNTAX_LOSSLESS = ["implicit", "rle", "jpeg_lossless", "jpegls", "j2k_lossless"]
+SYNTAX_LOSSLESS = ["implicit", "rle", "jpeg_lossless", "jpeg_lossless_p7", "jpegls", "j2k_lossless"]
 SYNTAX_CASES = [
     (kind, syntax)
     for kind in SYNTAX_KINDS
     for syntax in SYNTAX_LOSSLESS + LOSSY
-    if not (syntax in LOSSY and "12-bit" in kind)  # 8-bit codecs; junk bits are lossless only
-    and not (syntax == "jpeg_lossless" and "RGB" in kind)  # the test encoder is grey only
+    # baseline JPEG and the lossy JPEG 2000 here are 8-bit; 12-bit extended JPEG takes 12-bit
+    # values (the junk above Bits Stored cleared: only lossless syntaxes carry it)
+    if not (syntax in ("jpeg", "j2k") and "12-bit" in kind)
 ]
 
 
