@@ -18,9 +18,13 @@ import yaml
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
     JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -28,6 +32,7 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     generate_uid,
 )
@@ -122,9 +127,9 @@ def make_dicom(
 ) -> Path:
     """Write (F, H, W[, 3]) uint8/uint16 ``frames`` as a DICOM file in ``syntax``.
 
-    syntax: explicit | implicit | rle | jpeg | jpeg_extended (12-bit for uint16 frames) |
-    jpeg_lossless (SV1) | jpeg_lossless_p7 | jpegls | j2k | j2k_lossless. ``photometric``
-    defaults to MONOCHROME2 or RGB.
+    syntax: explicit | implicit | big_endian | deflated | rle | jpeg | jpeg_extended (12-bit
+    for uint16 frames) | jpeg_lossless (SV1) | jpeg_lossless_p7 | jpegls | jpegls_near (error
+    2) | j2k | j2k_lossless | htj2k_lossless. ``photometric`` defaults to MONOCHROME2 or RGB.
 
     ``palette``: (N, 3) uint8/uint16 lookup table: the frames are its indices, written as
     PALETTE COLOR with 8/16-bit Red/Green/Blue Palette Color LUTs. ``label_bits_stored``:
@@ -174,14 +179,21 @@ def make_dicom(
         predictor = 1 if syntax == "jpeg_lossless" else 7
         ds.PixelData = encapsulate([jpeg_lossless(f, bits, predictor) for f in frames])
         ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1 if predictor == 1 else JPEGLossless
-    elif syntax in ("rle", "jpegls", "j2k", "j2k_lossless"):
+    elif syntax == "htj2k_lossless":  # no pydicom encoder: OpenJPH through imagecodecs
+        ds.PixelData = encapsulate([imagecodecs.htj2k_encode(f, reversible=True) for f in frames])
+        ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    elif syntax == "deflated":  # the whole dataset zlib-deflated on writing
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif syntax in ("rle", "jpegls", "jpegls_near", "j2k", "j2k_lossless"):
         uid = {
             "rle": RLELossless,
             "jpegls": JPEGLSLossless,
+            "jpegls_near": JPEGLSNearLossless,
             "j2k": JPEG2000,
             "j2k_lossless": JPEG2000Lossless,
         }[syntax]
         kwargs = {"j2k_cr": [5]} if syntax == "j2k" else {}
+        kwargs = {"jls_error": 2} if syntax == "jpegls_near" else kwargs
         ds.compress(uid, frames if n > 1 else frames[0], **kwargs)
     if "PixelData" in ds and ds.file_meta.TransferSyntaxUID.is_encapsulated:
         ds["PixelData"].VR = "OB"
@@ -191,6 +203,11 @@ def make_dicom(
         ds.BitsStored, ds.HighBit = label_bits_stored, label_bits_stored - 1
     if signed:
         ds.PixelRepresentation = 1
+    if syntax == "big_endian":  # retired (PS3.5 A.3) but in old archives: values byte-swapped
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        ds.PixelData = frames.astype(frames.dtype.newbyteorder(">")).tobytes()
+        dcmwrite(path, ds, little_endian=False, implicit_vr=False, enforce_file_format=True)
+        return path
     ds.save_as(path, enforce_file_format=True)
     return path
 
