@@ -1,7 +1,8 @@
 """Benchmark: latent probe vs pixel baselines on a real labelled folder of images.
 
     .venv/bin/python bench/eval_folder.py --source DIR --labels LABELS.csv --work /tmp/idrid \
-        [--size 128] [--modality fundus] [--split val|test] [--seeds 0 1 2] [--set k=v ...]
+        [--size 128] [--modality fundus] [--split val|test] [--seeds 0 1 2] [--set k=v ...] \
+        [--split-seeds 0 1 2 3 4]
 
 ``LABELS.csv`` has ``path,label`` (paths relative to DIR; optional patient_id, eye, split).
 Without a split column, preprocess splits subjects 70/15/15 (seeded, stratified). Runs the real
@@ -39,6 +40,13 @@ def main() -> None:
         },
         "preprocess": {"image_size": [args.size, args.size]},
     }
+    if args.split_seeds:
+        results = probe_common.run_splits(args.work, updates, args)
+        for r in results:
+            probe_common.report(f"{args.source.name}, preprocess.seed {r['split_seed']}", r,
+                                args.split, {})  # fmt: skip
+        probe_common.report_splits(args.source.name, results, args.split)
+        return
     result = probe_common.run(args.work, updates, args)
     probe_common.report(args.source.name, result, args.split, {})
 

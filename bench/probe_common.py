@@ -41,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--work", type=Path, required=True, help="outputs go here")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    parser.add_argument(
+        "--split-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="preprocess.seed values: repeat everything on these subject splits and report the "
+        "latent - pixel PCA difference per split (one split's val/test of ~60 images is noisy)",
+    )
 
 
 def write_params(work: Path, updates: dict[str, dict], overrides: list[str]) -> Path:
@@ -214,3 +222,40 @@ def report(title: str, result: dict, split: str, references: dict[str, dict]) ->
     for name, row in {**result["baselines"], **references}.items():
         cells = [f"{row[k]:.3f}" if k in row else "-" for k in keys]
         print(f"  {name:<34}" + "".join(f"{c:>20}" for c in cells))
+
+
+def run_splits(work: Path, updates: dict[str, dict], args: argparse.Namespace) -> list[dict]:
+    """:func:`run` once per ``args.split_seeds`` value (``preprocess.seed``: another subject
+    split, its own work folder), the same settings and training seeds on each."""
+    results = []
+    for k in args.split_seeds:
+        split_args = argparse.Namespace(
+            **{**vars(args), "set": [*args.set, f"preprocess.seed={k}"]}
+        )
+        results.append({"split_seed": k, **run(work / f"split{k}", updates, split_args)})
+    return results
+
+
+def report_splits(title: str, results: list[dict], split: str) -> None:
+    """Per subject split: the latent probe (mean over training seeds) beside pixel PCA-J on the
+    same images, and their difference; then mean +- sd over splits and how many splits the
+    latent wins. The paired difference cancels what a split's images make easy or hard."""
+    j = results[0]["raw"]["model"]["latent_dim"]
+    pca = f"pixel PCA ({j}-d)"
+    print(f"\n{title}: {split} split over {len(results)} subject splits (preprocess.seed), "
+          f"training seeds {[r['seed'] for r in results[0]['runs']]}")  # fmt: skip
+    heads = ("VAE acc", "PCA acc", "diff", "VAE AUC", "PCA AUC", "diff")
+    print(f"  {'preprocess.seed':<16}{'images':>8}" + "".join(f"{h:>16}" for h in heads))
+    rows = []
+    for r in results:
+        vae = [statistics.mean(run[k] for run in r["runs"]) for k in PROBE_KEYS[:2]]
+        base = [r["baselines"][pca][k] for k in PROBE_KEYS[:2]]
+        rows.append((vae[0], base[0], vae[0] - base[0], vae[1], base[1], vae[1] - base[1]))
+        size = len(
+            pd.read_parquet(processed.table_path(Path(r["raw"]["paths"]["processed"]), split))
+        )
+        print(f"  {r['split_seed']:<16}{size:>8}" + "".join(f"{v:>16.3f}" for v in rows[-1]))
+    cells = [_mean_spread([row[i] for row in rows]) for i in range(6)]
+    print(f"  {'mean +- sd':<24}" + "".join(f"{c:>16}" for c in cells))
+    wins = [sum(row[i] >= 0 for row in rows) for i in (2, 5)]
+    print(f"  latent >= PCA on {wins[0]} of {len(rows)} splits (accuracy), {wins[1]} (AUC)")
