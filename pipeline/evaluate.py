@@ -63,9 +63,13 @@ but are not comparable with published nats or bits/dim.
 MLflow: if the checkpoint names no run, or its run is not in the tracking store (another
 ``mlflow.db``, a deleted run), a new run is created in ``tracking.experiment`` with tags
 ``retina_vae.checkpoint`` and ``retina_vae.trained_run_id`` pointing back at the model, and a
-warning says so: the evaluation is never lost, and the tags tell where it came from. The outputs
-are written before anything is logged: when logging fails (store unreachable, read-only...) the
-stage still succeeds with one warning, and ``retina-vae evaluate --log-only`` logs them later.
+warning says so: the evaluation is never lost, and the tags tell where it came from. A training
+run whose ``evaluate.*`` params are not this evaluation's (a DVC experiment that changed only
+those re-uses the trained model) keeps its own evaluation: this one gets a run of its own, named
+after the experiment, with the training's params and curves (``retina_vae.trained_run_id``).
+The outputs are written before anything is logged: when logging fails (store unreachable,
+read-only...) the stage still succeeds with one warning, and ``retina-vae evaluate --log-only``
+logs them later.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ from pipeline.stage import run_stage
 from vae_core.elbo import elbo_terms, iwae_bound
 from vae_core.model import ConvVAE, VAEConfig
 from vae_core.training import ACTIVE_UNIT_THRESHOLD
+
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("retina_vae.evaluate")
 
@@ -562,23 +568,34 @@ def write_plots(
 # ----------------------------------------------------------------------------- MLflow
 
 
-def log_to_mlflow(params: Params, extra: dict, out: Path, metrics: dict[str, float]) -> str:
+def log_to_mlflow(
+    params: Params, extra: dict, out: Path, metrics: dict[str, float], params_path: Path
+) -> str:
     """Log metrics, the whole evaluation folder ``out`` and its tables (as MLflow tables) into
-    the training run (or a new one, :func:`pipeline.tracking.evaluation_run`); returns its id."""
+    the training run (or a new one, named after the DVC experiment and what ``params_path``
+    changes: :func:`pipeline.tracking.evaluation_run`); returns its id."""
     uri = tracking.resolve_tracking_uri(params.tracking)
+    flat = params.flat()
     run_id = tracking.evaluation_run(
-        uri, extra.get("mlflow_run_id"), params.paths.model, params.tracking.experiment
+        uri,
+        extra.get("mlflow_run_id"),
+        params.paths.model,
+        params.tracking.experiment,
+        flat,
+        tracking.run_labels(flat, params_path, REPO / "params.yaml"),
     )
     tables = [f"tables/{CONFOUND_TABLE}", "tables/cluster_composition.csv"]
     tracking.log_evaluation(uri, run_id, out, metrics, ARTIFACT_DIR, tables)
     return run_id
 
 
-def publish(params: Params, extra: dict, metrics: dict[str, float], retry: str) -> str | None:
+def publish(
+    params: Params, extra: dict, metrics: dict[str, float], retry: str, params_path: Path
+) -> str | None:
     """Log the written evaluation to MLflow; returns the run id, or None after one warning line
     with the ``retry`` command when logging fails (the outputs on disk are kept)."""
     try:
-        return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics)
+        return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics, params_path)
     except Exception as exc:  # any tracking failure: the finished evaluation must survive it
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         log.warning(
@@ -797,7 +814,7 @@ def summary(metrics: dict[str, float]) -> str:
 def _body(params: Params, args: argparse.Namespace) -> None:
     metrics, extra = saved_evaluation(params) if args.log_only else evaluate(params)
     retry = f"retina-vae evaluate --log-only --params {args.params}"
-    run_id = publish(params, extra, metrics, retry)
+    run_id = publish(params, extra, metrics, retry, Path(args.params))
     log.info(
         "test: %s; %s",
         summary(metrics),

@@ -33,6 +33,8 @@ from vae_core.model import LatentMeans
 log = logging.getLogger("retina_vae.tracking")
 
 RUN_TAG = "retina_vae.stage"
+# tags that name a trained model (its params and data), carried onto a run that evaluates it
+MODEL_TAGS = ("data_hash", "params_hash")
 SQLITE = "sqlite:///"
 # MLflow 3's experiment kind: its UI shows "custom_model_development" experiments in the
 # model-training view (runs, metrics, models) instead of the GenAI one (traces, evaluations)
@@ -160,7 +162,7 @@ def start_run(
 ) -> tuple[str, bool]:
     """Reopen ``run_id`` when it exists in the store, else create a run with ``params`` and
     ``tags``; return ``(run_id, resumed)``. A reopened run is set back to RUNNING."""
-    from mlflow.entities import Param, RunStatus
+    from mlflow.entities import RunStatus
 
     mlflow_client = client(uri)
     if run_exists(uri, run_id):
@@ -171,10 +173,16 @@ def start_run(
         experiment_id(uri, experiment), tags={**tags, RUN_TAG: "train"}, run_name=run_name
     )
     new_id = run.info.run_id
+    _log_params(mlflow_client, new_id, params)
+    return new_id, False
+
+
+def _log_params(mlflow_client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow_client.log_batch(new_id, params=items[i : i + 100])
-    return new_id, False
+        mlflow_client.log_batch(run_id, params=items[i : i + 100])
 
 
 def _param_value(value: Any) -> str:
@@ -493,24 +501,70 @@ def log_model(
         )
 
 
-def evaluation_run(uri: str, run_id: str | None, model_path: str, experiment: str) -> str:
-    """The training run ``run_id`` if the store has it; otherwise a new run in ``experiment``
-    tagged with the model it evaluates (a warning says so)."""
-    if run_exists(uri, run_id):
-        return run_id
-    if run_id:
+def evaluation_run(
+    uri: str,
+    run_id: str | None,
+    model_path: str,
+    experiment: str,
+    params: dict[str, Any] | None = None,
+    labels: tuple[str | None, dict[str, str]] = (None, {}),
+) -> str:
+    """The training run ``run_id`` if the store has it and it holds this evaluation's
+    ``evaluate.*`` params (``params``, flat); otherwise a new run in ``experiment``, tagged with
+    the model it evaluates, a warning or a note saying so.
+
+    A DVC experiment that changes only ``evaluate.*`` re-uses the trained model (DVC skips or
+    restores ``train``): its evaluation gets a run of its own, named and tagged by ``labels``
+    (:func:`run_labels`), with ``params`` and the training run's ``data_hash``, ``params_hash``
+    and ``train/``, ``val/`` curves, so it compares with the others; the training run keeps the
+    evaluation its params describe."""
+    mlflow_client = client(uri)
+    trained = run_exists(uri, run_id)
+    if trained:
+        held = mlflow_client.get_run(run_id).data.params
+        other = [
+            f"{k}={held[k]}"
+            for k, v in sorted((params or {}).items())
+            if k.startswith("evaluate.") and k in held and held[k] != _param_value(v)
+        ]
+        if not other:
+            return run_id
+        log.info(
+            "training run %s holds the evaluation of %s: this one gets a run of its own",
+            run_id,
+            " ".join(other),
+        )
+    elif run_id:
         log.warning(
             "training run %s is not in the tracking store %s: logging to a new run", run_id, uri
         )
     else:
         log.warning("%s names no MLflow run: logging to a new run", model_path)
+    name, dvc_tags = labels
     tags = {
+        **dvc_tags,
         RUN_TAG: "evaluate",
         "retina_vae.checkpoint": model_path,
         "retina_vae.trained_run_id": run_id or "unknown",
     }
+    source = mlflow_client.get_run(run_id) if trained else None
+    if source is not None:
+        tags.update({k: source.data.tags[k] for k in MODEL_TAGS if k in source.data.tags})
     exp_id = experiment_id(uri, experiment)
-    return client(uri).create_run(exp_id, tags=tags, run_name="evaluate").info.run_id
+    new_id = mlflow_client.create_run(exp_id, tags=tags, run_name=name or "evaluate").info.run_id
+    _log_params(mlflow_client, new_id, params or {})
+    if source is not None:  # the training curves, so the run compares with training runs
+        from mlflow.entities import Metric
+
+        curves = [
+            Metric(m.key, m.value, m.timestamp, m.step)
+            for key in sorted(source.data.metrics)
+            if key.startswith(("train/", "val/"))
+            for m in mlflow_client.get_metric_history(run_id, key)
+        ]
+        for i in range(0, len(curves), 1000):  # MLflow's batch limit
+            mlflow_client.log_batch(new_id, metrics=curves[i : i + 1000])
+    return new_id
 
 
 def log_evaluation(

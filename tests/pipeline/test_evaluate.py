@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.evaluate import main
-from vae_core.checkpoint import save_checkpoint
+from pipeline.params import load_params
+from vae_core.checkpoint import load_checkpoint, save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -277,6 +278,44 @@ def test_unlabelled_data_and_unknown_run(tmp_path, monkeypatch, caplog):
     assert run.data.tags["retina_vae.trained_run_id"] == "0" * 32
     assert run.data.tags["retina_vae.checkpoint"] == str(tmp_path / "vae.pt")
     assert "test/iwae" in run.data.metrics
+
+
+def test_an_experiment_that_changes_only_evaluate_params_gets_its_own_run(tmp_path, monkeypatch):
+    """`dvc exp run -S evaluate.iwae_k=10` re-uses the trained model (DVC skips train): its
+    evaluation must not land in the training run of another experiment, whose params say
+    iwae_k=20, but in a run of its own that compares with it (params, curves, DVC tags)."""
+    params = _setup(tmp_path, labelled=True, run_id=None, monkeypatch=monkeypatch)
+    flat = load_params(params).flat()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trained, _ = tracking.start_run(uri, "retina-vae", params=flat, tags={"data_hash": "d1"})
+    client = MlflowClient(uri)
+    for epoch, value in enumerate([180.0, 170.0]):
+        client.log_metric(trained, "val/neg_elbo", value, step=epoch)
+    model = load_checkpoint(tmp_path / "vae.pt")
+    save_checkpoint(tmp_path / "vae.pt", model, extra={"mlflow_run_id": trained})
+    assert main(["--params", str(params)]) == 0  # the experiment that trained it
+    first = json.loads((tmp_path / "eval.json").read_text())
+
+    raw = yaml.safe_load(params.read_text())
+    raw["evaluate"]["iwae_k"] = 10
+    params.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-k10")
+    assert main(["--params", str(params)]) == 0  # another experiment, same model
+    second = json.loads((tmp_path / "eval.json").read_text())
+
+    held = client.get_metric_history(trained, "test/iwae")
+    assert [m.value for m in held] == [pytest.approx(first["test_iwae"])]  # not overwritten
+    (other,) = client.search_runs(
+        [client.get_run(trained).info.experiment_id], f"attributes.run_id != '{trained}'"
+    )
+    tags, run_params = other.data.tags, other.data.params
+    assert tags["retina_vae.trained_run_id"] == trained and tags["data_hash"] == "d1"
+    assert tags["dvc.exp_name"] == "quick-k10" and other.info.run_name.startswith("quick-k10: ")
+    assert run_params["evaluate.iwae_k"] == "10" and set(run_params) == set(flat)
+    assert other.data.metrics["test/iwae"] == pytest.approx(second["test_iwae"])
+    assert set(client.get_run(trained).data.metrics) <= set(other.data.metrics)
+    curve = client.get_metric_history(other.info.run_id, "val/neg_elbo")
+    assert [(m.step, m.value) for m in curve] == [(0, 180.0), (1, 170.0)]
 
 
 def test_processed_arrays_of_the_wrong_size_are_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -56,6 +56,23 @@ def test_one_line_per_row_with_the_changed_params_and_headline_metrics():
     assert rows["many"][-1].endswith("…")  # cut to fit, never wrapped
 
 
+def test_the_param_that_tells_variants_apart_survives_the_cut():
+    """Quick variants all carry the same quick settings (`-S demo.patients=20 ...`, which sort
+    first); the one param each changed on top must still be on its 120-column line."""
+    quick = {**BASE, "demo": {"images_per_eye": 4, "patients": 20}, "evaluate": {"iwae_k": 10},
+             "train": {"beta": 1.0, "epochs": 3}}  # fmt: skip
+    show = [_row("a" * 40, BASE, None, None, name="main", experiments=[
+        _exp("quick", quick, None, None),
+        _exp("quick-z8", {**quick, "model": {**BASE["model"], "latent_dim": 8}}, None, None),
+        _exp("quick-beta", {**quick, "train": {"beta": 0.5, "epochs": 3}}, None, None),
+    ])]  # fmt: skip
+    lines = exps.table(show).splitlines()
+    rows = {line.split()[1]: line for line in lines if line.startswith("└")}
+    assert "model.latent_dim=8" in rows["quick-z8"] and "latent_dim" not in rows["quick"]
+    assert "train.beta=0.5" in rows["quick-beta"]
+    assert all(len(line) <= exps.WIDTH for line in lines)
+
+
 def test_flatten_names_nested_keys_as_dvc_does():
     assert exps.flatten({"val": {"neg_elbo": 1.0}, "epochs": 3}) == {
         "val.neg_elbo": 1.0,
