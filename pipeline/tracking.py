@@ -540,6 +540,10 @@ def evaluation_run(
         )
     else:
         log.warning("%s names no MLflow run: logging to a new run", model_path)
+    exp_id = experiment_id(uri, experiment)
+    pending = _pending_evaluation(mlflow_client, exp_id, run_id, params or {})
+    if pending:  # a retry (--log-only) of a log that failed: the same run, not another
+        return pending
     name, dvc_tags = labels
     tags = {
         **dvc_tags,
@@ -550,7 +554,6 @@ def evaluation_run(
     source = mlflow_client.get_run(run_id) if trained else None
     if source is not None:
         tags.update({k: source.data.tags[k] for k in MODEL_TAGS if k in source.data.tags})
-    exp_id = experiment_id(uri, experiment)
     new_id = mlflow_client.create_run(exp_id, tags=tags, run_name=name or "evaluate").info.run_id
     _log_params(mlflow_client, new_id, params or {})
     if source is not None:  # the training curves, so the run compares with training runs
@@ -567,6 +570,33 @@ def evaluation_run(
     return new_id
 
 
+def _pending_evaluation(
+    mlflow_client: Any, exp_id: str, run_id: str | None, params: dict[str, Any]
+) -> str | None:
+    """A run made by :func:`evaluation_run` for the model of ``run_id`` with these ``params``
+    whose evaluation was never logged (no ``retina_vae.evaluated`` tag); None when there is
+    none. A finished one is never reused: a new evaluation gets a new run."""
+    if not run_id:
+        return None
+    found = mlflow_client.search_runs(
+        [exp_id],
+        f"tags.`retina_vae.trained_run_id` = '{run_id}' and tags.`{RUN_TAG}` = 'evaluate'",
+    )
+    want = {k: _param_value(v) for k, v in params.items()}
+    for run in found:
+        if "retina_vae.evaluated" not in run.data.tags and run.data.params == want:
+            return run.info.run_id
+    return None
+
+
+def _last_epoch_step(mlflow_client: Any, run: Any) -> int:
+    """The step of ``run``'s last logged epoch (its first ``val/`` or ``train/`` curve);
+    0 for a run without curves."""
+    keys = sorted(k for k in run.data.metrics if k.startswith(("val/", "train/")))
+    history = mlflow_client.get_metric_history(run.info.run_id, keys[0]) if keys else []
+    return max((m.step for m in history), default=0)
+
+
 def log_evaluation(
     uri: str,
     run_id: str,
@@ -577,19 +607,21 @@ def log_evaluation(
 ) -> None:
     """Log an evaluation into ``run_id``: ``metrics`` (flat names, placed by
     :func:`mlflow_metrics`; also on the run's logged model, at the step it was logged with,
-    so its page shows them beside the final training metrics), the whole ``folder`` under
-    ``artifact_path``, each CSV of ``tables`` (paths relative to ``folder``) that exists also
-    as an MLflow table (``<name>.json``, for ``mlflow.load_table``), and the tag
-    ``retina_vae.evaluated``."""
+    so its page shows them beside the final training metrics; without a model, at the run's
+    last epoch step, so an evaluation-only run's charts line up with the others), the whole
+    ``folder`` under ``artifact_path``, each CSV of ``tables`` (paths relative to ``folder``)
+    that exists also as an MLflow table (``<name>.json``, for ``mlflow.load_table``), and the
+    tag ``retina_vae.evaluated``."""
     import mlflow
 
-    outputs = client(uri).get_run(run_id).outputs
-    models = outputs.model_outputs if outputs else []
+    run = client(uri).get_run(run_id)
+    models = run.outputs.model_outputs if run.outputs else []
     model = models[-1] if models else None
+    step = model.step if model else _last_epoch_step(client(uri), run)
     with using_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             mlflow_metrics(metrics),
-            step=model.step if model else 0,
+            step=step,
             model_id=model.model_id if model else None,
         )
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)

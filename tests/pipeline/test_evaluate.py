@@ -316,6 +316,26 @@ def test_an_experiment_that_changes_only_evaluate_params_gets_its_own_run(tmp_pa
     assert set(client.get_run(trained).data.metrics) <= set(other.data.metrics)
     curve = client.get_metric_history(other.info.run_id, "val/neg_elbo")
     assert [(m.step, m.value) for m in curve] == [(0, 180.0), (1, 170.0)]
+    # at the last epoch's step, as a training run's evaluation is, so the charts line up
+    assert [m.step for m in client.get_metric_history(other.info.run_id, "test/iwae")] == [1]
+
+
+def test_a_retried_evaluation_log_reuses_its_unfinished_run_and_a_finished_one_never(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flat = load_params(REPO / "params.yaml").flat()
+    trained, _ = tracking.start_run(uri, "retina-vae", params=flat, tags={})
+    mine = {**flat, "evaluate.iwae_k": 10}
+    args = (uri, trained, "models/vae.pt", "retina-vae", mine)
+    first = tracking.evaluation_run(*args)
+    assert first != trained
+    assert tracking.evaluation_run(*args) == first  # its log failed before the end: a retry
+    other = tracking.evaluation_run(uri, trained, "models/vae.pt", "retina-vae",
+                                    {**flat, "evaluate.iwae_k": 20})  # fmt: skip
+    assert other not in (trained, first)  # other params: not that run
+    (tmp_path / "out").mkdir()
+    tracking.log_evaluation(uri, first, tmp_path / "out", {"test_iwae": -1.0}, "evaluation", [])
+    again = tracking.evaluation_run(*args)
+    assert again not in (trained, first, other)  # a finished evaluation is never reopened
 
 
 def test_processed_arrays_of_the_wrong_size_are_a_one_line_error(tmp_path, monkeypatch, capsys):
