@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 from pipeline.errors import UserError
@@ -75,12 +76,8 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def changed(params: dict[str, Any], base: dict[str, Any]) -> str:
-    """``key=value`` for each param that differs from ``base``, sorted."""
-    return " ".join(_changes(params, base))
-
-
-def _changes(params: dict[str, Any], base: dict[str, Any]) -> list[str]:
+def changes(params: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """``key=value`` for each param that differs from ``base``, sorted by key."""
     return [
         f"{k}={_value(v)}" for k, v in sorted(params.items()) if _value(base.get(k)) != _value(v)
     ]
@@ -109,21 +106,18 @@ def table(exp_show: list[dict[str, Any]], width: int = WIDTH) -> str:
     params_width = width - NAME_WIDTH - sum(w + 2 for w in widths) - 2
     headers = [f"{h:>{w}}" for (_, _, h, _), w in zip(HEADLINE, widths, strict=True)]
     lines = [f"{'experiment':<{NAME_WIDTH}}  " + "  ".join(headers) + "  params changed"]
-    table_rows = rows(exp_show)
+    table_rows = [(name, metrics, changes(p, base)) for name, p, metrics, base in rows(exp_show)]
     # What tells the rows apart comes first: a change fewer rows share is listed before one
     # that more share (such as quick settings given to every variant), so a cut line keeps it.
-    shared: dict[str, int] = {}
-    for _, params, _, base in table_rows:
-        for change in _changes(params, base):
-            shared[change] = shared.get(change, 0) + 1
-    for name, params, metrics, base in table_rows:
+    shared = Counter(change for _, _, row_changes in table_rows for change in row_changes)
+    for name, metrics, row_changes in table_rows:
         cells = [
             f"{_metric(metrics, f, k, fmt):>{w}}"
             for (f, k, _, fmt), w in zip(HEADLINE, widths, strict=True)
         ]
         line = f"{_cut(name, NAME_WIDTH):<{NAME_WIDTH}}  " + "  ".join(cells)
-        changes = " ".join(sorted(_changes(params, base), key=lambda c: (shared[c], c)))
-        lines.append((line + "  " + _cut(changes, params_width)).rstrip())
+        listed = " ".join(sorted(row_changes, key=lambda c: (shared[c], c)))
+        lines.append((line + "  " + _cut(listed, params_width)).rstrip())
     lines.insert(1, "-" * max(map(len, lines)))
     return "\n".join(lines)
 

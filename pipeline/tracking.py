@@ -519,9 +519,9 @@ def evaluation_run(
     and ``train/``, ``val/`` curves, so it compares with the others; the training run keeps the
     evaluation its params describe."""
     mlflow_client = client(uri)
-    trained = run_exists(uri, run_id)
-    if trained:
-        held = mlflow_client.get_run(run_id).data.params
+    source = mlflow_client.get_run(run_id) if run_exists(uri, run_id) else None
+    if source is not None:
+        held = source.data.params
         other = [
             f"{k}={held[k]}"
             for k, v in sorted((params or {}).items())
@@ -551,7 +551,6 @@ def evaluation_run(
         "retina_vae.checkpoint": model_path,
         "retina_vae.trained_run_id": run_id or "unknown",
     }
-    source = mlflow_client.get_run(run_id) if trained else None
     if source is not None:
         tags.update({k: source.data.tags[k] for k in MODEL_TAGS if k in source.data.tags})
     new_id = mlflow_client.create_run(exp_id, tags=tags, run_name=name or "evaluate").info.run_id
@@ -614,10 +613,11 @@ def log_evaluation(
     tag ``retina_vae.evaluated``."""
     import mlflow
 
-    run = client(uri).get_run(run_id)
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
     models = run.outputs.model_outputs if run.outputs else []
     model = models[-1] if models else None
-    step = model.step if model else _last_epoch_step(client(uri), run)
+    step = model.step if model else _last_epoch_step(mlflow_client, run)
     with using_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             mlflow_metrics(metrics),
