@@ -192,8 +192,7 @@ def make_dicom(
             "j2k": JPEG2000,
             "j2k_lossless": JPEG2000Lossless,
         }[syntax]
-        kwargs = {"j2k_cr": [5]} if syntax == "j2k" else {}
-        kwargs = {"jls_error": 2} if syntax == "jpegls_near" else kwargs
+        kwargs = {"j2k": {"j2k_cr": [5]}, "jpegls_near": {"jls_error": 2}}.get(syntax, {})
         ds.compress(uid, frames if n > 1 else frames[0], **kwargs)
     if "PixelData" in ds and ds.file_meta.TransferSyntaxUID.is_encapsulated:
         ds["PixelData"].VR = "OB"
