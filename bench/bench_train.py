@@ -136,15 +136,21 @@ class Plain:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg, len(self.loader))
         self.epochs: list[float] = []  # images/s of each epoch run
+        self.waits: list[float] = []  # and the share of it spent waiting for the loader
 
     def epoch(self) -> float:
         m = train_epoch(self.model, self.loader, self.optimizer, self.scheduler, self.cfg, 0, "cpu")
         self.epochs.append(m["images_per_s"])
+        self.waits.append(m["data_wait_share"])
         return self.epochs[-1]
 
     def best(self) -> float:
         """Best epoch after the first (warm-up: allocator, oneDNN primitives, compilation)."""
         return max(self.epochs[1:] or self.epochs)
+
+    def best_wait(self) -> float:
+        """The data-wait share of the best epoch."""
+        return self.waits[self.epochs.index(self.best())]
 
 
 def loader_images_per_s(plain: Plain) -> float:
@@ -191,7 +197,8 @@ def _share(gflops: float, peak: float) -> str:
 def report_plain(plains: list[Plain], flop: float, peaks: dict[str, float]) -> None:
     base = plains[0].best()
     head = f"  {'variant':<22}{'images/s':>10}{'GFLOP/s':>9}{'of fp32 peak':>14}"
-    print(head + (f"{'of bf16 peak':>14}" if "bf16" in peaks else "") + f"{'vs fp32':>9}")
+    print(head + (f"{'of bf16 peak':>14}" if "bf16" in peaks else "") + f"{'vs fp32':>9}"
+          f"{'data wait':>11}")  # fmt: skip
     for p in plains:
         ips = p.best()
         gflops = ips * flop / 1e9
@@ -199,7 +206,7 @@ def report_plain(plains: list[Plain], flop: float, peaks: dict[str, float]) -> N
         if "bf16" in peaks:
             line += f"{_share(gflops, peaks['bf16']):>14}"
         epochs = " ".join(f"{e:.0f}" for e in p.epochs)
-        print(f"{line}{ips / base:8.2f}x   (epochs: {epochs})")
+        print(f"{line}{ips / base:8.2f}x{p.best_wait():10.1%}   (epochs: {epochs})")
 
 
 def run_ray(
@@ -215,14 +222,17 @@ def run_ray(
             fit = distributed.fit(spec, scaling, storage, f"bench-{workers}x{threads}")
             wall = time.perf_counter() - start
             ips = [r["train_images_per_s"] for r in fit.history]
-            results.append((workers, threads, max(ips[1:] or ips), wall, ips))
+            top = max(ips[1:] or ips)
+            wait = fit.history[ips.index(top)]["train_data_wait_share"]
+            results.append((workers, threads, top, wait, wall, ips))
     plain = best.best()
     print(f"  plain loop ({best.name}), best epoch of the run: {plain:.1f} images/s")
-    print(f"  {'workers x threads':<20}{'images/s':>10}{'GFLOP/s':>9}{'vs plain':>10}")
-    for workers, threads, ips, wall, epochs in results:
+    print(f"  {'workers x threads':<20}{'images/s':>10}{'GFLOP/s':>9}{'vs plain':>10}"
+          f"{'data wait':>11}")  # fmt: skip
+    for workers, threads, ips, wait, wall, epochs in results:
         per = " ".join(f"{e:.0f}" for e in epochs)
         print(f"  {f'{workers} x {threads}':<20}{ips:10.1f}{ips * flop / 1e9:9.1f}"
-              f"{ips / plain:9.2f}x   fit() {wall:.1f} s (epochs: {per})")  # fmt: skip
+              f"{ips / plain:9.2f}x{wait:10.1%}   fit() {wall:.1f} s (epochs: {per})")  # fmt: skip
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

@@ -276,6 +276,7 @@ HISTORY_UNITS = {  # y-axis titles of the training curves, by metric name
     "kl": "nats per image",
     "active_units": "latent dims",
     "images_per_s": "images per second",
+    "data_wait_share": "share of epoch time",
     "lr": "learning rate",
 }
 

@@ -259,6 +259,7 @@ def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
         f"epoch {epoch + 1:>3}/{epochs}  train -ELBO {row['train_neg_elbo']:9.2f}  "
         f"val -ELBO {row['val_neg_elbo']:9.2f}  KL {row['train_kl']:7.2f}  "
         f"AU {int(row['val_active_units']):>3}  {row['train_images_per_s']:8.0f} img/s"
+        f"  data wait {row['train_data_wait_share']:4.0%}"
     )
 
 

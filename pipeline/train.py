@@ -85,6 +85,7 @@ HISTORY_COLUMNS = [
     "train_lr",
     "train_kl_weight",
     "train_images_per_s",
+    "train_data_wait_share",  # share of the epoch spent waiting for the data loader
     "train_consistency",  # view objectives only (train.consistency/contrastive_weight > 0)
     "train_contrastive",
 ]

@@ -23,6 +23,8 @@ from vae_core.elbo import ELBOTerms, elbo_terms
 from vae_core.model import unwrap
 from vae_core.views import ViewConfig, view_terms
 
+# Metrics read off the wall clock: the only ones that differ between two runs with one seed.
+CLOCK_METRICS = ("images_per_s", "data_wait_share")
 # A latent dim is "active" when Var_x(E_q[z_j]) = Var_x(mu_j) exceeds this (Burda et al. 2015).
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -184,12 +186,20 @@ class _Sums:
         per_dim = [t.kl_per_dim.double().sum(0), mu.sum(0), mu.square().sum(0)]
         self.total += torch.cat([scalars.double(), *per_dim])
 
-    def finish(self, elapsed: float) -> dict[str, float]:
-        """All-reduce over ranks (if distributed) and turn sums into per-image means."""
-        wall = torch.tensor([elapsed], dtype=torch.float64, device=self.total.device)
+    def finish(self, elapsed: float, data_wait: float | None = None) -> dict[str, float]:
+        """All-reduce over ranks (if distributed) and turn sums into per-image means.
+
+        ``elapsed`` and ``data_wait`` are this rank's seconds for the epoch and, within them,
+        blocked on the data loader (``data_wait_share`` only when given); the slowest rank's
+        figures are reported.
+        """
+        clock = torch.tensor(
+            [elapsed, data_wait or 0.0], dtype=torch.float64, device=self.total.device
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.total)
-            dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank sets the epoch time
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)  # the slowest rank sets the epoch time
+        wall, wait = clock[0].item(), clock[1].item()
         total, j, e = self.total.cpu(), self.latent_dim, len(self.extras)
         n = total[0].item()
         means = total[1:] / max(n, 1.0)  # an empty split gives zeros, not NaN
@@ -202,9 +212,13 @@ class _Sums:
             "kl": means[2].item(),
             "loss": means[3].item(),
             "images": n,
-            "images_per_s": n / wall.item() if wall.item() > 0 else 0.0,
+            "images_per_s": n / wall if wall > 0 else 0.0,
             "active_units": float((variance > ACTIVE_UNIT_THRESHOLD).sum().item()) if n else 0.0,
         }
+        if data_wait is not None:
+            # Share of the epoch the host sat waiting for the next batch: time the device
+            # (GPU or CPU cores) may have been idle for want of data.
+            metrics["data_wait_share"] = wait / wall if wall > 0 else 0.0
         metrics.update({name: means[4 + i].item() for i, name in enumerate(self.extras)})
         metrics.update({f"kl_dim_{i}": kl_dims[i].item() for i in range(j)})
         return metrics
@@ -229,6 +243,25 @@ def _check_finite(pending: tuple[int, Tensor, Tensor] | None, epoch: int) -> Non
             f"grad norm={norm.item()}): lower train.lr, keep train.grad_clip > 0, "
             "or check the input images"
         )
+
+
+class _LoaderClock:
+    """Iterate ``loader``, adding the seconds spent blocked in its ``next()`` to ``waited``."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader, self.waited = loader, 0.0
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield batch
 
 
 def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -261,9 +294,9 @@ def train_epoch(
     channels_last = use_channels_last(cfg, device)
     sums = _Sums(unwrap(model).config.latent_dim, device, cfg.view.metrics)
     weight, pending = kl_weight(cfg, epoch, 0, steps), None
-    start = time.perf_counter()
+    clock, start = _LoaderClock(loader), time.perf_counter()
     with _compile_errors():  # compilation happens at the first forward and backward
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(clock):
             x, _ = augment(to_input(batch, device, channels_last), cfg.augment)
             weight = kl_weight(cfg, epoch, step, steps)
             with _autocast(cfg, device):
@@ -282,7 +315,7 @@ def train_epoch(
     _check_finite(pending, epoch)
     if _on_cuda(device):
         torch.cuda.synchronize(device)
-    metrics = sums.finish(time.perf_counter() - start)
+    metrics = sums.finish(time.perf_counter() - start, clock.waited)
     metrics.update(lr=optimizer.param_groups[0]["lr"], kl_weight=weight)
     return metrics
 

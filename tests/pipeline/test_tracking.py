@@ -71,7 +71,7 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store, tmp_path):
     )
     model = ConvVAE(VAEConfig(height=32, width=32, widths=(8,), latent_dim=2))
     keys = ("train_neg_elbo", "val_neg_elbo", "train_kl", "val_active_units")
-    keys += ("train_images_per_s", "train_kl_dim_0", "val_kl_dim_1")
+    keys += ("train_images_per_s", "train_data_wait_share", "train_kl_dim_0", "val_kl_dim_1")
     for epoch in range(3):
         row = {"epoch": epoch, **{k: float(epoch + 1) for k in keys}}
         logger(epoch, row, model)
@@ -79,7 +79,8 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store, tmp_path):
     history = client.get_metric_history(run_id, "val/neg_elbo")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0), (2, 3.0)]
     assert sorted(client.get_run(run_id).data.metrics) == [
-        "train/images_per_s", "train/kl", "train/neg_elbo", "val/active_units", "val/neg_elbo"
+        "train/data_wait_share", "train/images_per_s", "train/kl", "train/neg_elbo",
+        "val/active_units", "val/neg_elbo",
     ]  # fmt: skip
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     pngs = [p for p in images if p.endswith(".png")]  # key+step+N+timestamp+...png

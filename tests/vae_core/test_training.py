@@ -2,6 +2,7 @@
 
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from vae_core.checkpoint import load_checkpoint, save_checkpoint
 from vae_core.elbo import elbo_terms
 from vae_core.model import ConvVAE, VAEConfig
 from vae_core.training import (
+    CLOCK_METRICS,
     CompileError,
     TrainConfig,
     cpu_supports_bf16,
@@ -241,6 +243,38 @@ def test_train_epoch_sets_sampler_epoch():
     assert sampler.epoch == 7
 
 
+class _SlowLoader:
+    """Batches that each take ``delay`` seconds to arrive, as from a loader starved of I/O."""
+
+    def __init__(self, batches: list[torch.Tensor], delay: float) -> None:
+        self.batches, self.delay = batches, delay
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_data_wait_share_is_the_time_spent_waiting_for_batches():
+    batches = list(_blobs(12).split(4))  # 3 batches
+    cfg, shares = _cfg(), {}
+    for delay in (0.0, 0.4):
+        model = _model()
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, 3)
+        start = time.perf_counter()
+        metrics = train_epoch(model, _SlowLoader(batches, delay), optimizer, scheduler, cfg, 0, CPU)
+        wall = time.perf_counter() - start
+        shares[delay] = metrics["data_wait_share"]
+        assert 0.0 <= shares[delay] <= 1.0
+    # 3 x 0.4 s asleep inside the loader's next(), out of at most the slow epoch's wall clock
+    assert shares[0.4] >= 1.2 / wall
+    assert shares[0.0] < shares[0.4]
+
+
 def test_fit_local_is_seeded_and_reports_each_epoch():
     images = _blobs(12)
     cfg = _cfg(epochs=3, lr_schedule="cosine", kl_warmup_epochs=1, samples=2)
@@ -257,15 +291,14 @@ def test_fit_local_is_seeded_and_reports_each_epoch():
         return history, seen
 
     history, seen = run()
-    for row in history:  # wall-clock throughput is the one figure that may differ between runs
-        row.pop("train_images_per_s"), row.pop("val_images_per_s")
+    history = [{k: v for k, v in row.items() if not k.endswith(CLOCK_METRICS)} for row in history]
     assert [e for e, _, _ in seen] == [0, 1, 2]
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert history[1]["train_neg_elbo"] == seen[1][1]["train_neg_elbo"]
     assert isinstance(seen[0][2], ConvVAE)  # the bare model, as the Ray loop hands it over
     assert history[2]["val_images"] == 4 and history[2]["train_images"] == 12
     assert history[0]["train_kl_weight"] == 1.0  # warm-up over epoch 0 ends at its last step
-    rerun = [{k: v for k, v in row.items() if not k.endswith("images_per_s")} for row in run()[0]]
+    rerun = [{k: v for k, v in row.items() if not k.endswith(CLOCK_METRICS)} for row in run()[0]]
     assert history == rerun  # same seed, same run
 
 
@@ -275,7 +308,7 @@ def test_bf16_and_channels_last_are_ignored_on_cpu():
     for flags in ({}, {"bf16": True, "channels_last": True}):
         loader = DataLoader(images, batch_size=4)
         history = fit_local(_model(), loader, loader, _cfg(epochs=1, **flags), CPU)
-        runs.append({k: v for k, v in history[0].items() if not k.endswith("images_per_s")})
+        runs.append({k: v for k, v in history[0].items() if not k.endswith(CLOCK_METRICS)})
     assert runs[0] == runs[1]
 
 
