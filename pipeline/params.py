@@ -116,7 +116,7 @@ class DataParams:
 class ModelParams:
     latent_dim: Pos
     widths: Annotated[tuple[Pos, ...], Field(min_length=1, max_length=6)]
-    likelihood: Literal["bernoulli", "gaussian", "logistic"]
+    likelihood: Literal["bernoulli", "gaussian", "gaussian_optimal", "logistic"]
     arch: Literal["conv", "resnet"]
     blocks_per_stage: Pos
 

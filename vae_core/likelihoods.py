@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_optimal", "logistic")
 LOG_2PI = math.log(2.0 * math.pi)
 # The Gaussian likelihood's learned scale is floored at 1e-3 (8-bit pixels are 1/255 apart): a
 # scale that could shrink without bound would let the density, and the loss, run off to -inf.
@@ -75,6 +76,55 @@ class GaussianLikelihood(nn.Module):
         return torch.sigmoid(fp32(params))
 
 
+class OptimalGaussianLikelihood(nn.Module):
+    """p(x|z) = prod Normal(sigmoid(params), sigma_c^2), sigma_c the maximum-likelihood scale.
+
+    The "optimal sigma-VAE" of Rybkin, Daniilidis & Levine (ICML 2021, "Simple and effective
+    VAE training with calibrated decoders"): for fixed means the Gaussian log-density is
+    maximised by sigma_c^2 = the mean squared error of channel c, so training plugs that in,
+    computed on the batch (all-reduced over DDP ranks), instead of learning a log-scale by
+    gradient steps. A learned scale moves at most lr per step: on a few hundred images (a
+    few steps per epoch) it stays near its initial value while the error shrinks. sigma_c is
+    treated as a constant in the gradient: at the maximiser dL/dsigma = 0, so the means'
+    gradient is the same either way. Evaluation (model.eval(), or no grad) uses a fixed scale,
+    ``variance``, a running mean of the training batches' values (momentum ``MOMENTUM``), saved
+    with the model: the bound on held-out images is then one of a fixed density.
+    """
+
+    params_per_channel = 1
+    is_density = True
+    MOMENTUM = 0.1  # weight of each training batch in the running variance
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("variance", torch.full((channels,), math.exp(2 * LOG_SCALE_INIT)))
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        """x, params (N,C,H,W) -> (N,) log-density summed over pixels, in nats."""
+        err2 = (fp32(x) - torch.sigmoid(fp32(params))).square()  # (N,C,H,W)
+        training = self.training and torch.is_grad_enabled()
+        variance = self._batch_variance(err2) if training else self.variance
+        log_scale = 0.5 * variance.clamp(min=math.exp(2 * LOG_SCALE_MIN)).log()
+        log_scale = log_scale.view(1, -1, 1, 1)  # (C,) -> (1,C,1,1)
+        return _per_image(-0.5 * err2 * torch.exp(-2 * log_scale) - log_scale - 0.5 * LOG_2PI)
+
+    @torch.no_grad()
+    def _batch_variance(self, err2: Tensor) -> Tensor:
+        """(N,C,H,W) squared errors -> (C,) their mean per channel over every rank's batch;
+        also moves the running ``variance`` towards it."""
+        count = err2.new_full((err2.shape[1],), float(err2[:, 0].numel()))  # (C,) values each
+        sums = torch.stack([err2.sum((0, 2, 3)), count])  # (2,C)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        variance = sums[0] / sums[1]
+        self.variance.lerp_(variance, self.MOMENTUM)
+        return variance
+
+    def mean(self, params: Tensor) -> Tensor:
+        """(N,C,H,W) pre-sigmoid means -> (N,C,H,W) mean image in [0, 1]."""
+        return torch.sigmoid(fp32(params))
+
+
 class DiscretisedLogistic(nn.Module):
     """p(x|z) = prod over pixels of a logistic's mass on x's 8-bit bin (Salimans et al. 2017).
 
@@ -121,6 +171,8 @@ def make_likelihood(name: str, channels: int) -> nn.Module:
         return BernoulliLikelihood()
     if name == "gaussian":
         return GaussianLikelihood(channels)
+    if name == "gaussian_optimal":
+        return OptimalGaussianLikelihood(channels)
     if name == "logistic":
         return DiscretisedLogistic()
     raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {name!r}")

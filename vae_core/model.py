@@ -30,7 +30,7 @@ class VAEConfig:
     width: int = 64
     widths: tuple[int, ...] = (32, 64, 128)  # channels per stride-2 stage; depth = len
     latent_dim: int = 16  # J
-    likelihood: str = "bernoulli"  # bernoulli (continuous BCE) | gaussian | logistic (8-bit)
+    likelihood: str = "bernoulli"  # bernoulli (continuous BCE) | gaussian(_optimal) | logistic
     arch: str = "conv"  # conv: one conv per stage | resnet: pre-activation residual stages
     blocks_per_stage: int = 1  # resnet only: residual blocks after each down/before each up
 

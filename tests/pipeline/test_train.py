@@ -223,15 +223,22 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
 
 
 @pytest.mark.slow
-def test_view_objective_trains_under_ray_train_with_two_workers(
+def test_view_objective_and_optimal_scale_train_under_ray_train_with_two_workers(
     ray_session, processed, params_file
 ):
     """Both views on each worker, DDP across two ranks: the extra terms reach the history and
-    MLflow per epoch; validation (clean q(z|x)) reports no view term."""
+    MLflow per epoch; validation (clean q(z|x)) reports no view term. The optimal-scale
+    likelihood all-reduces each batch's error inside the step and saves its running scale."""
     views = {"view_mask_ratio": 0.5, "view_noise": 0.05, "consistency_weight": 1.0}
-    path = params_file(train={"epochs": 2, "num_workers": 2, "contrastive_weight": 0.5, **views})
+    path = params_file(
+        train={"epochs": 2, "num_workers": 2, "contrastive_weight": 0.5, **views},
+        model={"likelihood": "gaussian_optimal"},
+    )
     assert train.main(["--params", str(path)]) == 0
     params = load_params(path)
+    variance = load_checkpoint(params.paths.model).likelihood.variance
+    assert variance.shape == (1,) and 0 < variance.item() < 1
+    assert abs(variance.item() - 0.01) > 1e-6  # moved from its initial sigma = 0.1
     history = pd.read_csv(params.paths.train_history)
     terms = history[["train_consistency", "train_contrastive"]].to_numpy()
     assert terms.shape == (2, 2) and np.isfinite(terms).all() and (terms >= 0).all()

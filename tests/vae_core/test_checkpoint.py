@@ -15,6 +15,7 @@ from vae_core.training import TrainConfig, make_optimizer
     [
         VAEConfig(1, 28, 28, (8, 16), 4, "bernoulli"),
         VAEConfig(3, 40, 28, (8, 16, 16), 6, "gaussian"),
+        VAEConfig(3, 28, 28, (8, 16), 4, "gaussian_optimal"),
     ],
 )
 @pytest.mark.parametrize("as_str", [True, False])
@@ -24,6 +25,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, config, as_str):
     if config.likelihood == "gaussian":
         with torch.no_grad():
             model.likelihood.log_scale.fill_(-1.7)  # not the initial value
+    if config.likelihood == "gaussian_optimal":
+        model.likelihood.variance.copy_(torch.tensor([0.003, 0.02, 0.4]))  # a trained buffer
     path = tmp_path / "sub" / "vae.pt"
     save_checkpoint(str(path) if as_str else path, model, extra={"mlflow_run_id": "abc"})
 

@@ -1,9 +1,12 @@
-"""The discretised logistic likelihood: a true probability over 8-bit images."""
+"""The likelihoods: the discretised logistic (a true probability over 8-bit images) and the
+optimal-scale Gaussian (sigma-VAE), checked against torch.distributions."""
 
 import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from vae_core.likelihoods import BINS, DiscretisedLogistic, make_likelihood
 
@@ -75,3 +78,91 @@ def test_mean_is_in_unit_range_and_has_image_channels():
 def test_make_likelihood_rejects_unknown_name():
     with pytest.raises(ValueError, match="likelihood must be one of"):
         make_likelihood("poisson", 1)
+
+
+# ----------------------------------------------------------------------------- optimal sigma
+
+
+def _image_and_params(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    # A decoder that fits each channel with a different error, as on colour photos.
+    noise = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) * torch.tensor(
+        [0.05, 0.2, 1.0], dtype=torch.float64
+    ).view(1, 3, 1, 1)
+    return x, torch.logit(x.clamp(0.02, 0.98)) + noise
+
+
+def _normal_log_prob(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference: torch.distributions' Normal, summed per image."""
+    normal = torch.distributions.Normal(torch.sigmoid(params), scale.view(1, -1, 1, 1))
+    return normal.log_prob(x).flatten(1).sum(1)
+
+
+def test_optimal_scale_is_each_channels_rms_error_and_maximises_the_likelihood():
+    x, params = _image_and_params()
+    lik = make_likelihood("gaussian_optimal", 3).double().train()
+    rms = (x - torch.sigmoid(params)).square().mean((0, 2, 3)).sqrt()  # (C,)
+    assert rms[0] < rms[1] < rms[2]  # the construction gives three different scales
+    got = lik.log_prob(x, params)
+    torch.testing.assert_close(got, _normal_log_prob(x, params, rms))
+    for factor in (0.8, 0.95, 1.05, 1.25):  # any other scale scores the batch lower
+        assert _normal_log_prob(x, params, rms * factor).sum() < got.sum()
+
+
+def test_optimal_scale_gives_the_means_the_gradient_of_the_profile_likelihood():
+    # sigma* is held constant in the gradient; at the maximiser dL/dsigma = 0, so the means'
+    # gradient must equal that of L(mean, sigma*(mean)) differentiated through sigma* too.
+    x, params = _image_and_params(1)
+    lik = make_likelihood("gaussian_optimal", 3).double().train()
+    p1 = params.clone().requires_grad_()
+    lik.log_prob(x, p1).sum().backward()
+    p2 = params.clone().requires_grad_()
+    rms = (x - torch.sigmoid(p2)).square().mean((0, 2, 3)).sqrt()  # not detached
+    _normal_log_prob(x, p2, rms).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_optimal_scale_evaluates_with_the_running_variance_of_training_batches():
+    x, params = _image_and_params(2)
+    lik = make_likelihood("gaussian_optimal", 3).double()
+    start = lik.variance.clone()
+    torch.testing.assert_close(start, torch.full((3,), 0.01, dtype=torch.float64))  # sigma 0.1
+    lik.train()
+    lik.log_prob(x, params)
+    batch = (x - torch.sigmoid(params)).square().mean((0, 2, 3))
+    torch.testing.assert_close(lik.variance, 0.9 * start + 0.1 * batch)
+    assert "variance" in lik.state_dict()  # saved with the model
+    lik.eval()  # a held-out batch is scored with the stored scale, not its own error
+    x2, params2 = _image_and_params(3)
+    torch.testing.assert_close(
+        lik.log_prob(x2, params2), _normal_log_prob(x2, params2, lik.variance.sqrt())
+    )
+    frozen = lik.variance.clone()
+    lik.log_prob(x2, params2)
+    torch.testing.assert_close(lik.variance, frozen)  # evaluation leaves it alone
+    lik.train()
+    with torch.no_grad():  # as in evaluate_epoch's no-grad passes: the stored scale
+        torch.testing.assert_close(
+            lik.log_prob(x2, params2), _normal_log_prob(x2, params2, frozen.sqrt())
+        )
+
+
+def _optimal_scale_rank(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        x, params = _image_and_params()
+        lik = make_likelihood("gaussian_optimal", 3).double().train()
+        lik.log_prob(x[rank::2], params[rank::2])  # each rank scores half the batch
+        torch.save(lik.variance, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimal_scale_is_the_error_of_every_ranks_batch_together(tmp_path):
+    out = str(tmp_path / "variance")
+    mp.spawn(_optimal_scale_rank, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
+    x, params = _image_and_params()
+    pooled = (x - torch.sigmoid(params)).square().mean((0, 2, 3))  # one process, all images
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), 0.9 * 0.01 + 0.1 * pooled)

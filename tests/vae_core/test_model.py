@@ -22,7 +22,12 @@ SMALL = (8, 16, 32)  # narrow widths keep the big sizes fast on CPU
 
 @pytest.mark.parametrize(
     ("arch", "likelihood", "k"),
-    [("conv", "bernoulli", 1), ("conv", "gaussian", 1), ("resnet", "logistic", 2)],
+    [
+        ("conv", "bernoulli", 1),
+        ("conv", "gaussian", 1),
+        ("conv", "gaussian_optimal", 1),
+        ("resnet", "logistic", 2),
+    ],
 )
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize(("height", "width"), SIZES)
