@@ -42,6 +42,11 @@ TIFFFILE_COMPRESSION = {50001}
 SIGNED = 2  # TIFF SampleFormat of signed integers
 TIFFFILE_PHOTOMETRIC = (*DEEP_PHOTOMETRIC, PALETTE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Image formats no decoder here reads, known by their signature so that they are refused as
+# such ("unsupported image format HEIF"), not as "not an image": HEIF/HEIC (phones' default:
+# an ISO BMFF "ftyp" box of one of these brands) and JPEG XL (codestream or container)
+NO_DECODER = ("HEIF", "JPEG XL")
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 # a quoted value in a Pillow plugin's reason (repr() of file bytes: a chunk type ...), hidden
 _QUOTED = re.compile(r"""[bB]?'[^']*'|[bB]?"[^"]*"|[bB]?'.*|[bB]?".*""")
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
@@ -166,6 +171,8 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
             if _is_tiff(path):
                 return None
             fmt = _signature_format(path)
+            if fmt in NO_DECODER:  # an image, of a format none of the decoders reads
+                raise BadImage(f"unsupported image format {fmt}") from None
             if fmt is not None:  # a photo by its signature that Pillow cannot open: broken
                 why = _pillow_refusal(fp, path, fmt)
                 raise BadImage(f"undecodable image ({fmt}: {why})", "undecodable image") from None
@@ -181,10 +188,15 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
 
 
 def _signature_format(path: Path) -> str | None:
-    """The photo format a file's first bytes (its signature, magic number) name: JPEG, PNG or
-    WEBP; None for any other file (TIFF is told by :func:`_is_tiff`)."""
+    """The format a file's first bytes (its signature, magic number) name: a photo format
+    (JPEG, PNG, WEBP) or one of :data:`NO_DECODER` (HEIF, JPEG XL); None for any other file
+    (TIFF is told by :func:`_is_tiff`)."""
     with open(path, "rb") as f:
-        head = f.read(12)
+        head = f.read(16)
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "HEIF"
+    if head.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL \r\n\x87\n")):
+        return "JPEG XL"
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(PNG_SIGNATURE):

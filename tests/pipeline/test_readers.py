@@ -1750,6 +1750,18 @@ def _bad_crc_png() -> bytes:
     return bytes(data)
 
 
+def _imagecodecs():
+    import imagecodecs
+
+    return imagecodecs
+
+
+def _pillow_bytes(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
 def _jpeg12() -> bytes:
     """A valid 12-bit JPEG (libjpeg-turbo through imagecodecs), as some cameras store."""
     import imagecodecs
@@ -1806,6 +1818,21 @@ BROKEN = {
         "tif",
         "undecodable image (TIFF without any readable page)",
     ),
+    "HEIC (an iPhone's photo)": (
+        lambda: b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(100),
+        "jpg",
+        "unsupported image format HEIF",
+    ),
+    "JPEG XL codestream": (
+        lambda: _imagecodecs().jpegxl_encode(gradient(rgb=True)),
+        "jxl",
+        "unsupported image format JPEG XL",
+    ),
+    "AVIF": (  # Pillow's plugin names it
+        lambda: _pillow_bytes(gradient(rgb=True), "AVIF"),
+        "avif",
+        "unsupported image format AVIF",
+    ),
     "HTML error page": (
         lambda: b"<!DOCTYPE html><html><title>404 Not Found</title></html>\n",
         "jpg",
@@ -1836,7 +1863,8 @@ def test_broken_files_get_the_reason_of_what_is_wrong(tmp_path, kind):
     with pytest.raises(BadImage) as caught:
         read_image(path)
     assert str(caught.value) == reason
-    assert caught.value.kind == reason.split(" (")[0]
+    unsupported = reason.startswith("unsupported")  # its kind is the reason, format and all
+    assert caught.value.kind == (reason if unsupported else reason.split(" (")[0])
 
 
 TIFF_CODECS = {
