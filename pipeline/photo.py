@@ -42,6 +42,9 @@ TIFFFILE_COMPRESSION = {50001}
 SIGNED = 2  # TIFF SampleFormat of signed integers
 TIFFFILE_PHOTOMETRIC = (*DEEP_PHOTOMETRIC, PALETTE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NOT_RECOGNISED = "not an image (format not recognised)"  # then tried as DICOM without meta
+TEXT_PROBE = 1024  # bytes looked at to tell a text file (an HTML page ...) from binary data
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")  # never in a text file
 # Image formats no decoder here reads, known by their signature so that they are refused as
 # such ("unsupported image format HEIF"), not as "not an image": HEIF/HEIC (phones' default:
 # an ISO BMFF "ftyp" box of one of these brands) and JPEG XL (codestream or container)
@@ -176,7 +179,10 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
             if fmt is not None:  # a photo by its signature that Pillow cannot open: broken
                 why = _pillow_refusal(fp, path, fmt)
                 raise BadImage(f"undecodable image ({fmt}: {why})", "undecodable image") from None
-            raise BadImage("not an image (format not recognised)", "not an image") from None
+            text = _text_kind(path)
+            if text is not None:  # a page a failed download saved, never a DICOM dataset
+                raise BadImage(f"not an image (text: {text})", "not an image") from None
+            raise BadImage(NOT_RECOGNISED, "not an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(
                 "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
@@ -185,6 +191,32 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
         im.close()
         raise BadImage(f"unsupported image format {im.format}")
     return im
+
+
+def _text_kind(path: Path) -> str | None:
+    """What a file that is text is (an HTML or XML page, JSON, a Git LFS pointer, other
+    text), from its first bytes: UTF-8 without control characters other than tab, line and
+    page breaks (a DICOM dataset, even without its preamble, starts with binary tags and
+    lengths: NUL bytes); None for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(TEXT_PROBE)
+    if not head or _CONTROL.search(head):
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # only a multi-byte character cut at the probe's end
+        if len(head) < TEXT_PROBE or exc.start < len(head) - 3:
+            return None
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith((b"<!doctype html", b"<html")) or b"<html" in start[:512]:
+        return "an HTML page, as a failed download saves"
+    if start.startswith(b"<"):
+        return "an XML document, as a failed download saves"
+    if start.startswith((b"{", b"[")):
+        return "JSON, as a failed download saves"
+    if start.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it stands for"
+    return "a text file"
 
 
 def _signature_format(path: Path) -> str | None:

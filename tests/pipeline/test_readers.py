@@ -1836,8 +1836,29 @@ BROKEN = {
     "HTML error page": (
         lambda: b"<!DOCTYPE html><html><title>404 Not Found</title></html>\n",
         "jpg",
-        "not an image (format not recognised)",
+        "not an image (text: an HTML page, as a failed download saves)",
     ),
+    "HTML error page named .dcm": (  # was 'DICOM without pixel data': pydicom parses anything
+        lambda: b"\n  <html><head><title>403 Forbidden</title></head></html>",
+        "dcm",
+        "not an image (text: an HTML page, as a failed download saves)",
+    ),
+    "S3 XML error, no suffix": (
+        lambda: b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>',
+        "",
+        "not an image (text: an XML document, as a failed download saves)",
+    ),
+    "JSON error named .tif": (
+        lambda: b'{"error": "not found", "patient": "DOE^JOHN"}',
+        "tif",
+        "not an image (text: JSON, as a failed download saves)",
+    ),
+    "Git LFS pointer": (
+        lambda: b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\n",
+        "png",
+        "not an image (text: a Git LFS pointer, not the file it stands for)",
+    ),
+    "binary junk": (lambda: bytes(range(256)) * 4, "jpg", "not an image (format not recognised)"),
 }
 
 
@@ -1847,10 +1868,12 @@ def test_broken_files_get_the_reason_of_what_is_wrong(tmp_path, kind):
     PNG chunk whose CRC fails, a header cut short) is an undecodable image of that format, not
     'not an image'; an interlaced PNG cut in its image data is truncated (it failed with
     an unrelated TypeError: the decode error was swallowed while its EXIF was looked for);
-    a TIFF without any page is no 'file of previews only'. Reference: the bytes written,
+    a TIFF without any page is no 'file of previews only'; a text file (an HTML, XML or JSON
+    error page, a Git LFS pointer) says so, whatever its suffix (a '.dcm' one was 'DICOM
+    without pixel data', the reason quoting nothing of it). Reference: the bytes written,
     and for the 12-bit JPEG an independent decoder (libjpeg-turbo, imagecodecs) reading it."""
     make, suffix, reason = BROKEN[kind]
-    path = tmp_path / f"x.{suffix}"
+    path = tmp_path / (f"x.{suffix}" if suffix else "IM0001")
     path.write_bytes(make())
     if kind == "12-bit JPEG":  # the premise: a valid JPEG, only Pillow cannot read it
         import imagecodecs
