@@ -13,6 +13,8 @@ the whole-file intensity range of high-depth pages and JPEG draft (DCT-scaled) d
 from __future__ import annotations
 
 import contextlib
+import re
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +37,21 @@ DEEP = "deep"  # the _Page.mode of such a page; its values are scaled over the f
 MINISWHITE, MINISBLACK, RGB, PALETTE = 0, 1, 2, 3
 DEEP_PHOTOMETRIC = (MINISWHITE, MINISBLACK, RGB)
 # ... and those tifffile's pages may have: a palette too (16-bit indices: Pillow cannot open them)
+# TIFF Compression values Pillow knows but its libtiff is built without (WebP): tifffile's
+TIFFFILE_COMPRESSION = {50001}
+SIGNED = 2  # TIFF SampleFormat of signed integers
 TIFFFILE_PHOTOMETRIC = (*DEEP_PHOTOMETRIC, PALETTE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NOT_RECOGNISED = "not an image (format not recognised)"  # then tried as DICOM without meta
+TEXT_PROBE = 1024  # bytes looked at to tell a text file (an HTML page ...) from binary data
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")  # never in a text file
+# Image formats no decoder here reads, known by their signature so that they are refused as
+# such ("unsupported image format HEIF"), not as "not an image": HEIF/HEIC (phones' default:
+# an ISO BMFF "ftyp" box of one of these brands) and JPEG XL (codestream or container)
+NO_DECODER = ("HEIF", "JPEG XL")
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+# a quoted value in a Pillow plugin's reason (repr() of file bytes: a chunk type ...), hidden
+_QUOTED = re.compile(r"""[bB]?'[^']*'|[bB]?"[^"]*"|[bB]?'.*|[bB]?".*""")
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 # TIFF pages that are no picture of the eye: NewSubfileType (tag 254) bit 0 marks a reduced-
 # resolution copy of another page (preview, thumbnail, pyramid level), bit 2 a transparency
@@ -62,7 +77,12 @@ _UPRIGHT = {
 
 def _orientation(im: Image.Image) -> int:
     """The page's EXIF (or TIFF, XMP) orientation, 1..8; 1 when absent or unreadable (a
-    broken EXIF block says nothing reliable about the pixels, which may still be fine)."""
+    broken EXIF block says nothing reliable about the pixels, which may still be fine). A PNG
+    is loaded first, outside that: Pillow's getexif decodes it (an eXIf chunk may follow the
+    image data), and a decode error swallowed there would leave the page half-loaded, failing
+    later with an unrelated TypeError instead of its reason (a truncated file)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        im.load()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Corrupt EXIF data": the page's decode may still work
@@ -153,7 +173,16 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
         except UnidentifiedImageError:
             if _is_tiff(path):
                 return None
-            raise BadImage("not an image (format not recognised)", "not an image") from None
+            fmt = _signature_format(path)
+            if fmt in NO_DECODER:  # an image, of a format none of the decoders reads
+                raise BadImage(f"unsupported image format {fmt}") from None
+            if fmt is not None:  # a photo by its signature that Pillow cannot open: broken
+                why = _pillow_refusal(fp, path, fmt)
+                raise BadImage(f"undecodable image ({fmt}: {why})", "undecodable image") from None
+            text = _text_kind(path)
+            if text is not None:  # a page a failed download saved, never a DICOM dataset
+                raise BadImage(f"not an image (text: {text})", "not an image") from None
+            raise BadImage(NOT_RECOGNISED, "not an image") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(
                 "decompression bomb: exceeds Pillow's pixel limit", "decompression bomb"
@@ -162,6 +191,69 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
         im.close()
         raise BadImage(f"unsupported image format {im.format}")
     return im
+
+
+def _text_kind(path: Path) -> str | None:
+    """What a file that is text is (an HTML or XML page, JSON, a Git LFS pointer, other
+    text), from its first bytes: UTF-8 without control characters other than tab, line and
+    page breaks (a DICOM dataset, even without its preamble, starts with binary tags and
+    lengths: NUL bytes); None for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(TEXT_PROBE)
+    if not head or _CONTROL.search(head):
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # only a multi-byte character cut at the probe's end
+        if len(head) < TEXT_PROBE or exc.start < len(head) - 3:
+            return None
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith((b"<!doctype html", b"<html")) or b"<html" in start[:512]:
+        return "an HTML page, as a failed download saves"
+    if start.startswith(b"<"):
+        return "an XML document, as a failed download saves"
+    if start.startswith((b"{", b"[")):
+        return "JSON, as a failed download saves"
+    if start.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it stands for"
+    return "a text file"
+
+
+def _signature_format(path: Path) -> str | None:
+    """The format a file's first bytes (its signature, magic number) name: a photo format
+    (JPEG, PNG, WEBP) or one of :data:`NO_DECODER` (HEIF, JPEG XL); None for any other file
+    (TIFF is told by :func:`_is_tiff`)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "HEIF"
+    if head.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL \r\n\x87\n")):
+        return "JPEG XL"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _pillow_refusal(fp: BinaryIO, path: Path, fmt: str) -> str:
+    """Why Pillow's ``fmt`` plugin refuses the file ``fp`` (its header is broken, cut short or
+    of a kind it cannot decode: a 12-bit JPEG, a PNG chunk whose CRC does not match): the
+    plugin's own one-line reason, which names structure (bit depths, chunk types), never
+    header values; "header cut short or malformed" where it fails without one."""
+    factory = Image.OPEN[fmt][0]
+    fp.seek(0)
+    try:
+        factory(fp, path.name).close()
+    except SyntaxError as exc:  # Pillow's plugins raise SyntaxError with a reason ...
+        cause = exc.__cause__ or exc.__context__
+        if str(exc) and not isinstance(cause, (struct.error, EOFError, IndexError)):
+            return _QUOTED.sub("'...'", str(exc).splitlines()[0])  # no file content
+    except Exception:  # noqa: BLE001 -- ... or struct.error, EOFError, IndexError: no reason
+        pass
+    return "header cut short or malformed"
 
 
 def _is_tiff(path: Path) -> bool:
@@ -289,23 +381,31 @@ def _deep_tiff(im: Image.Image) -> bool:
     page (Pillow inverts only 8 bits or fewer: deeper ones would come out as negatives), or
     in a mode that cannot hold the stored type (:func:`_mode_holds`: unsigned 32-bit in "I");
     or with associated (premultiplied) alpha at any depth, the picture on black as stored
-    (Pillow un-premultiplies it, and compositing again is off by one)."""
+    (Pillow un-premultiplies it, and compositing again is off by one); signed 8-bit samples
+    (Pillow takes their bytes as unsigned: -1 is white, 0 black), scaled over the file as
+    other signed pages; a compression Pillow's libtiff has no codec for
+    (:data:`TIFFFILE_COMPRESSION`)."""
     if im.format != "TIFF":
         return False
     bits = im.tag_v2.get(258, 1)
     bits = bits if isinstance(bits, tuple) else (bits,)
     photometric = im.tag_v2.get(262)
     extras = im.tag_v2.get(338, ())
+    if im.tag_v2.get(259, 1) in TIFFFILE_COMPRESSION:
+        return True  # Pillow's libtiff has no codec for it: "decoder error" on every page
     if photometric in DEEP_PHOTOMETRIC and 1 in (
         extras if isinstance(extras, tuple) else (extras,)
     ):
         return True  # associated alpha: Pillow un-premultiplies it, tifffile keeps the picture
+    fmt = im.tag_v2.get(339, 1)
+    fmt = max(fmt if isinstance(fmt, tuple) else (fmt,))
+    if photometric in DEEP_PHOTOMETRIC and fmt == SIGNED and max(bits) <= 8:
+        return True  # signed 8-bit: Pillow reads the bytes as unsigned, -1 as 255 (white)
     if max(bits) <= 8 or photometric not in DEEP_PHOTOMETRIC:
         return False
     if photometric == MINISWHITE or im.mode not in HIGH_DEPTH:
         return True
-    fmt = im.tag_v2.get(339, 1)
-    return not _mode_holds(im.mode, max(bits), max(fmt if isinstance(fmt, tuple) else (fmt,)))
+    return not _mode_holds(im.mode, max(bits), fmt)
 
 
 def _mode_holds(mode: str, bits: int, sample_format: int) -> bool:
@@ -336,8 +436,14 @@ class _FullDepth:
 
     def pages(self) -> list[_Page]:
         """Every picture page of a TIFF that Pillow does not open at all (headers only), all
-        read at full depth; reduced-resolution copies and masks skipped as in :func:`_pages`."""
-        pages = (self.page(i) for i in range(len(self.tiff().pages)))
+        read at full depth; reduced-resolution copies and masks skipped as in :func:`_pages`.
+        BadImage for a TIFF without any page (a header alone, a first-page offset past its
+        end: a download cut short), which is no file of previews only."""
+        n = len(self.tiff().pages)
+        if n == 0:
+            kind = "undecodable image"
+            raise BadImage(f"{kind} (TIFF without any readable page)", kind)
+        pages = (self.page(i) for i in range(n))
         return [p for p in pages if p is not None]
 
     def page(self, index: int) -> _Page | None:

@@ -241,7 +241,7 @@ def read_image(
         try:
             return photo.read_photo(path, min_size, max_pixels, draft, oct_central, frames)
         except BadImage as exc:
-            if exc.kind != "not an image":
+            if str(exc) != photo.NOT_RECOGNISED:  # a text page is no DICOM either
                 raise
             return dicom_pixels.read_dicom(dicom_pixels.open_unmarked(path, exc), *dicom)
     except BadImage:
