@@ -447,6 +447,13 @@ def _check(path: Path, table: pd.DataFrame) -> None:
     for n, value in table["split"].items():
         if value and value.lower() not in SPLIT_ALIASES:
             raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
+    for n, value in table["eye"].items():
+        if value and readers.normalise_eye(value) is None:
+            raise UserError(
+                f"{path}: line {n}: eye {value!r} is not R/L, OD/OS or right/left "
+                "(ingest.eye_column; a sheet coding eyes otherwise, such as 1/2, needs them "
+                "written out first)"
+            )
     for n, value in table["severity"].items():
         if value and not _is_number(value):
             raise UserError(f"{path}: line {n}: severity {value!r} is not a number")

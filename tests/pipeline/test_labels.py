@@ -701,3 +701,16 @@ def test_the_worksheet_and_header_row_naming_the_path_column_are_read(tmp_path, 
     }
     assert "read worksheet 'Grades'" in caplog.text
     assert "the header naming 'image' is on line 2" in caplog.text
+
+
+@pytest.mark.parametrize("cell", ["1", "2", "both", "OU"])
+def test_eye_cells_not_naming_right_or_left_are_a_one_line_error(tmp_path, capsys, cell):
+    """BRSET's exam_eye is 1/2: before, every eye was silently read as unknown."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text(f"path,label,eye\na.png,0,R\nb.png,1,{cell}\nc.png,2,L\n")
+    rc, _ = _ingest(tmp_path, sheet)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith(
+        f"retina-vae ingest: error: {sheet}: line 3: eye {cell!r} is not R/L, OD/OS or right/left"
+    )
