@@ -9,7 +9,8 @@ files spreadsheet programs save (:func:`_raw`): UTF-16 text, legacy Windows-1252
 delimiters, title rows above the header, the labels on a later worksheet. A row's path may
 be a path relative to the source, a bare file name anywhere in the source tree, or either one
 without its suffix (EyePACS ``10_left``, APTOS ``000c1434d8d7``, IDRiD ``IDRiD_001``): it then
-matches the one file of that stem, and a stem that two files share is a one-line error.
+matches the one file of that stem, and a stem that two files share is a one-line error; a name
+no file has exactly matches without regard to case (:meth:`FileIndex.find`).
 Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty; in a label column of
 numbers each is written in its canonical form (``01``, ``+1``, ``1.0``, ``1e0`` are ``1``,
 ``1.50`` is ``1.5``: one class per number), while patient IDs keep their leading zeros
@@ -513,25 +514,37 @@ class FileIndex:
         self.root = root
         self.files: set[str] = set()
         self._by_key: dict[str, set[str]] = defaultdict(set)
+        self._by_folded: dict[str, set[str]] = defaultdict(set)  # the keys case-folded
         for rel in files:
             self.files.add(rel)
             name = posixpath.basename(rel)
             for key in (rel, posixpath.splitext(rel)[0], name, posixpath.splitext(name)[0]):
                 self._by_key[key].add(rel)
+                self._by_folded[key.casefold()].add(rel)
 
     def find(self, value: str) -> list[str]:
         """The files ``value`` may mean (sorted): itself when it exists (a folder, other
         non-image or link to a missing file then is quarantined with its reason), else every
-        image file whose path, name or stem it is."""
+        image file whose path, name or stem it is; failing that, every one whose path, name
+        or stem it is without regard to case (sheets made on Windows or macOS, whose file
+        systems ignore case: ``IM002385.jpg`` for ``IM002385.JPG``); failing that, for an
+        integral float (``12.0``: an ID column a program read as floats), the integer's."""
         if value in self.files or os.path.lexists(os.path.join(self.root, value)):
             return [value]
-        return sorted(self._by_key.get(value, ()))
+        hits = self._by_key.get(value) or self._by_folded.get(value.casefold())
+        if not hits and INTEGRAL_FLOAT.fullmatch(value):
+            return self.find(value.split(".")[0])
+        return sorted(hits or ())
 
     def other_suffix(self, value: str) -> bool:
         """Whether a file of ``value``'s stem exists with another suffix (``a.png`` listed,
         ``a.jpg`` on disk)."""
         stem, suffix = posixpath.splitext(value)
-        return bool(suffix) and bool(self._by_key.get(stem))
+        return bool(suffix) and bool(self._by_folded.get(stem.casefold()))
+
+
+# a file ID written as a float by a program that read the column as numbers (``12.0``)
+INTEGRAL_FLOAT = re.compile(r"[0-9]+\.0+")
 
 
 @dataclass(frozen=True)

@@ -714,3 +714,32 @@ def test_eye_cells_not_naming_right_or_left_are_a_one_line_error(tmp_path, capsy
     assert rc == 1 and err[-1].startswith(
         f"retina-vae ingest: error: {sheet}: line 3: eye {cell!r} is not R/L, OD/OS or right/left"
     )
+
+
+def test_sheet_names_match_files_without_regard_to_case_or_float_ids(tmp_path, capsys):
+    """Messidor's sheet lists IM002385.jpg for IM002385.JPG; a pandas export of a numeric ID
+    column writes 1.0 for image 1. Before: all 'listed but missing', the files 'unlisted'."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(["IM002385.JPG", "Photo_B.png", "1.png"]):
+        Image.fromarray(gradient(40, 48, seed=k)).save(src / name)
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\nim002385.jpg,0\nphoto_b,1\n1.0,2\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        "IM002385.JPG": "0",
+        "Photo_B.png": "1",
+        "1.png": "2",
+    }
+    # two files that differ only in case: a name matching both in that way is ambiguous
+    Image.fromarray(gradient(40, 48, seed=7)).save(src / "photo_b.jpg")
+    sheet.write_text("path,label\nPHOTO_B,1\n")
+    assert _ingest(tmp_path, sheet)[0] == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("line 2: 'PHOTO_B' matches 2 files; give its suffix or folder")
+    )
