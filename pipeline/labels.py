@@ -421,17 +421,48 @@ def _outside(rel: str) -> bool:
 
 
 def _paths(path: Path, values: pd.Series, root: Path) -> list[str]:
-    """Each row's path made relative to ``root`` by :func:`relative`; one line for an empty
-    path or one outside the source."""
-    out = []
+    """Each row's path made relative to ``root`` by :func:`relative`, or, for a path rooted
+    at the dataset's own top folder, by :func:`rooted`; one line for an empty path or one
+    outside the source."""
+    out, anchored = [], 0
     for n, value in values.items():
         if not value:
             raise UserError(f"{path}: line {n}: empty path")
         rel = relative(root, value)
         if rel is None:
+            rel = rooted(root, value)
+            anchored += rel is not None
+        if rel is None:
             raise UserError(f"{path}: line {n}: path {value!r} is outside the source folder {root}")
         out.append(rel)
+    if anchored:
+        log.info(
+            "%s: %d paths start at the dataset's top folder (a leading / or \\, not a file on "
+            "this machine): read as the file under %s they end with",
+            path,
+            anchored,
+            root,
+        )
     return out
+
+
+def rooted(root: Path, value: str) -> str | None:
+    """A path written from the top of the dataset as its makers had it (OLIVES'
+    ``/TREX DME/GILA/0201GOD/V1/OD/1.tif``, DeepDRiD's
+    ``\\regular-fundus-training\\Images\\1\\1_l1.jpg``) as its longest tail naming a file
+    under ``root``; None when it is no such path, a file on this machine, holds ``..``, or no
+    tail of it is under ``root``."""
+    text = value.replace("\\", "/")
+    if not text.startswith("/") or os.path.lexists(text):
+        return None
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    for i in range(len(parts)):
+        tail = "/".join(parts[i:])
+        if os.path.lexists(os.path.join(root, tail)):
+            return tail
+    return None
 
 
 def _decimal_commas(column: pd.Series) -> pd.Series:

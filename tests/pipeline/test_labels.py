@@ -743,3 +743,34 @@ def test_sheet_names_match_files_without_regard_to_case_or_float_ids(tmp_path, c
         .splitlines()[-1]
         .endswith("line 2: 'PHOTO_B' matches 2 files; give its suffix or folder")
     )
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "/TREX DME/GILA/0201GOD/V1/OD/{name}",  # OLIVES: from the dataset's top folder
+        "\\download\\src\\TREX DME\\GILA\\0201GOD\\V1\\OD\\{name}",  # DeepDRiD: with Windows \
+    ],
+)
+def test_paths_written_from_the_dataset_top_folder_find_their_files(tmp_path, capsys, written):
+    """Before: 'line 2: path '/TREX DME/...' is outside the source folder'."""
+    folder = tmp_path / "src" / "TREX DME" / "GILA" / "0201GOD" / "V1" / "OD"
+    _images(folder)
+    sheet = tmp_path / "labels.csv"
+    rows = "".join(f'"{written.format(name=n)}.png",{k}\n' for k, n in enumerate(NAMES))
+    sheet.write_text("path,label\n" + rows)
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    top = "TREX DME/GILA/0201GOD/V1/OD/"
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        f"{top}a.png": "0",
+        f"{top}b.png": "1",
+        f"{top}c.png": "2",
+    }
+    # a file that is there at that absolute path, outside the source, is still refused
+    outside = tmp_path / "a.png"
+    Image.fromarray(gradient(40, 48, seed=5)).save(outside)
+    sheet.write_text(f"path,label\n{outside},0\n")
+    assert _ingest(tmp_path, sheet)[0] == 1
+    assert "is outside the source folder" in capsys.readouterr().err.strip().splitlines()[-1]
