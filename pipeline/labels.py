@@ -4,10 +4,13 @@ the file each row means.
 A sheet is a CSV, TSV or Excel ``.xlsx`` file with one row per image, as public datasets ship
 them: any column names (``ingest.path_column``, ``label_column``, ``patient_column``,
 ``eye_column``; matched without regard to case or surrounding spaces), a UTF-8 byte-order mark,
-CRLF line ends, and the empty rows and columns Excel leaves are all accepted. A row's path may
+CRLF line ends, and the empty rows and columns Excel leaves are all accepted, and so are the
+files spreadsheet programs save (:func:`_raw`): UTF-16 text, legacy Windows-1252, ``;``/tab/``|``
+delimiters, title rows above the header, the labels on a later worksheet. A row's path may
 be a path relative to the source, a bare file name anywhere in the source tree, or either one
 without its suffix (EyePACS ``10_left``, APTOS ``000c1434d8d7``, IDRiD ``IDRiD_001``): it then
-matches the one file of that stem, and a stem that two files share is a one-line error.
+matches the one file of that stem, and a stem that two files share is a one-line error; a name
+no file has exactly matches without regard to case (:meth:`FileIndex.find`).
 Cells are stripped, missing markers (``nan``, ``#N/A`` ...) are empty; in a label column of
 numbers each is written in its canonical form (``01``, ``+1``, ``1.0``, ``1e0`` are ``1``,
 ``1.50`` is ``1.5``: one class per number), while patient IDs keep their leading zeros
@@ -18,8 +21,10 @@ Rows naming one file are merged, or, when they disagree, the file is left out wi
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime
+import io
 import logging
 import math
 import os
@@ -73,11 +78,18 @@ def _header(name: object) -> str:
     return str(name).replace("\ufeff", "").strip().lower()
 
 
-def _raw(path: Path) -> pd.DataFrame:
+def _raw(path: Path, wanted: str | None = None) -> pd.DataFrame:
     """Every cell of the sheet as stripped text ('' when empty), header names as
     :func:`_header` makes them, indexed by the row's line in the file (CSV/TSV: the line its
     record starts on, blank lines and multi-line cells counted; .xlsx: the row number); rows
-    left empty are no rows. One line when the file cannot be read."""
+    left empty are no rows. One line when the file cannot be read.
+
+    ``wanted``: the path column's name (as :func:`_header` makes it). The header is the first
+    of the sheet's first :data:`HEAD_ROWS` rows that names it (title rows and merged group
+    cells above a header are skipped), a CSV's delimiter the one that makes a header name it
+    (:data:`DELIMITERS`: Excel writes ``;`` where the decimal mark is a comma), an .xlsx's
+    worksheet the first whose header names it; failing that, the first row, the suffix's
+    delimiter and the first worksheet (and the error then says the column is missing)."""
     if not path.is_file():
         raise UserError(f"{path}: labels file not found (ingest.labels)")
     suffix = path.suffix.lower()
@@ -86,15 +98,26 @@ def _raw(path: Path) -> pd.DataFrame:
     unsaved: dict[int, int] = {}  # column index -> first row of a formula without a value
     try:
         if suffix in EXCEL:
-            records, unsaved = _xlsx_records(path)
+            records, unsaved = _xlsx_records(path, wanted)
+            delimiter = None
         else:
-            records = _csv_records(path, suffix)
+            records, delimiter = _csv_records(path, suffix, wanted)
     except UNREADABLE as exc:
         raise UserError(f"{path}: not a readable CSV/TSV/.xlsx ({type(exc).__name__})") from None
-    records = [(n, [c.strip() for c in r]) for n, r in records if any(c.strip() for c in r)]
+    records = _filled(records)
     if not records:
         raise UserError(f"{path}: not a readable CSV/TSV/.xlsx (no header row)")
-    (_, header), body = records[0], records[1:]
+    start = _header_row(records, wanted) or 0
+    if start:
+        log.info(
+            "%s: the header naming %r is on line %d; the %d rows above it (titles, group "
+            "headings) are not read",
+            path,
+            wanted,
+            records[start][0],
+            start,
+        )
+    (_, header), body = records[start], records[start + 1 :]
     width = len(header)
     for n, record in body:
         if any(record[width:]):
@@ -103,34 +126,112 @@ def _raw(path: Path) -> pd.DataFrame:
     names = _names(header)
     df = pd.DataFrame(rows, columns=names, index=[n for n, _ in body], dtype=object)
     df.attrs["unsaved"] = {names[j]: n for j, n in unsaved.items() if j < width}
+    df.attrs["delimiter"] = delimiter
     return df
 
 
-def _csv_records(path: Path, suffix: str) -> list[tuple[int, list[str]]]:
-    """(line the record starts on, its cells) for each record of a CSV/TSV (UTF-8, BOM or not)."""
+# how many of a sheet's first rows (empty ones not counted) may hold its header
+HEAD_ROWS = 10
+# the delimiters a CSV/TSV is tried with, after its suffix's own: Excel's "CSV" is ``;``
+# where the decimal mark is a comma, its "Unicode text" (.txt) is tab-separated
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def _filled(records: Iterable[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
+    """The records with their cells stripped, empty ones left out."""
+    records = ((n, [c.strip() for c in r]) for n, r in records)
+    return [(n, r) for n, r in records if any(r)]
+
+
+def _header_row(records: list[tuple[int, list[str]]], wanted: str | None) -> int | None:
+    """The index of the first of the first :data:`HEAD_ROWS` filled records that has a cell
+    named ``wanted`` (as :func:`_header` makes it), or None."""
+    if wanted is None:
+        return None
+    for i, (_, record) in enumerate(_filled(records)[:HEAD_ROWS]):
+        if wanted in map(_header, record):
+            return i
+    return None
+
+
+def _csv_records(
+    path: Path, suffix: str, wanted: str | None = None
+) -> tuple[list[tuple[int, list[str]]], str]:
+    """(line the record starts on, its cells) for each record of a CSV/TSV/.txt (text as
+    :func:`_decode` reads it), and the delimiter: the suffix's own (tab for .tsv, else
+    comma), or the first of :data:`DELIMITERS` whose header row names ``wanted``."""
+    text = _decode(path)
+    default = "\t" if suffix == ".tsv" else ","
+    for delimiter in dict.fromkeys((default, *DELIMITERS)):
+        head = _csv_parse(text, delimiter, rows=HEAD_ROWS * 4)
+        if _header_row(head, wanted) is not None:
+            return _csv_parse(text, delimiter), delimiter
+    return _csv_parse(text, default), default
+
+
+def _csv_parse(text: str, delimiter: str, rows: int | None = None) -> list[tuple[int, list[str]]]:
+    """(line the record starts on, its cells) for each record (the first ``rows`` only)."""
     out, line = [], 1
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
-        for record in reader:
-            out.append((line, record))
-            line = reader.line_num + 1  # lines read so far: a quoted cell may hold line ends
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    for record in reader:
+        out.append((line, record))
+        line = reader.line_num + 1  # lines read so far: a quoted cell may hold line ends
+        if rows is not None and len(out) >= rows:
+            break
     return out
 
 
-def _xlsx_records(path: Path) -> tuple[list[tuple[int, list[str]]], dict[int, int]]:
+# byte-order marks and their codecs (UTF-32's before UTF-16's: it starts with the same bytes)
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _decode(path: Path) -> str:
+    """A text sheet's text as the program that saved it wrote it: UTF-8/16/32 by its byte-order
+    mark (Excel's "CSV UTF-8" and "Unicode text"), else UTF-8, else the Windows code page
+    Excel's plain "CSV" is in west-European locales (cp1252, Latin-1 where it has no
+    character), with one warning."""
+    data = path.read_bytes()
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            return data.decode(codec)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    log.warning(
+        "%s: not UTF-8: read as Windows-1252 (Excel's plain CSV in western Europe); if its "
+        'accented letters read wrong, save it as "CSV UTF-8"',
+        path,
+    )
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _xlsx_records(
+    path: Path, wanted: str | None = None
+) -> tuple[list[tuple[int, list[str]]], dict[int, int]]:
     """(row number, its cells as text) for each row of the workbook's first sheet (the values
     of formulas as the spreadsheet program that last saved it computed them), and, per
     column index (0-based), the first row whose cell is a formula without such a saved
     value: a workbook written by a script (openpyxl, pandas) and never opened and saved in
     Excel or LibreOffice holds none, and its cells would read as empty."""
+    sheet = _xlsx_sheet(path, wanted)
     formulas = {
         (cell.row, cell.column)
-        for row in _xlsx_rows(path, data_only=False)
+        for row in _xlsx_rows(path, data_only=False, sheet=sheet)
         for cell in row
         if cell.data_type == "f"
     }
     records, unsaved = [], {}
-    for n, row in enumerate(_xlsx_rows(path, data_only=True), 1):
+    for n, row in enumerate(_xlsx_rows(path, data_only=True, sheet=sheet), 1):
         records.append((n, [_cell_text(c.value) for c in row]))
         for j, cell in enumerate(row):
             # a saved empty text result is <v></v> typed "str"; a formula never computed has
@@ -152,20 +253,62 @@ def _cell_text(value: object) -> str:
     return str(value)  # a datetime with its time as "2020-01-02 13:00:00", as CSV exports do
 
 
-def _xlsx_rows(path: Path, data_only: bool) -> list[tuple]:
-    """The cells of each row of the workbook's first sheet (openpyxl's read-only cells);
-    ``data_only``: formulas' saved values, else the formulas (``data_type`` ``"f"``)."""
+def _xlsx_book(path: Path, data_only: bool):
+    """The workbook, read-only; ValueError when it is not one."""
     import openpyxl  # here: only an .xlsx sheet pays for its import
     from openpyxl.utils.exceptions import InvalidFileException
 
     try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=data_only)
+        return openpyxl.load_workbook(path, read_only=True, data_only=data_only)
     except InvalidFileException:
         raise ValueError("not an Excel workbook") from None
+
+
+def _xlsx_sheet(path: Path, wanted: str | None) -> int:
+    """The index of the worksheet to read: the first whose first rows hold a header naming
+    ``wanted`` (a workbook may open on a read-me or summary sheet), else the first. One log
+    line when it is not the first; one warning when later worksheets name it too (their rows
+    are not read: their images count as unlisted)."""
+    if wanted is None:
+        return 0
+    book = _xlsx_book(path, data_only=True)
     try:
-        sheet = book.worksheets[0]
-        sheet.reset_dimensions()  # read-only mode trusts the stored extent, often stale
-        return list(sheet.iter_rows(min_row=1))
+        naming = []
+        for i, sheet in enumerate(book.worksheets):
+            sheet.reset_dimensions()
+            head = [
+                (n, [_cell_text(v) for v in row])
+                for n, row in enumerate(sheet.iter_rows(max_row=HEAD_ROWS * 4, values_only=True))
+            ]
+            if _header_row(head, wanted) is not None:
+                naming.append((i, sheet.title))
+    finally:
+        book.close()
+    if not naming:
+        return 0
+    (index, title), more = naming[0], naming[1:]
+    if index:
+        log.info("%s: read worksheet %r, the first whose header names %r", path, title, wanted)
+    if more:
+        log.warning(
+            "%s: %d more worksheets (%s) have a column %r: only worksheet %r is read",
+            path,
+            len(more),
+            ", ".join(repr(t) for _, t in more),
+            wanted,
+            title,
+        )
+    return index
+
+
+def _xlsx_rows(path: Path, data_only: bool, sheet: int = 0) -> list[tuple]:
+    """The cells of each row of the workbook's worksheet ``sheet`` (openpyxl's read-only
+    cells); ``data_only``: formulas' saved values, else the formulas (``data_type`` ``"f"``)."""
+    book = _xlsx_book(path, data_only)
+    try:
+        ws = book.worksheets[sheet]
+        ws.reset_dimensions()  # read-only mode trusts the stored extent, often stale
+        return list(ws.iter_rows(min_row=1))
     finally:
         book.close()
 
@@ -193,7 +336,7 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     named in params but absent, a column read holding formulas without a saved value (.xlsx),
     an empty path, a path outside ``root`` or an unknown split.
     """
-    df = _raw(path)
+    df = _raw(path, _header(ing.path_column if named else "path"))
     out = pd.DataFrame(index=df.index)
     taken = {}  # role -> the sheet's column read for it
     for role, key in ROLES.items():
@@ -211,6 +354,9 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
     for role in (*ROLES, "split", "severity"):
         out[role] = df[taken[role]] if role in taken else ""
     _warn_errors(out[list(VALUES)])
+    if df.attrs.get("delimiter") == ";":  # a decimal-comma locale's CSV: 1,5 is 1.5
+        for role in ("label", "severity"):
+            out[role] = _decimal_commas(out[role])
     for role in VALUES:
         out[role] = _values(out[role], NUMBERED.get(role))
     out["path"] = _paths(path, out["path"], root)
@@ -275,23 +421,71 @@ def _outside(rel: str) -> bool:
 
 
 def _paths(path: Path, values: pd.Series, root: Path) -> list[str]:
-    """Each row's path made relative to ``root`` by :func:`relative`; one line for an empty
-    path or one outside the source."""
-    out = []
+    """Each row's path made relative to ``root`` by :func:`relative`, or, for a path rooted
+    at the dataset's own top folder, by :func:`rooted`; one line for an empty path or one
+    outside the source."""
+    out, anchored = [], 0
     for n, value in values.items():
         if not value:
             raise UserError(f"{path}: line {n}: empty path")
         rel = relative(root, value)
         if rel is None:
+            rel = rooted(root, value)
+            anchored += rel is not None
+        if rel is None:
             raise UserError(f"{path}: line {n}: path {value!r} is outside the source folder {root}")
         out.append(rel)
+    if anchored:
+        log.info(
+            "%s: %d paths start at the dataset's top folder (a leading / or \\, not a file on "
+            "this machine): read as the file under %s they end with",
+            path,
+            anchored,
+            root,
+        )
     return out
+
+
+def rooted(root: Path, value: str) -> str | None:
+    """A path written from the top of the dataset as its makers had it (OLIVES'
+    ``/TREX DME/GILA/0201GOD/V1/OD/1.tif``, DeepDRiD's
+    ``\\regular-fundus-training\\Images\\1\\1_l1.jpg``) as its longest tail naming a file
+    under ``root``; None when it is no such path, a file on this machine, holds ``..``, or no
+    tail of it is under ``root``."""
+    text = value.replace("\\", "/")
+    if not text.startswith("/") or os.path.lexists(text):
+        return None
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    for i in range(len(parts)):
+        tail = "/".join(parts[i:])
+        if os.path.lexists(os.path.join(root, tail)):
+            return tail
+    return None
+
+
+def _decimal_commas(column: pd.Series) -> pd.Series:
+    """A column of a ``;``-separated sheet whose cells are all numbers written with a decimal
+    comma (``1,5``, ``2,0``) or plain numbers, with a decimal point instead; else as it is."""
+    filled = [v for v in column if v and v.casefold() not in MISSING | ERRORS]
+    pointed = [v.replace(",", ".", 1) if v.count(",") == 1 else v for v in filled]
+    if not any("," in v for v in filled) or not all(map(_is_number, pointed)):
+        return column
+    return column.map(lambda v: v.replace(",", ".", 1) if _is_number(v.replace(",", ".", 1)) else v)
 
 
 def _check(path: Path, table: pd.DataFrame) -> None:
     for n, value in table["split"].items():
         if value and value.lower() not in SPLIT_ALIASES:
             raise UserError(f"{path}: line {n}: split {value!r} is not train, val or test")
+    for n, value in table["eye"].items():
+        if value and readers.normalise_eye(value) is None:
+            raise UserError(
+                f"{path}: line {n}: eye {value!r} is not R/L, OD/OS or right/left "
+                "(ingest.eye_column; a sheet coding eyes otherwise, such as 1/2, needs them "
+                "written out first)"
+            )
     for n, value in table["severity"].items():
         if value and not _is_number(value):
             raise UserError(f"{path}: line {n}: severity {value!r} is not a number")
@@ -351,25 +545,37 @@ class FileIndex:
         self.root = root
         self.files: set[str] = set()
         self._by_key: dict[str, set[str]] = defaultdict(set)
+        self._by_folded: dict[str, set[str]] = defaultdict(set)  # the keys case-folded
         for rel in files:
             self.files.add(rel)
             name = posixpath.basename(rel)
             for key in (rel, posixpath.splitext(rel)[0], name, posixpath.splitext(name)[0]):
                 self._by_key[key].add(rel)
+                self._by_folded[key.casefold()].add(rel)
 
     def find(self, value: str) -> list[str]:
         """The files ``value`` may mean (sorted): itself when it exists (a folder, other
         non-image or link to a missing file then is quarantined with its reason), else every
-        image file whose path, name or stem it is."""
+        image file whose path, name or stem it is; failing that, every one whose path, name
+        or stem it is without regard to case (sheets made on Windows or macOS, whose file
+        systems ignore case: ``IM002385.jpg`` for ``IM002385.JPG``); failing that, for an
+        integral float (``12.0``: an ID column a program read as floats), the integer's."""
         if value in self.files or os.path.lexists(os.path.join(self.root, value)):
             return [value]
-        return sorted(self._by_key.get(value, ()))
+        hits = self._by_key.get(value) or self._by_folded.get(value.casefold())
+        if not hits and INTEGRAL_FLOAT.fullmatch(value):
+            return self.find(value.split(".")[0])
+        return sorted(hits or ())
 
     def other_suffix(self, value: str) -> bool:
         """Whether a file of ``value``'s stem exists with another suffix (``a.png`` listed,
         ``a.jpg`` on disk)."""
         stem, suffix = posixpath.splitext(value)
-        return bool(suffix) and bool(self._by_key.get(stem))
+        return bool(suffix) and bool(self._by_folded.get(stem.casefold()))
+
+
+# a file ID written as a float by a program that read the column as numbers (``12.0``)
+INTEGRAL_FLOAT = re.compile(r"[0-9]+\.0+")
 
 
 @dataclass(frozen=True)

@@ -613,3 +613,164 @@ def test_xlsx_typed_cells_read_as_a_csv_export_writes_them(tmp_path, case):
     params = load_params(write_params(tmp_path, ingest={"source": str(tmp_path / "src")}))
     table = labels.read_sheet(sheet, params.ingest, tmp_path / "src")
     assert list(table["label"]) == want
+
+
+# One sheet (images a, b, c graded 0, 1, 2; accented class names) as each program saves it:
+# (file name, bytes, path column, label column); every one reads alike.
+_ROWS = [("a.png", "0", "Sain"), ("b.png", "1", "Rétinopathie"), ("c.png", "2", "Rétinopathie")]
+SAVED = {
+    # Excel "CSV" in a decimal-comma locale: cp1252, ';', CRLF, grades as "1,0"
+    "excel_csv_semicolon.csv": (
+        "".join(f"{p};{g},0;{c};0,{g}\r\n" for p, g, c in _ROWS),
+        "image;grade;diagnostic;severity\r\n",
+        "cp1252",
+    ),
+    # Excel "Unicode text": UTF-16 with its BOM, tab-separated, .txt
+    "excel_unicode_text.txt": (
+        "".join(f"{p}\t{g}\t{c}\r\n" for p, g, c in _ROWS),
+        "image\tgrade\tdiagnostic\r\n",
+        "utf-16",
+    ),
+    # a plain comma CSV saved in Latin-1 by an older tool
+    "latin1.csv": (
+        "".join(f"{p},{g},{c}\n" for p, g, c in _ROWS),
+        "image,grade,diagnostic\n",
+        "latin-1",
+    ),
+    # pipes, UTF-8 without BOM, a title line above the header
+    "title_line_pipes.csv": (
+        "".join(f"{p}|{g}|{c}\n" for p, g, c in _ROWS),
+        "Grading of the first batch\n\nimage|grade|diagnostic\n",
+        "utf-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+@pytest.mark.parametrize("label", ["grade", "diagnostic"])
+def test_sheets_as_spreadsheet_programs_save_them_read_alike(tmp_path, name, label):
+    """Before: each was refused (UnicodeDecodeError, or one column named 'image;grade;...'
+    and 'line 2: 3 values, but the header names 1')."""
+    _images(tmp_path / "src")
+    body, header, codec = SAVED[name]
+    sheet = tmp_path / name
+    sheet.write_bytes((header + body).encode(codec))
+    rc, paths = _ingest(tmp_path, sheet, path_column="image", label_column=label)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    column = 1 if label == "grade" else 2
+    assert dict(zip(m["source"], m["label"], strict=True)) == {r[0]: r[column] for r in _ROWS}
+
+
+def test_decimal_comma_severities_of_a_semicolon_sheet_are_numbers(tmp_path):
+    """Before: 'severity '0,25' is not a number'."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path;label;severity\na.png;x;0,25\nb.png;x;1\nc.png;x;\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    severity = pd.read_parquet(paths.manifest).set_index("source")["severity"]
+    assert (severity["a.png"], severity["b.png"]) == (0.25, 1.0) and pd.isna(severity["c.png"])
+
+
+def test_the_worksheet_and_header_row_naming_the_path_column_are_read(tmp_path, caplog):
+    """A workbook opening on a read-me sheet, its labels under a title row and merged group
+    headings (PAPILA's two header rows). Before: 'no column ...' / 'N values, but the header
+    names M'."""
+    caplog.set_level(logging.INFO)
+    _images(tmp_path / "src")
+    book = openpyxl.Workbook()
+    book.active.title = "Read me"
+    book.active.append(["This workbook holds the grades of the study."])
+    ws = book.create_sheet("Grades")
+    ws.append(["Clinical data", None, "Refraction", None])
+    ws.merge_cells("A1:B1")
+    ws.merge_cells("C1:D1")
+    ws.append(["Image", "Diagnosis", "dioptre_1", "dioptre_2"])
+    for k, name in enumerate(NAMES):
+        ws.append([f"{name}.png", k, -0.5, 1.25])
+    sheet = tmp_path / "grades.xlsx"
+    book.save(sheet)
+    rc, paths = _ingest(tmp_path, sheet, path_column="image", label_column="diagnosis")
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        "a.png": "0",
+        "b.png": "1",
+        "c.png": "2",
+    }
+    assert "read worksheet 'Grades'" in caplog.text
+    assert "the header naming 'image' is on line 2" in caplog.text
+
+
+@pytest.mark.parametrize("cell", ["1", "2", "both", "OU"])
+def test_eye_cells_not_naming_right_or_left_are_a_one_line_error(tmp_path, capsys, cell):
+    """BRSET's exam_eye is 1/2: before, every eye was silently read as unknown."""
+    _images(tmp_path / "src")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text(f"path,label,eye\na.png,0,R\nb.png,1,{cell}\nc.png,2,L\n")
+    rc, _ = _ingest(tmp_path, sheet)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith(
+        f"retina-vae ingest: error: {sheet}: line 3: eye {cell!r} is not R/L, OD/OS or right/left"
+    )
+
+
+def test_sheet_names_match_files_without_regard_to_case_or_float_ids(tmp_path, capsys):
+    """Messidor's sheet lists IM002385.jpg for IM002385.JPG; a pandas export of a numeric ID
+    column writes 1.0 for image 1. Before: all 'listed but missing', the files 'unlisted'."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(["IM002385.JPG", "Photo_B.png", "1.png"]):
+        Image.fromarray(gradient(40, 48, seed=k)).save(src / name)
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\nim002385.jpg,0\nphoto_b,1\n1.0,2\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        "IM002385.JPG": "0",
+        "Photo_B.png": "1",
+        "1.png": "2",
+    }
+    # two files that differ only in case: a name matching both in that way is ambiguous
+    Image.fromarray(gradient(40, 48, seed=7)).save(src / "photo_b.jpg")
+    sheet.write_text("path,label\nPHOTO_B,1\n")
+    assert _ingest(tmp_path, sheet)[0] == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("line 2: 'PHOTO_B' matches 2 files; give its suffix or folder")
+    )
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "/TREX DME/GILA/0201GOD/V1/OD/{name}",  # OLIVES: from the dataset's top folder
+        "\\download\\src\\TREX DME\\GILA\\0201GOD\\V1\\OD\\{name}",  # DeepDRiD: with Windows \
+    ],
+)
+def test_paths_written_from_the_dataset_top_folder_find_their_files(tmp_path, capsys, written):
+    """Before: 'line 2: path '/TREX DME/...' is outside the source folder'."""
+    folder = tmp_path / "src" / "TREX DME" / "GILA" / "0201GOD" / "V1" / "OD"
+    _images(folder)
+    sheet = tmp_path / "labels.csv"
+    rows = "".join(f'"{written.format(name=n)}.png",{k}\n' for k, n in enumerate(NAMES))
+    sheet.write_text("path,label\n" + rows)
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    top = "TREX DME/GILA/0201GOD/V1/OD/"
+    assert dict(zip(m["source"], m["label"], strict=True)) == {
+        f"{top}a.png": "0",
+        f"{top}b.png": "1",
+        f"{top}c.png": "2",
+    }
+    # a file that is there at that absolute path, outside the source, is still refused
+    outside = tmp_path / "a.png"
+    Image.fromarray(gradient(40, 48, seed=5)).save(outside)
+    sheet.write_text(f"path,label\n{outside},0\n")
+    assert _ingest(tmp_path, sheet)[0] == 1
+    assert "is outside the source folder" in capsys.readouterr().err.strip().splitlines()[-1]

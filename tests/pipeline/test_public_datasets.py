@@ -179,6 +179,83 @@ def kermany(root: Path) -> Truth:
     return truth
 
 
+def ddr(root: Path) -> Truth:
+    truth, k = {}, 0
+    for folder in ("train", "valid", "test"):
+        lines = []
+        for grade in ("0", "2", "5", "4"):  # 5: ungradable
+            name = f"007-{k:04d}-000.jpg"
+            _image(root / "DR_grading" / folder / name, k)
+            truth[f"{folder}/{name}"] = (None if grade == "5" else grade, f"own:{name}")
+            lines.append(f"{name} {grade}")
+            k += 1
+        (root / "DR_grading" / f"{folder}.txt").write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def airogs(root: Path) -> Truth:
+    truth, rows = {}, ["challenge_id,class"]
+    for k in range(6):
+        name, label = f"TRAIN{k:06d}", ("RG", "NRG")[k % 2]
+        _image(root / str(k // 3) / f"{name}.jpg", k)
+        truth[f"{k // 3}/{name}.jpg"] = (label, f"own:{name}")
+        rows.append(f"{name},{label}")
+    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+BRSET_COLUMNS = (
+    "image_id,patient_id,camera,patient_age,comorbidities,diabetes_time_y,insuline,"
+    "patient_sex,exam_eye,diabetes,nationality,optic_disc,vessels,macula,DR_SDRG,DR_ICDR,"
+    "focus,iluminaton,image_field,artifacts,quality"
+)
+
+
+def brset(root: Path) -> Truth:
+    truth, rows = {}, [BRSET_COLUMNS]
+    for k in range(6):
+        name, patient, grade = f"img{k + 1:05d}", str(k // 2 + 1), str(k % 5)
+        _image(root / "fundus_photos" / f"{name}.jpg", k)
+        truth[f"{name}.jpg"] = (grade, patient)
+        rows.append(
+            f"{name},{patient},Canon CR,{48 + k}.0,diabetes1,10,no,{k % 2 + 1},{k % 2 + 1},"
+            f"yes,Brazil,1,1,1,{grade},{grade},1,1,1,1,Adequate"
+        )
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+def g1020(root: Path) -> Truth:
+    truth, rows = {}, ["imageID,binaryLabels"]
+    for k in range(6):
+        name, label = f"image_{k}.jpg", str(int(k in (1, 4)))
+        _image(root / "Images" / name, k)
+        (root / "Images" / f"image_{k}.json").write_text('{"shapes": []}')
+        truth[name] = (label, f"own:{name}")
+        rows.append(f"{name},{label}")
+    (root / "G1020.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+def fives(root: Path) -> Truth:
+    truth, classes = {}, {"A": "AMD", "D": "DR", "G": "glaucoma", "N": "normal"}
+    for k, letter in enumerate("AADDGN"):
+        name = f"{k + 1}_{letter}.png"
+        _image(root / "train" / "Original" / name, k)
+        _image(root / "train" / "Ground truth" / name, 50 + k, grey=True)  # a vessel mask
+        truth[name] = (classes[letter], f"own:{name}")
+    return truth
+
+
+def jsiec(root: Path) -> Truth:
+    truth = {}
+    for k, folder in enumerate(["0.0.Normal", "0.0.Normal", "0.3.DR1", "1.0.DR2", "29.0.Blur"]):
+        name = f"{folder}/{k:03d}.jpg"
+        _image(root / "1000images" / name, k)
+        truth[name] = (folder, f"own:{name}")
+    return truth
+
+
 CASES: list[tuple[str, int, Callable[[Path], Truth]]] = [
     ("EyePACS (Kaggle Diabetic Retinopathy Detection)", 0, eyepacs),
     ("APTOS 2019 Blindness Detection", 0, aptos),
@@ -189,6 +266,12 @@ CASES: list[tuple[str, int, Callable[[Path], Truth]]] = [
     ("DeepDRiD and RetinaMNIST", 0, deepdrid),
     ("DeepDRiD and RetinaMNIST", 1, retinamnist),
     ("Kermany OCT2017", 0, kermany),
+    ("DDR (OIA-DDR, DR grading)", 0, ddr),
+    ("AIROGS (Rotterdam EyePACS AIROGS)", 0, airogs),
+    ("BRSET (Brazilian Multilabel Ophthalmological Dataset)", 0, brset),
+    ("G1020", 0, g1020),
+    ("FIVES", 0, fives),
+    ("JSIEC (1000 fundus images, 39 classes)", 0, jsiec),
 ]
 
 
