@@ -242,14 +242,18 @@ def report_splits(title: str, results: list[dict], split: str) -> None:
     latent wins. The paired difference cancels what a split's images make easy or hard."""
     j = results[0]["raw"]["model"]["latent_dim"]
     pca = f"pixel PCA ({j}-d)"
+    figures = "5-fold probe over train + val" if split == "val" else "test probe"
     print(f"\n{title}: {split} split over {len(results)} subject splits (preprocess.seed), "
-          f"training seeds {[r['seed'] for r in results[0]['runs']]}")  # fmt: skip
+          f"training seeds {[r['seed'] for r in results[0]['runs']]}, {figures}")  # fmt: skip
     heads = ("VAE acc", "PCA acc", "diff", "VAE AUC", "PCA AUC", "diff")
     print(f"  {'preprocess.seed':<16}{'images':>8}" + "".join(f"{h:>16}" for h in heads))
     rows = []
+    # val: the 5-fold figures over train + val, the ones a choice is made on (val alone is a
+    # few dozen images); test: the test split's own
+    keys = PROBE_KEYS[2:] if split == "val" else PROBE_KEYS[:2]
     for r in results:
-        vae = [statistics.mean(run[k] for run in r["runs"]) for k in PROBE_KEYS[:2]]
-        base = [r["baselines"][pca][k] for k in PROBE_KEYS[:2]]
+        vae = [statistics.mean(run[k] for run in r["runs"]) for k in keys]
+        base = [r["baselines"][pca][k] for k in keys]
         rows.append((vae[0], base[0], vae[0] - base[0], vae[1], base[1], vae[1] - base[1]))
         size = len(
             pd.read_parquet(processed.table_path(Path(r["raw"]["paths"]["processed"]), split))

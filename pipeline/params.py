@@ -28,6 +28,23 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 REDACTED = "<redacted>"
 # Keys whose value is a secret: shown as REDACTED in every error message, log line and MLflow.
 SECRETS = frozenset({"ingest.salt"})
+# Secrets inside a URI (a tracking server's or database's address, an object store's): the
+# password of its user info (postgresql://user:PASSWORD@host/db, http://user:PASSWORD@host)
+# and the value of a query parameter named like a credential (?access_key=..., ?token=...).
+_URI_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/?#@:\s]*):[^/?#\s]*@")
+_URI_SECRET_QUERY = re.compile(
+    r"(?i)([?&;][^=&;#\s]*(?:pass|secret|token|key|sig|credential|auth)[^=&;#\s]*=)"
+    r"""[^&;#\s)'"<>]*"""  # the value, up to the next parameter or a closing bracket
+)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with every URI's password and credential-named query values replaced by
+    REDACTED (``postgresql://alice:pw@db/mlflow`` -> ``postgresql://alice:<redacted>@db/mlflow``);
+    the user name, host, path and other parameters stay, so the address can still be told apart.
+    Text without such secrets is returned unchanged."""
+    text = _URI_PASSWORD.sub(rf"\1:{REDACTED}@", text)
+    return _URI_SECRET_QUERY.sub(rf"\1{REDACTED}", text)
 
 
 class ParamsError(UserError):
@@ -208,13 +225,17 @@ class Params:
         """All params as ``{"group.key": value}`` (for MLflow and hashing).
 
         Secrets are redacted: the pseudonymisation key (``ingest.salt``) would let anyone who
-        can read the MLflow run re-link subject ids to guessed patient IDs.
+        can read the MLflow run re-link subject ids to guessed patient IDs, and the password or
+        token inside any URI (:func:`redact_uri`: a tracking store's or object store's address).
         """
         flat = {
             f"{group}.{key}": value
             for group, values in asdict(self).items()
             for key, value in values.items()
         }
+        for key, value in flat.items():
+            if isinstance(value, str):
+                flat[key] = redact_uri(value)
         for key in SECRETS:
             if flat[key] is not None:
                 flat[key] = REDACTED

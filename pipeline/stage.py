@@ -13,14 +13,33 @@ import pyarrow as pa
 
 from pipeline.errors import UserError
 from pipeline.io import remove_stale_temporaries
-from pipeline.params import Params, load_params
+from pipeline.params import Params, load_params, redact_uri
 
 log = logging.getLogger("retina_vae")
 
 
+def _redacted(record: logging.LogRecord) -> bool:
+    """A handler filter: the record's message with every URI's password or token redacted
+    (:func:`pipeline.params.redact_uri`), whichever logger wrote it (MLflow's own too)."""
+    message = record.getMessage()
+    safe = redact_uri(message)
+    if safe != message:
+        record.msg, record.args = safe, None
+    return True
+
+
+def redact_logs() -> None:
+    """Redact URI secrets in every line the root logger's handlers write (idempotent); also
+    called on the Ray worker that logs a run's epochs, whose handlers Ray set up."""
+    for handler in logging.getLogger().handlers:
+        if _redacted not in handler.filters:
+            handler.addFilter(_redacted)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Plain ``name: message`` lines on stderr; quiet third-party loggers."""
+    """Plain ``name: message`` lines on stderr, URI secrets redacted; quiet third-party loggers."""
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    redact_logs()
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -57,7 +76,7 @@ def run_stage(
             _remove_stale_temporaries(params)
         body(params, args)  # type: ignore[arg-type]
     except UserError as exc:
-        print(f"retina-vae {name}: error: {exc}", file=sys.stderr)
+        print(f"retina-vae {name}: error: {redact_uri(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"retina-vae {name}: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -86,6 +87,12 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def without_user(uri: str) -> str:
+    """``uri`` without its user info (``http://alice:pw@host:5000`` -> ``http://host:5000``)."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def probe(uri: str, timeout: float = 5.0) -> str | None:
     """None when the tracking store at ``uri`` answers, else why not (one line).
 
@@ -93,13 +100,22 @@ def probe(uri: str, timeout: float = 5.0) -> str | None:
     client retries for minutes before it gives up); other stores (a sqlite file, a folder) are
     opened when used and not probed. Runs in the driver and, as a Ray task, on every node.
     """
+    import base64
     import urllib.error
     import urllib.request
+    from urllib.parse import unquote
 
     if not uri.startswith(("http://", "https://")):
         return None
+    # user info in the URI (http://user:password@host, which MLflow's client sends as HTTP
+    # basic auth) goes in a header: urllib would take it for part of the host name
+    parts = urlsplit(uri)
+    request = urllib.request.Request(without_user(uri).rstrip("/") + "/health")
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as answer:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             return None if answer.status == 200 else f"/health answered HTTP {answer.status}"
     except urllib.error.HTTPError as exc:
         return f"/health answered HTTP {exc.code}"
@@ -405,6 +421,9 @@ class EpochLogger:
         self.outbox = Outbox(uri, run_id, outbox)
 
     def __call__(self, epoch: int, row: dict[str, float], model: Any) -> None:
+        from pipeline.stage import redact_logs  # here: this runs on rank 0's Ray worker
+
+        redact_logs()  # an outage's reason quotes the URI, password and all
         log.info(progress_line(epoch, self.epochs, row))
         # the first epoch too: MLflow's image cards open at the first step logged
         due = epoch == 0 or (epoch + 1) % self.image_every == 0 or epoch + 1 == self.epochs
@@ -644,7 +663,8 @@ def run_url(uri: str, run_id: str, base: str | None = None) -> str:
     experiment = client(uri).get_run(run_id).info.experiment_id
     if base is None:
         web = uri.startswith(("http://", "https://"))
-        base = uri.rstrip("/") if web else "http://127.0.0.1:5000"
+        # a link to click and share: without the user name and password a URI may hold
+        base = without_user(uri).rstrip("/") if web else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 

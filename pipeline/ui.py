@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.params import Params
+from pipeline.params import Params, redact_uri
 from pipeline.stage import run_stage
 
 START_TIMEOUT_S = 180.0  # seconds; a first start migrates the store, slow on a busy machine
@@ -86,12 +86,12 @@ def _body(params: Params, args: argparse.Namespace) -> None:
     uri = tracking.resolve_tracking_uri(params.tracking)
     if uri.startswith(("http://", "https://")):
         run = tracking.newest_run(uri, params.tracking.experiment)
-        print(f"MLflow at {uri}: {_link(uri, run)}", flush=True)
+        print(f"MLflow at {redact_uri(uri)}: {_link(uri, run)}", flush=True)
         return
     base = f"http://{args.host}:{args.port}"
     # SIGTERM (`kill PID`, a service manager) stops the server as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"starting mlflow server on {uri} at {base} ...", flush=True)
+    print(f"starting mlflow server on {redact_uri(uri)} at {base} ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         server = None
         try:
@@ -111,7 +111,7 @@ def _body(params: Params, args: argparse.Namespace) -> None:
 
 def _link(uri: str, run: tuple[str, str] | None, base: str | None = None) -> str:
     if run is None:
-        return f"{base or uri} (no run yet: run `make repro` first)"
+        return f"{base or redact_uri(uri)} (no run yet: run `make repro` first)"
     run_id, name = run
     return f"newest run {name!r}: {tracking.run_url(uri, run_id, base)}"
 

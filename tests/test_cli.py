@@ -42,3 +42,22 @@ def test_command_help_is_plain_text_and_a_whole_sentence(capsys, name):
     summary = " ".join(lines[1].split())  # the description paragraph after the usage
     assert "``" not in summary and not summary.startswith(("retina-vae", "Stage"))
     assert summary.endswith("."), summary
+
+
+LIBRARY_LINE = """
+import logging
+from pipeline.stage import setup_logging
+setup_logging()
+logging.getLogger("mlflow.store").warning("no answer from %s (%s)",
+    "http://alice:s3cret@mlflow.lab:5000", "postgresql://bob:pw2@db/mlflow?token=t0k")
+"""
+
+
+def test_a_library_log_line_never_shows_a_uri_password():
+    """A stage's log handlers redact a password or token in any line, a library's too."""
+    result = subprocess.run([sys.executable, "-c", LIBRARY_LINE], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stderr.strip() == (
+        "mlflow.store: no answer from http://alice:<redacted>@mlflow.lab:5000 "
+        "(postgresql://bob:<redacted>@db/mlflow?token=<redacted>)"
+    )

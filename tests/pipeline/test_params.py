@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import ParamsError, load_params, redact_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,6 +93,33 @@ def test_flat_redacts_the_pseudonymisation_salt(tmp_path):
     params = load_params(_write(tmp_path, {"ingest": {"salt": "s3cret-key"}}))
     assert params.ingest.salt == "s3cret-key"  # the stage still uses it
     assert "s3cret-key" not in map(str, params.flat().values())
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("postgresql://alice:s3cret@db.lab:5432/mlflow", "postgresql://alice:<redacted>@db.lab:5432/mlflow"),
+        ("mysql+pymysql://u:s3cret@db/mlflow", "mysql+pymysql://u:<redacted>@db/mlflow"),
+        ("http://bob:s3cr@t@mlflow.lab:5000", "http://bob:<redacted>@mlflow.lab:5000"),  # raw @
+        ("https://mlflow.lab/?token=s3cret&x=1", "https://mlflow.lab/?token=<redacted>&x=1"),
+        ("s3://b/ckpt?access_key=AK&secret_key=s3cret&region=eu",
+         "s3://b/ckpt?access_key=<redacted>&secret_key=<redacted>&region=eu"),
+        ("no http://u:s3cret@h/x and http://h2:80/", "no http://u:<redacted>@h/x and http://h2:80/"),
+        ("http://bob@mlflow.lab:5000/a@b", "http://bob@mlflow.lab:5000/a@b"),  # no password
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("ray://10.0.0.1:10001", "ray://10.0.0.1:10001"),
+        ("data/processed", "data/processed"),
+    ],
+)  # fmt: skip
+def test_redact_uri_hides_passwords_and_tokens_only(uri, expected):
+    assert redact_uri(uri) == expected
+
+
+def test_flat_redacts_the_password_of_a_tracking_uri(tmp_path):
+    uri = "postgresql://alice:s3cret@db.lab:5432/mlflow"
+    params = load_params(_write(tmp_path, {"tracking": {"uri": uri}}))
+    assert params.tracking.uri == uri  # the stage still connects with it
+    assert params.flat()["tracking.uri"] == "postgresql://alice:<redacted>@db.lab:5432/mlflow"
 
 
 @pytest.mark.parametrize("salt", [982451653, 3.14159, ["s3cret", "key"], True])

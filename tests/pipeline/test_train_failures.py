@@ -260,9 +260,16 @@ def test_tracking_server_down_at_start_is_one_line_and_deletes_nothing(
 def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
     processed, params_file, tmp_path, mlflow_server
 ):
+    """The stage is given the server's address with a user and password, as an
+    authenticated server is reached (MLflow sends them as HTTP basic auth; this server
+    ignores them): they work, and the password is in no line printed, from the driver or
+    from rank 0's Ray worker, and not in the run's params."""
     uri = mlflow_server()
+    with_password = uri.replace("http://", "http://alice:s3cret@")
+    shown = uri.replace("http://", "http://alice:<redacted>@")
     path = params_file(
-        train={"epochs": 3, "image_every": 1, "max_failures": 0}, tracking={"uri": uri}
+        train={"epochs": 3, "image_every": 1, "max_failures": 0},
+        tracking={"uri": with_password},
     )
     stage = _start_stage(path, uuid.uuid4().hex)
     client = MlflowClient(uri)
@@ -277,13 +284,15 @@ def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
     _wait(first_epoch_logged, 900, "epoch 1's metrics on the server")
     (run,) = _runs(path)
     mlflow_server.stop()  # stays down until training has ended
-    _, err = stage.communicate(timeout=900)
+    out, err = stage.communicate(timeout=900)
 
     # max_failures is 0: had a logging error killed rank 0, training would have failed
     assert stage.returncode == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("retina-vae train: error: training finished and ")
-    assert f"the tracking server {uri} is unreachable" in last
+    assert f"the tracking server {shown} is unreachable" in last
+    assert f"tracking server {shown} unreachable (" in err  # rank 0's line, from its worker
+    assert "s3cret" not in out + err
     assert Path(load_params(path).paths.model).exists()
     assert err.count("unreachable (") == 1  # one line for the outage, however many epochs
     assert "Traceback" not in err
@@ -294,6 +303,7 @@ def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
     took = time.monotonic() - started
     (done,) = _runs(path)
     assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
+    assert done.data.params["tracking.uri"] == shown
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/kl")] == [0, 1, 2]
     assert _grid_steps(_images(path, run.info.run_id), "reconstructions") == [0, 1, 2]
     print(f"MEASURED server down for epochs 2-3: 0 restarts, 0 steps lost; re-run {took:.0f} s")
