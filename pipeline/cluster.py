@@ -18,12 +18,21 @@ from pipeline.params import Params
 from pipeline.ray_address import SEE
 from vae_core import distributed
 
+# MLflow's own credential variables: its client on rank 0 reads them as the driver's does
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
 
 def worker_env(params: Params, uri: str) -> dict[str, str]:
-    """The variables every Ray worker gets: the MLflow tracking URI, ``cluster.worker_env``
-    (plain values) and the driver's own values of the names in ``cluster.forward_env``
-    (credentials: never written to params or MLflow). Raises UserError for an unset name."""
+    """The variables every Ray worker gets: the MLflow tracking URI and the driver's
+    :data:`MLFLOW_CREDENTIALS`, ``cluster.worker_env`` (plain values) and the driver's own
+    values of the names in ``cluster.forward_env`` (credentials: never written to params or
+    MLflow). Raises UserError for an unset name."""
     env = {"MLFLOW_TRACKING_URI": uri, **params.cluster.worker_env}
+    env.update({k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ})
     for name in params.cluster.forward_env:
         if name not in os.environ:
             raise UserError(f"cluster.forward_env: {name} is not set in this environment")

@@ -505,7 +505,8 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     training pixels as they come (never all held at once), or None.
     """
     if not root.is_dir():
-        raise UserError(f"{root}: source folder not found (ingest.source)")
+        what = "not a folder or an .npz file" if root.exists() else "source folder not found"
+        raise UserError(f"{root}: {what} (ingest.source)")
     entries, counts, refused = _folder_entries(params, root)
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
@@ -723,7 +724,15 @@ def ingest(params: Params) -> dict:
     """Run the stage: write manifest, quarantine, duplicates and report (all of them, also when
     the stage then refuses the result); return the report."""
     root, p = source_root(params), params.paths
-    scan, cache = _scan(params, root, deid.resolve_salt(params.ingest.salt))
+    salt = deid.resolve_salt(params.ingest.salt)
+    if deid.is_builtin(salt) and params.ingest.source != "demo":
+        log.warning(
+            "subject_id is keyed with the built-in salt, which anyone with this code can use to "
+            "re-identify patients by trying IDs: for real data set %s (or ingest.salt) to a "
+            "secret",
+            deid.SALT_ENV,
+        )
+    scan, cache = _scan(params, root, salt)
     scan.found.seal()
     dups = scan.found.duplicates
     _warn_conflicts([d for d in dups if d["label"] != d["duplicate_of_label"]])

@@ -199,6 +199,19 @@ class TrackingParams:
     experiment: Annotated[str, Field(min_length=1)]
     register_model: Annotated[str, Field(min_length=1)] | None
 
+    @field_validator("uri")
+    @classmethod
+    def _no_secret(cls, value: str) -> str:
+        # DVC copies every param into dvc.lock, its run cache and each experiment's commit,
+        # where no redaction reaches: a credential goes in MLflow's own variables instead
+        if redact_uri(value) != value:
+            raise ValueError(
+                "holds a password or token, which DVC would copy into dvc.lock and every "
+                "experiment: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN), or the whole URI in MLFLOW_TRACKING_URI, instead"
+            )
+        return value
+
 
 @dataclass(frozen=True, config=_STRICT)
 class ClusterParams:
@@ -263,7 +276,7 @@ def _one_line(path: Path, group: str, exc: ValidationError) -> str:
         close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
         detail = "unknown key" + (f" (did you mean {group}.{close[0]}?)" if close else "")
     else:
-        got = REDACTED if key in SECRETS else repr(err.get("input"))
+        got = REDACTED if key in SECRETS else redact_uri(repr(err.get("input")))
         got = got if len(got) <= 60 else got[:57] + "..."
         detail = f"{err['msg'].removeprefix('Value error, ')} (got {got})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -84,7 +84,15 @@ def client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import
+    _quiet_links()
     return MlflowClient(tracking_uri=uri)
+
+
+def _quiet_links() -> None:
+    """Stop MLflow printing "View run ... at: URL" when a run ends: its URL is the tracking
+    URI as given, user and password included; the stages print their own link
+    (:func:`run_url`, without user info) to the model-training view instead."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def without_user(uri: str) -> str:
@@ -100,20 +108,14 @@ def probe(uri: str, timeout: float = 5.0) -> str | None:
     client retries for minutes before it gives up); other stores (a sqlite file, a folder) are
     opened when used and not probed. Runs in the driver and, as a Ray task, on every node.
     """
-    import base64
     import urllib.error
     import urllib.request
-    from urllib.parse import unquote
 
     if not uri.startswith(("http://", "https://")):
         return None
-    # user info in the URI (http://user:password@host, which MLflow's client sends as HTTP
-    # basic auth) goes in a header: urllib would take it for part of the host name
-    parts = urlsplit(uri)
     request = urllib.request.Request(without_user(uri).rstrip("/") + "/health")
-    if parts.username is not None:
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    if (header := _auth_header(uri)) is not None:
+        request.add_header("Authorization", header)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return None if answer.status == 200 else f"/health answered HTTP {answer.status}"
@@ -122,6 +124,27 @@ def probe(uri: str, timeout: float = 5.0) -> str | None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return str(getattr(reason, "strerror", None) or reason)
+
+
+def _auth_header(uri: str) -> str | None:
+    """The Authorization header MLflow's client sends to ``uri``: the URI's user info
+    (``http://user:password@host``) as basic auth, which requests puts over any other header
+    (urllib would take it for part of the host name); else, as mlflow.utils.rest_utils sets
+    it, MLFLOW_TRACKING_USERNAME and _PASSWORD (both set) as basic auth, else
+    MLFLOW_TRACKING_TOKEN as a bearer token."""
+    import base64
+    from urllib.parse import unquote
+
+    env, parts = os.environ, urlsplit(uri)
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    elif env.get("MLFLOW_TRACKING_USERNAME") and env.get("MLFLOW_TRACKING_PASSWORD"):
+        pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}"
+    elif env.get("MLFLOW_TRACKING_TOKEN"):
+        return "Bearer " + env["MLFLOW_TRACKING_TOKEN"]
+    else:
+        return None
+    return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
 def check_store(uri: str) -> None:
@@ -471,6 +494,7 @@ def using_uri(uri: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")
+    _quiet_links()
     try:
         with _use_tracking_uri(uri):
             yield

@@ -87,17 +87,26 @@ class OptimalGaussianLikelihood(nn.Module):
     few steps per epoch) it stays near its initial value while the error shrinks. sigma_c is
     treated as a constant in the gradient: at the maximiser dL/dsigma = 0, so the means'
     gradient is the same either way. Evaluation (model.eval(), or no grad) uses a fixed scale,
-    ``variance``, a running mean of the training batches' values (momentum ``MOMENTUM``), saved
-    with the model: the bound on held-out images is then one of a fixed density.
+    ``variance``, a running mean of the training batches' values saved with the model: the
+    bound on held-out images is then one of a fixed density. Batch t has weight
+    max(1/t, ``MOMENTUM``): the plain mean of the first 1/MOMENTUM batches, so a short training
+    (a few steps) does not leave the initial scale in it, then an exponential moving average
+    that follows the shrinking error.
     """
 
     params_per_channel = 1
     is_density = True
-    MOMENTUM = 0.1  # weight of each training batch in the running variance
+    MOMENTUM = 0.1  # the least weight of a training batch in the running variance
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("variance", torch.full((channels,), math.exp(2 * LOG_SCALE_INIT)))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # training batches
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # a model saved before ``updates`` existed: its running variance is taken as settled
+        state_dict.setdefault(prefix + "updates", torch.tensor(1 << 30))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         """x, params (N,C,H,W) -> (N,) log-density summed over pixels, in nats."""
@@ -117,7 +126,8 @@ class OptimalGaussianLikelihood(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         variance = sums[0] / sums[1]
-        self.variance.lerp_(variance, self.MOMENTUM)
+        self.updates += 1
+        self.variance.lerp_(variance, max(1.0 / self.updates.item(), self.MOMENTUM))
         return variance
 
     def mean(self, params: Tensor) -> Tensor:

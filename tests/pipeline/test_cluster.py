@@ -29,14 +29,19 @@ def test_unusable_address_is_one_line(address, says):
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
-def test_worker_env_has_the_uri_the_params_and_the_forwarded_values(params_file, monkeypatch):
+def test_worker_env_has_the_uri_credentials_params_and_forwarded_values(params_file, monkeypatch):
     path = params_file(
         cluster={"worker_env": {"GLOO_SOCKET_IFNAME": "eth1"}, "forward_env": ["S3_SECRET"]}
     )
     monkeypatch.setenv("S3_SECRET", "s3cr3t")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # MLflow's own, sent unnamed
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
     env = cluster.worker_env(load_params(path), "http://mlflow:5000")
     assert env == {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "pw",
         "GLOO_SOCKET_IFNAME": "eth1",
         "S3_SECRET": "s3cr3t",
     }

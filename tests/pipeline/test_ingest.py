@@ -48,8 +48,9 @@ def _kermany(root: Path) -> None:
         Image.fromarray(gradient(60, 70, seed=k)).save(path, quality=90)
 
 
-def test_kermany_folder(tmp_path, caplog):
+def test_kermany_folder(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    monkeypatch.delenv("RETINA_VAE_SALT", raising=False)
     src = tmp_path / "OCT2017"
     _kermany(src)
     (src / "train" / "README.md").write_text("not an image")
@@ -75,6 +76,7 @@ def test_kermany_folder(tmp_path, caplog):
     r = _report(paths)
     assert (r["found"], r["ingested"], r["skipped_sidecars"], r["subjects"]) == (5, 5, 1, 4)
     assert "found 5 = ingested 5 + quarantined 0 + duplicates 0" in caplog.text
+    assert "keyed with the built-in salt" in caplog.text  # real data, no secret salt: warned
     # rerun: same ids (stable pseudonyms)
     first = m[["image_id", "subject_id"]]
     assert _run(tmp_path, ingest={"source": str(src)})[0] == 0
@@ -211,6 +213,9 @@ def test_nothing_usable_is_a_one_line_error(tmp_path, capsys):
     assert pd.read_parquet(paths.manifest).empty and _report(paths)["quarantined"] == 1
     rc, _ = _run(tmp_path, ingest={"source": str(tmp_path / "nope")})
     assert rc == 1 and "source folder not found" in capsys.readouterr().err
+    rc, _ = _run(tmp_path, ingest={"source": str(src / "a.jpg")})  # one image, not a folder
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{src / 'a.jpg'}: not a folder or an .npz file (ingest.source)" in err
 
 
 def test_no_phi_in_any_output_or_log(tmp_path, capsys, caplog, monkeypatch):
@@ -234,6 +239,7 @@ def test_no_phi_in_any_output_or_log(tmp_path, capsys, caplog, monkeypatch):
     values = [v for v in PHI.values()] + ["Quartermaine", "Zebedee", "7781234", "1947"]
     for value in values:
         assert not any(value.encode() in t for t in texts), value
+    assert "built-in salt" not in caplog.text  # a secret salt is set
 
 
 def test_a_refused_ingest_writes_every_output_of_that_run(tmp_path, capsys):

@@ -115,11 +115,30 @@ def test_redact_uri_hides_passwords_and_tokens_only(uri, expected):
     assert redact_uri(uri) == expected
 
 
-def test_flat_redacts_the_password_of_a_tracking_uri(tmp_path):
-    uri = "postgresql://alice:s3cret@db.lab:5432/mlflow"
-    params = load_params(_write(tmp_path, {"tracking": {"uri": uri}}))
-    assert params.tracking.uri == uri  # the stage still connects with it
-    assert params.flat()["tracking.uri"] == "postgresql://alice:<redacted>@db.lab:5432/mlflow"
+@pytest.mark.parametrize(
+    "uri",
+    ["postgresql://alice:s3cret@db.lab:5432/mlflow", "https://mlflow.lab/?token=s3cret"],
+)
+def test_a_tracking_uri_holding_a_secret_is_refused_without_showing_it(tmp_path, uri):
+    """DVC copies params into dvc.lock and every experiment, where no redaction reaches: the
+    credential belongs in MLflow's variables, and the error says so without quoting it."""
+    with pytest.raises(ParamsError) as info:
+        load_params(_write(tmp_path, {"tracking": {"uri": uri}}))
+    message = str(info.value)
+    expected = f"{tmp_path / 'params.yaml'}: tracking.uri: holds a password or token"
+    assert message.startswith(expected)
+    assert "MLFLOW_TRACKING_PASSWORD" in message and "s3cret" not in message
+    assert redact_uri(uri)[:20] in message  # the address, told apart, redacted
+
+
+def test_flat_redacts_the_password_of_an_object_store_uri(tmp_path):
+    uri = "s3://bucket/ckpt?access_key=AK&secret_key=s3cret"
+    params = load_params(_write(tmp_path, {"paths": {"checkpoints": uri}}))
+    assert params.paths.checkpoints == uri  # the stage still connects with it
+    assert (
+        params.flat()["paths.checkpoints"]
+        == "s3://bucket/ckpt?access_key=<redacted>&secret_key=<redacted>"
+    )
 
 
 @pytest.mark.parametrize("salt", [982451653, 3.14159, ["s3cret", "key"], True])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
 import json
 import socket
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -24,6 +27,53 @@ SQLITE_REL = TrackingParams(uri="sqlite:///mlflow.db", experiment="e", register_
 def test_env_uri_wins(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert tracking.resolve_tracking_uri(SQLITE_REL) == "http://tracking:5000"
+
+
+@pytest.fixture
+def login_server():
+    """A real HTTP server whose /health answers 200 only to ``alice:pw`` in basic auth or the
+    bearer token ``t0k`` (as a tracking server behind a login does), 401 otherwise."""
+    allowed = {"Basic " + base64.b64encode(b"alice:pw").decode(), "Bearer t0k"}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler's name is http.server's)
+            ok = self.path == "/health" and self.headers.get("Authorization") in allowed
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+USER, PASSWORD, TOKEN = (f"MLFLOW_TRACKING_{k}" for k in ("USERNAME", "PASSWORD", "TOKEN"))
+REFUSED = "/health answered HTTP 401"
+
+
+@pytest.mark.parametrize(
+    "user_info, env, answer",
+    [
+        ("alice:pw@", {}, None),
+        ("alice:pw@", {"MLFLOW_TRACKING_TOKEN": "wrong"}, None),
+        ("alice:wrong@", {USER: "alice", PASSWORD: "pw"}, REFUSED),
+        ("", {USER: "alice", PASSWORD: "pw"}, None),
+        ("", {PASSWORD: "pw", TOKEN: "t0k"}, None),
+        ("", {USER: "alice", TOKEN: "wrong"}, REFUSED),
+        ("", {}, REFUSED),
+    ],
+)  # fmt: skip
+def test_probe_logs_in_as_mlflows_client_would(login_server, monkeypatch, user_info, env, answer):
+    """MLflow's client's order: the URI's user info (requests puts it over any header), else
+    its user and password variables (both), else its token variable (mlflow.utils.rest_utils)."""
+    for name in (USER, PASSWORD, TOKEN):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert tracking.probe(f"http://{user_info}{login_server}") == answer
 
 
 def test_relative_sqlite_is_at_the_repository_root(monkeypatch, tmp_path):

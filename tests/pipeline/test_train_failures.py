@@ -39,10 +39,12 @@ def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _start_stage(params: Path, mark: str, stage: str = "train") -> subprocess.Popen:
+def _start_stage(
+    params: Path, mark: str, stage: str = "train", env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """The stage as its own process group (a terminal's foreground job), its processes marked
-    with ``mark`` in their environment (Ray's processes inherit it)."""
-    env = {**os.environ, "RETINA_VAE_TEST_MARK": mark}
+    with ``mark`` in their environment (Ray's processes inherit it); ``env`` adds variables."""
+    env = {**os.environ, **(env or {}), "RETINA_VAE_TEST_MARK": mark}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", stage, "--params", str(params)],
         cwd=REPO,
@@ -258,19 +260,19 @@ def test_tracking_server_down_at_start_is_one_line_and_deletes_nothing(
 
 @pytest.mark.slow
 def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
-    processed, params_file, tmp_path, mlflow_server
+    processed, params_file, tmp_path, mlflow_server, monkeypatch, capsys
 ):
-    """The stage is given the server's address with a user and password, as an
-    authenticated server is reached (MLflow sends them as HTTP basic auth; this server
-    ignores them): they work, and the password is in no line printed, from the driver or
-    from rank 0's Ray worker, and not in the run's params."""
+    """The stage is given the server's address with a user and password in
+    MLFLOW_TRACKING_URI, as an authenticated server is reached (MLflow sends them as HTTP
+    basic auth; this server ignores them): they work, and the password is in no line printed
+    (the driver's, rank 0's Ray worker's, MLflow's own "View run" link) and no run param."""
     uri = mlflow_server()
     with_password = uri.replace("http://", "http://alice:s3cret@")
     shown = uri.replace("http://", "http://alice:<redacted>@")
     path = params_file(
-        train={"epochs": 3, "image_every": 1, "max_failures": 0},
-        tracking={"uri": with_password},
+        train={"epochs": 3, "image_every": 1, "max_failures": 0}, tracking={"uri": uri}
     )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", with_password)  # wins over tracking.uri
     stage = _start_stage(path, uuid.uuid4().hex)
     client = MlflowClient(uri)
 
@@ -299,11 +301,14 @@ def test_tracking_server_dying_mid_training_costs_no_restart_and_loses_nothing(
 
     mlflow_server()  # back: a re-run delivers what waited and finishes the run
     started = time.monotonic()
+    capsys.readouterr()
     assert train.main(["--params", str(path)]) == 0
     took = time.monotonic() - started
+    rerun = capsys.readouterr()
+    assert "s3cret" not in rerun.out + rerun.err
     (done,) = _runs(path)
     assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
-    assert done.data.params["tracking.uri"] == shown
+    assert not [v for v in done.data.params.values() if "s3cret" in v]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/kl")] == [0, 1, 2]
     assert _grid_steps(_images(path, run.info.run_id), "reconstructions") == [0, 1, 2]
     print(f"MEASURED server down for epochs 2-3: 0 restarts, 0 steps lost; re-run {took:.0f} s")

@@ -124,17 +124,27 @@ def test_optimal_scale_gives_the_means_the_gradient_of_the_profile_likelihood():
 
 
 def test_optimal_scale_evaluates_with_the_running_variance_of_training_batches():
+    """Batch t weighs max(1/t, 0.1) in the stored variance, checked against the plain means."""
     x, params = _image_and_params(2)
     lik = make_likelihood("gaussian_optimal", 3).double()
     start = lik.variance.clone()
     torch.testing.assert_close(start, torch.full((3,), 0.01, dtype=torch.float64))  # sigma 0.1
     lik.train()
-    lik.log_prob(x, params)
-    batch = (x - torch.sigmoid(params)).square().mean((0, 2, 3))
-    torch.testing.assert_close(lik.variance, 0.9 * start + 0.1 * batch)
-    assert "variance" in lik.state_dict()  # saved with the model
-    lik.eval()  # a held-out batch is scored with the stored scale, not its own error
     x2, params2 = _image_and_params(3)
+    pairs = [(x, params), (x2, params2)]
+    errors = [(a - torch.sigmoid(b)).square().mean((0, 2, 3)) for a, b in pairs]
+    lik.log_prob(x, params)
+    torch.testing.assert_close(lik.variance, errors[0])  # the first batch replaces the start
+    lik.log_prob(x2, params2)
+    torch.testing.assert_close(lik.variance, (errors[0] + errors[1]) / 2)  # their mean
+    for _ in range(8):  # batches 3..10: still the plain mean over every batch
+        lik.log_prob(x2, params2)
+    torch.testing.assert_close(lik.variance, (errors[0] + 9 * errors[1]) / 10)
+    before = lik.variance.clone()
+    lik.log_prob(x, params)  # batch 11: an exponential moving average, weight 0.1
+    torch.testing.assert_close(lik.variance, 0.9 * before + 0.1 * errors[0])
+    assert {"variance", "updates"} <= set(lik.state_dict())  # saved with the model
+    lik.eval()  # a held-out batch is scored with the stored scale, not its own error
     torch.testing.assert_close(
         lik.log_prob(x2, params2), _normal_log_prob(x2, params2, lik.variance.sqrt())
     )
@@ -146,6 +156,16 @@ def test_optimal_scale_evaluates_with_the_running_variance_of_training_batches()
         torch.testing.assert_close(
             lik.log_prob(x2, params2), _normal_log_prob(x2, params2, frozen.sqrt())
         )
+
+
+def test_optimal_scale_saved_before_the_batch_count_loads_as_settled():
+    x, params = _image_and_params()
+    old = {"variance": torch.full((3,), 0.04, dtype=torch.float64)}  # no "updates" key
+    lik = make_likelihood("gaussian_optimal", 3).double()
+    lik.load_state_dict(old)
+    lik.train().log_prob(x, params)  # the stored value is kept at weight 0.9
+    batch = (x - torch.sigmoid(params)).square().mean((0, 2, 3))
+    torch.testing.assert_close(lik.variance, 0.9 * 0.04 + 0.1 * batch)
 
 
 def _optimal_scale_rank(rank: int, rendezvous: str, out: str) -> None:
@@ -165,4 +185,4 @@ def test_optimal_scale_is_the_error_of_every_ranks_batch_together(tmp_path):
     x, params = _image_and_params()
     pooled = (x - torch.sigmoid(params)).square().mean((0, 2, 3))  # one process, all images
     for rank in (0, 1):
-        torch.testing.assert_close(torch.load(f"{out}.{rank}"), 0.9 * 0.01 + 0.1 * pooled)
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), pooled)
