@@ -384,12 +384,13 @@ def metadata_table(
     """Metadata attributes (:func:`pipeline.latent.metadata_attributes`) of every image, rows
     in the embeddings table's order (splits in SPLITS order).
 
-    The processed tables give eye and source folder; the original image size (and a device
-    column such as ``manufacturer``, when ingest records one) come from the ingest manifest
-    ``manifest``, joined on the pseudonymous ``image_id``, when the tables lack them.
+    The processed tables give the eye; the source path (for its first folder), the original
+    image size (and a device column such as ``manufacturer``, when ingest records one) come from
+    the ingest manifest ``manifest``, joined on the pseudonymous ``image_id``: the processed
+    tables carry no path, which may hold an identifier.
     """
     meta = pd.concat([data[s][1] for s in SPLITS], ignore_index=True)
-    meta = _with_manifest(meta, ["width", "height", *latent.DEVICE_COLUMNS], manifest)
+    meta = _with_manifest(meta, ["source", "width", "height", *latent.DEVICE_COLUMNS], manifest)
     return latent.metadata_attributes(meta)
 
 

@@ -363,12 +363,13 @@ def read_manifest(params: Params) -> pd.DataFrame:
         ) from None
     except ValueError:  # pyarrow: no Parquet magic bytes (empty, truncated, another format)
         raise UserError(f"{p.manifest}: not a Parquet manifest; re-run retina-vae ingest") from None
-    missing = [c for c in TABLE_COLUMNS if c not in names]
+    wanted = [*TABLE_COLUMNS, "source"]  # the source path to decode from; not written out
+    missing = [c for c in wanted if c not in names]
     if missing:
         raise UserError(
             f"{p.manifest}: manifest lacks column(s) {', '.join(missing)}; re-run retina-vae ingest"
         )
-    df = pd.read_parquet(p.manifest, columns=TABLE_COLUMNS)  # the content hashes were ~30%
+    df = pd.read_parquet(p.manifest, columns=wanted)  # the content hashes were ~30%
     if df.empty:
         raise UserError(f"{p.manifest}: manifest has no images")
     if df["subject_id"].isna().any():  # the split is per subject: every row needs one

@@ -24,7 +24,9 @@ import numpy as np
 
 SPLITS = ("train", "val", "test")
 CHANNELS = {"oct": 1, "fundus": 3}  # channels of each modality's images: grey, or RGB
-TABLE_COLUMNS = ["image_id", "label", "subject_id", "eye", "modality", "split", "source", "frame"]
+# no source path: a file or folder name may carry a patient identifier (an MRN, a scan date), and
+# these tables travel with the de-identified arrays; ingest's manifest keeps the link to the files
+TABLE_COLUMNS = ["image_id", "label", "subject_id", "eye", "modality", "split", "frame"]
 
 
 def images_file(processed: str | Path, split: str) -> Path:

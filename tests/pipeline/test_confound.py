@@ -172,8 +172,9 @@ def _stage_setup(root: Path) -> Path:
         meta = meta.assign(split=split, subject_id=[f"SUBJ-{split}-{i:04d}" for i in range(n)])
         meta["image_id"] = meta["image_id"].str.replace("img-", f"img-{split}-")
         np.save(processed / f"{split}_images.npy", images)
-        meta.to_parquet(processed / f"{split}.parquet", index=False)
-        # the original sizes live in the manifest only; camera B's photos are larger
+        # as preprocess writes them: the source paths (and the original sizes; camera B's
+        # photos are larger) live in the manifest only
+        meta.drop(columns="source").to_parquet(processed / f"{split}.parquet", index=False)
         big = meta["source"].str.startswith("siteB")
         manifest.append(meta.assign(width=np.where(big, 3000, 2000), height=2000))
     pd.concat(manifest).to_parquet(root / "manifest.parquet", index=False)

@@ -242,6 +242,32 @@ def test_no_phi_in_any_output_or_log(tmp_path, capsys, caplog, monkeypatch):
     assert "built-in salt" not in caplog.text  # a secret salt is set
 
 
+def test_patient_ids_in_file_names_stay_out_of_the_processed_arrays_and_tables(tmp_path):
+    # Kermany-style names (ingest.patient_pattern's default): the patient number is the file
+    # name's middle field; clinical exports name files by MRN and date the same way
+    src = tmp_path / "oct"
+    ids = [f"{9_100_000 + 37 * p}" for p in range(12)]
+    for p, pid in enumerate(ids):
+        for label in ("CNV", "NORMAL")[p % 2 : p % 2 + 1]:
+            (src / label).mkdir(parents=True, exist_ok=True)
+            for k in (1, 2):
+                Image.fromarray(gradient(seed=10 * p + k)).save(
+                    src / label / f"{label}-{pid}-{k}.png"
+                )
+    params = write_params(tmp_path, ingest={"source": str(src)})
+    assert ingest.main(["--params", str(params)]) == 0
+    assert preprocess.main(["--params", str(params)]) == 0
+    paths = load_params(params).paths
+    manifest = pd.read_parquet(paths.manifest)
+    assert manifest["subject_id"].nunique() == 12  # the pattern found each patient
+    assert all(any(pid in s for s in manifest["source"]) for pid in ids)  # the link to the files
+    out = [p.read_bytes() for p in Path(paths.processed).rglob("*") if p.is_file()]
+    out.append(Path(paths.preprocess_report).read_bytes())
+    assert len(out) == 7  # 3 arrays, 3 tables, the report
+    for pid in ids:
+        assert not any(pid.encode() in blob for blob in out), pid
+
+
 def test_a_refused_ingest_writes_every_output_of_that_run(tmp_path, capsys):
     src = tmp_path / "mixed"
     src.mkdir()
