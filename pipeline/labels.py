@@ -1,7 +1,8 @@
 """The label sheet of a folder source (``ingest.labels``): read it, name its columns, and find
 the file each row means.
 
-A sheet is a CSV, TSV or Excel ``.xlsx`` file with one row per image, as public datasets ship
+A sheet is a CSV, TSV or Excel (``.xlsx``, or Excel 97 ``.xls``, as Messidor ships its grades)
+file with one row per image, as public datasets ship
 them: any column names (``ingest.path_column``, ``label_column``, ``patient_column``,
 ``eye_column``; matched without regard to case or surrounding spaces), a UTF-8 byte-order mark,
 CRLF line ends, and the empty rows and columns Excel leaves are all accepted, and so are the
@@ -57,7 +58,10 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-EXCEL = (".xlsx", ".xlsm")
+# the signatures that tell a workbook from text, whatever the suffix says (an .xlsx saved as
+# .xls, a CSV named .xls): an Excel 97 file is an OLE2 compound file, an .xlsx a zip
+OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+ZIP_MAGIC = b"PK\x03\x04"
 # what reading a damaged sheet raises (csv, openpyxl and the zip file an .xlsx is)
 UNREADABLE = (ValueError, OSError, KeyError, csv.Error, zipfile.BadZipFile)
 # cells that mean "no value" (pandas' and Excel's markers, compared without regard to case);
@@ -92,21 +96,24 @@ def _raw(path: Path, wanted: str | None = None) -> pd.DataFrame:
     delimiter and the first worksheet (and the error then says the column is missing)."""
     if not path.is_file():
         raise UserError(f"{path}: labels file not found (ingest.labels)")
-    suffix = path.suffix.lower()
-    if suffix == ".xls":
-        raise UserError(f"{path}: Excel 97 .xls is not read; save it as .xlsx or .csv")
     unsaved: dict[int, int] = {}  # column index -> first row of a formula without a value
+    delimiter = None
     try:
-        if suffix in EXCEL:
+        with path.open("rb") as f:
+            magic = f.read(8)
+        if magic.startswith(ZIP_MAGIC):
             records, unsaved = _xlsx_records(path, wanted)
-            delimiter = None
+        elif magic == OLE2_MAGIC:
+            records = _xls_records(path, wanted)
         else:
-            records, delimiter = _csv_records(path, suffix, wanted)
+            records, delimiter = _csv_records(path, path.suffix.lower(), wanted)
     except UNREADABLE as exc:
-        raise UserError(f"{path}: not a readable CSV/TSV/.xlsx ({type(exc).__name__})") from None
+        raise UserError(
+            f"{path}: not a readable CSV/TSV/Excel sheet ({type(exc).__name__})"
+        ) from None
     records = _filled(records)
     if not records:
-        raise UserError(f"{path}: not a readable CSV/TSV/.xlsx (no header row)")
+        raise UserError(f"{path}: not a readable CSV/TSV/Excel sheet (no header row)")
     start = _header_row(records, wanted) or 0
     if start:
         log.info(
@@ -259,31 +266,41 @@ def _xlsx_book(path: Path, data_only: bool):
     from openpyxl.utils.exceptions import InvalidFileException
 
     try:
-        return openpyxl.load_workbook(path, read_only=True, data_only=data_only)
+        # from its bytes: openpyxl refuses a file by its name's suffix (an .xlsx saved as .xls)
+        return openpyxl.load_workbook(
+            io.BytesIO(path.read_bytes()), read_only=True, data_only=data_only
+        )
     except InvalidFileException:
         raise ValueError("not an Excel workbook") from None
 
 
 def _xlsx_sheet(path: Path, wanted: str | None) -> int:
-    """The index of the worksheet to read: the first whose first rows hold a header naming
-    ``wanted`` (a workbook may open on a read-me or summary sheet), else the first. One log
-    line when it is not the first; one warning when later worksheets name it too (their rows
-    are not read: their images count as unlisted)."""
+    """The index of the .xlsx worksheet to read (:func:`_pick_sheet`)."""
     if wanted is None:
         return 0
     book = _xlsx_book(path, data_only=True)
     try:
-        naming = []
-        for i, sheet in enumerate(book.worksheets):
+        heads = []
+        for sheet in book.worksheets:
             sheet.reset_dimensions()
-            head = [
-                (n, [_cell_text(v) for v in row])
-                for n, row in enumerate(sheet.iter_rows(max_row=HEAD_ROWS * 4, values_only=True))
-            ]
-            if _header_row(head, wanted) is not None:
-                naming.append((i, sheet.title))
+            rows = sheet.iter_rows(max_row=HEAD_ROWS * 4, values_only=True)
+            heads.append(
+                (sheet.title, [(n, [_cell_text(v) for v in r]) for n, r in enumerate(rows)])
+            )
     finally:
         book.close()
+    return _pick_sheet(path, wanted, heads)
+
+
+def _pick_sheet(path: Path, wanted: str, heads: list[tuple[str, list]]) -> int:
+    """The index of the worksheet to read, given each one's (title, first rows as
+    :func:`_header_row` takes them): the first whose first rows hold a header naming
+    ``wanted`` (a workbook may open on a read-me or summary sheet), else the first. One log
+    line when it is not the first; one warning when later worksheets name it too (their rows
+    are not read: their images count as unlisted)."""
+    naming = [
+        (i, title) for i, (title, head) in enumerate(heads) if _header_row(head, wanted) is not None
+    ]
     if not naming:
         return 0
     (index, title), more = naming[0], naming[1:]
@@ -311,6 +328,53 @@ def _xlsx_rows(path: Path, data_only: bool, sheet: int = 0) -> list[tuple]:
         return list(ws.iter_rows(min_row=1))
     finally:
         book.close()
+
+
+def _xls_records(path: Path, wanted: str | None = None) -> list[tuple[int, list[str]]]:
+    """(row number, its cells as text, :func:`_xls_text`) for each row of an Excel 97 ``.xls``
+    workbook's worksheet that names ``wanted`` (:func:`_pick_sheet`); an .xls always holds its
+    formulas' computed values. ValueError when it is not a readable workbook."""
+    sheets = _xls_sheets(path)
+    index = 0
+    if wanted is not None:
+        heads = [(title, list(enumerate(rows[: HEAD_ROWS * 4]))) for title, rows in sheets]
+        index = _pick_sheet(path, wanted, heads)
+    return [(n, cells) for n, cells in enumerate(sheets[index][1] if sheets else [], 1)]
+
+
+def _xls_sheets(path: Path) -> list[tuple[str, list[list[str]]]]:
+    """Each worksheet's (title, rows of cell texts), read by xlrd with its diagnostics (printed
+    to stdout by default) discarded. ValueError when the workbook cannot be read."""
+    import xlrd  # here: only an .xls sheet pays for its import
+
+    try:
+        book = xlrd.open_workbook(path, logfile=io.StringIO())
+        try:
+            return [
+                (s.name, [[_xls_text(c, book.datemode) for c in s.row(r)] for r in range(s.nrows)])
+                for s in book.sheets()
+            ]
+        finally:
+            book.release_resources()
+    except Exception as exc:  # xlrd fails on a damaged file with whatever its parser hit
+        raise ValueError(f"damaged Excel 97 workbook ({type(exc).__name__})") from None
+
+
+def _xls_text(cell, datemode: int) -> str:
+    """An .xls cell (xlrd) as a CSV export of the sheet writes it: every number is stored as a
+    float, so an integral one is written without ``.0`` (grade ``2``, not ``2.0``); dates, booleans
+    as :func:`_cell_text`; an error value as its text (``#DIV/0!``), read as empty later."""
+    import xlrd
+
+    if cell.ctype == xlrd.XL_CELL_NUMBER:
+        return str(int(cell.value)) if float(cell.value).is_integer() else repr(cell.value)
+    if cell.ctype == xlrd.XL_CELL_DATE:
+        return _cell_text(xlrd.xldate_as_datetime(cell.value, datemode))
+    if cell.ctype == xlrd.XL_CELL_BOOLEAN:
+        return _cell_text(bool(cell.value))
+    if cell.ctype == xlrd.XL_CELL_ERROR:
+        return xlrd.error_text_from_code.get(cell.value, "#N/A")
+    return str(cell.value)  # text; '' for empty and blank cells
 
 
 def _names(header: list[str]) -> list[str]:

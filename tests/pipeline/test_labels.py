@@ -13,6 +13,7 @@ from pathlib import Path
 import openpyxl
 import pandas as pd
 import pytest
+import xlwt
 from PIL import Image
 
 from pipeline import ingest, labels
@@ -38,7 +39,38 @@ def _ingest(tmp_path: Path, sheet: Path, **keys) -> tuple[int, object]:
 
 def _write_xlsx(path: Path, text: str) -> None:
     rows = [line.split(",") for line in text.strip("\n").split("\n")]
-    pd.DataFrame(rows[1:], columns=rows[0]).to_excel(path, index=False)
+    pd.DataFrame(rows[1:], columns=rows[0]).to_excel(path, index=False, engine="openpyxl")
+
+
+def _write_xls(path: Path, rows: list[list[object]], first: str | None = None) -> None:
+    """An Excel 97 workbook written by xlwt (not the reader under test); ``first``: a
+    read-me worksheet before the one holding ``rows``."""
+    book = xlwt.Workbook()
+    if first is not None:
+        book.add_sheet(first).write(0, 0, "About this dataset")
+    sheet = book.add_sheet("grades")
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            style = xlwt.easyxf(num_format_str="YYYY-MM-DD")
+            sheet.write(
+                i, j, value, style if isinstance(value, datetime.date) else xlwt.Style.default_style
+            )
+    book.save(str(path))
+
+
+def _write_sheet(path: Path, text: str) -> None:
+    """``text`` (a CSV) saved as the file ``path`` names: ``*.xlsx``, ``*.xls`` (Excel 97
+    numbers for the numeric cells), ``xlsx_saved_as.xls`` (an .xlsx misnamed), else the text."""
+    rows = [line.split(",") for line in text.strip("\n").split("\n")]
+    if path.name == "xlsx_saved_as.xls":
+        _write_xlsx(path.with_suffix(".xlsx"), text)
+        path.with_suffix(".xlsx").rename(path)
+    elif path.suffix == ".xlsx":
+        _write_xlsx(path, text)
+    elif path.name == "excel97.xls":
+        _write_xls(path, [[float(c) if c.isdigit() else c for c in r] for r in rows], "Read me")
+    else:
+        path.write_bytes(text.encode())
 
 
 # Each sheet names images a, b, c (grades 0, 1, 2) its own way; all read alike.
@@ -48,6 +80,10 @@ SHEETS = {
     ),
     "tab_separated.tsv": "Image name\tRetinopathy grade\na.png\t0\nb.png\t1\nc.png\t2\n",
     "excel.xlsx": "Image name,Retinopathy grade\na,0\nb.png,1\nc,2\n",
+    # Messidor's Annotation_Base*.xls; an .xlsx or a CSV given an .xls name by hand
+    "excel97.xls": "Image name,Retinopathy grade\na,0\nb.png,1\nc,2\n",
+    "xlsx_saved_as.xls": "Image name,Retinopathy grade\na,0\nb.png,1\nc,2\n",
+    "csv_saved_as.xls": "Image name,Retinopathy grade\na,0\nb.png,1\nc,2\n",
 }
 
 
@@ -55,10 +91,7 @@ SHEETS = {
 def test_sheet_shapes_read_alike(tmp_path, name):
     _images(tmp_path / "src")
     sheet = tmp_path / name
-    if name.endswith(".xlsx"):
-        _write_xlsx(sheet, SHEETS[name])
-    else:
-        sheet.write_bytes(SHEETS[name].encode())
+    _write_sheet(sheet, SHEETS[name])
     rc, paths = _ingest(
         tmp_path, sheet, path_column="image name", label_column=" Retinopathy Grade"
     )
@@ -103,14 +136,49 @@ def test_sheet_problems_are_one_line(tmp_path, capsys, sheet_text, keys, expecte
     assert rc == 1 and err[-1] == f"retina-vae ingest: error: {sheet}: {expected}"
 
 
-def test_xls_says_in_one_line_how_to_export(tmp_path, capsys):
+# Excel 97 cells that are not text -> what a CSV export of the sheet writes (by hand)
+XLS_CELLS = [
+    (2.0, "2"),  # every .xls number is a float: an integral grade is its integer
+    (0.25, "0.25"),
+    (datetime.date(2020, 1, 2), "2020-01-02"),
+    (True, "TRUE"),
+]
+
+
+def test_xls_cells_read_as_a_csv_export_writes_them(tmp_path):
     _images(tmp_path / "src")
-    sheet = tmp_path / "messidor-2.xls"
-    sheet.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))  # an OLE2 header
-    assert _ingest(tmp_path, sheet)[0] == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"retina-vae ingest: error: {sheet}: Excel 97 .xls is not read; save it as .xlsx or .csv"
-    )
+    sheet = tmp_path / "Annotation_Base11.xls"
+    cells = [value for value, _ in XLS_CELLS]
+    _write_xls(sheet, [["path", "label"], *([f"r{i}.png", c] for i, c in enumerate(cells))])
+    params = load_params(write_params(tmp_path, ingest={"source": str(tmp_path / "src")}))
+    table = labels.read_sheet(sheet, params.ingest, tmp_path / "src")
+    assert list(table["label"]) == [text for _, text in XLS_CELLS]
+
+
+def test_xls_error_cells_are_unlabelled_and_a_damaged_xls_is_one_line(tmp_path, capsys, caplog):
+    _images(tmp_path / "src")
+    sheet = tmp_path / "grades.xls"
+    book = xlwt.Workbook()
+    ws = book.add_sheet("grades")
+    for i, row in enumerate([["path", "label"], ["a", 1.0], ["b"], ["c", 0.0]]):
+        for j, value in enumerate(row):
+            ws.write(i, j, value)
+    ws.row(2).set_cell_error(1, "#DIV/0!")  # b's grade: a formula that failed
+    book.save(str(sheet))
+    rc, paths = _ingest(tmp_path, sheet)
+    m = pd.read_parquet(paths.manifest)
+    got = {s: None if pd.isna(v) else v for s, v in zip(m["source"], m["label"], strict=True)}
+    assert rc == 0 and got == {"a.png": "1", "b.png": None, "c.png": "0"}
+    assert "(#DIV/0! 1)" in caplog.text
+
+    for damaged in (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), sheet.read_bytes()[:1500]):
+        sheet.write_bytes(damaged)  # an OLE2 header alone; a download cut short
+        capsys.readouterr()
+        assert _ingest(tmp_path, sheet)[0] == 1
+        out = capsys.readouterr()
+        (line,) = out.err.strip().splitlines()
+        assert line.startswith(f"retina-vae ingest: error: {sheet}: not a readable CSV/TSV/Excel ")
+        assert "WARNING" not in out.out  # xlrd's own diagnostics are not printed
 
 
 def test_listed_but_missing_and_unlisted_are_counted_apart(tmp_path, capsys, caplog):
