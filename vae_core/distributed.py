@@ -177,21 +177,33 @@ def _own_instance(kwargs: dict[str, Any]) -> None:
     host for Ray instances; with another Ray on the same machine (a shared lab server) it fails
     with a traceback ("Found multiple active Ray instances") or watches the wrong cluster. So
     the GCS port is chosen here and every worker gets ``RAY_ADDRESS`` = this instance.
+
+    The cleaner asks the state API whether the Train controller is alive, at the dashboard
+    address this instance records, even with no dashboard running: by default 127.0.0.1:8265,
+    where another Ray's dashboard on the host answers "no such actor", and the cleaner then
+    removes the live training's placement group (its workers are killed, training restarts
+    or fails). So that address is a free port of this instance's own, where nothing answers
+    (the cleaner then keeps waiting, and the embedded Ray ends with this process anyway).
     """
-    with socket.socket() as s:  # a free port for the GCS (Ray binds it right away)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, dashboard_port = _free_port(), _free_port()
     env = dict(kwargs["runtime_env"] or {})
     env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     saved = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
-        ray.init(**{**kwargs, "runtime_env": env})
+        ray.init(**{**kwargs, "runtime_env": env, "dashboard_port": dashboard_port})
     finally:
         if saved is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+def _free_port() -> int:
+    """A TCP port free on this host now (Ray binds the ones it is given right away)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class TracebackSummary:

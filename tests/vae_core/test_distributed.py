@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -43,6 +52,20 @@ class RecordThreads:
 
     def __call__(self, epoch: int, row: dict, model: torch.nn.Module) -> None:
         self.path.write_text(str(torch.get_num_threads()))
+
+
+class Hold:
+    """on_epoch callback: after epoch 0, rank 0 writes ``started`` and waits for ``go``."""
+
+    def __init__(self, started: Path, go: Path) -> None:
+        self.started, self.go = started, go
+
+    def __call__(self, epoch: int, row: dict, model: torch.nn.Module) -> None:
+        if epoch == 0:
+            self.started.touch()
+            deadline = time.monotonic() + 600
+            while not self.go.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 
 def _spec(epochs: int = 2) -> distributed.RunSpec:
@@ -136,3 +159,80 @@ def test_ray_worker_uses_one_thread_per_assigned_cpu(ray_session, tmp_path):
     # OMP_NUM_THREADS=1 in the worker's environment would otherwise leave torch one thread.
     distributed.fit(spec, scaling, str(tmp_path / "runs"), "threads", {"OMP_NUM_THREADS": "1"})
     assert record.read_text() == "2"
+
+
+@pytest.fixture
+def foreign_ray() -> Iterator[Callable[[], str]]:
+    """``start()`` -> another Ray on this host, as a colleague's ``ray start --head`` on a
+    shared lab server (no CPUs to lend), its dashboard at Ray's default 127.0.0.1:8265, once it
+    answers; stopped by PID at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gcs = s.getsockname()[1]
+        procs.append(
+            subprocess.Popen(
+                [Path(sys.executable).with_name("ray"), "start", "--head", "--block"]
+                + [f"--port={gcs}", "--num-cpus=0", "--include-dashboard=true"]
+                + ["--dashboard-host=127.0.0.1", "--dashboard-port=8265"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: its GCS, raylet and dashboard go with it
+            )
+        )
+        url, deadline = "http://127.0.0.1:8265", time.monotonic() + 180
+        while True:
+            assert procs[-1].poll() is None, "the other Ray did not start (is 8265 taken?)"
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                return url
+            except urllib.error.HTTPError:  # it answers (401 when Ray's token auth is on)
+                return url
+            except OSError:
+                assert time.monotonic() < deadline, "the other Ray's dashboard never answered"
+                time.sleep(0.5)
+
+    yield start
+    for proc in procs:  # SIGKILL: `ray start --block` takes about a minute to stop on SIGTERM
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_another_ray_started_on_the_host_mid_training_does_not_stop_it(
+    ray_session, foreign_ray, tmp_path
+):
+    # Ray Train's placement-group cleaner asks the state API every second whether the
+    # controller lives, at the dashboard address the embedded Ray records (127.0.0.1:8265 by
+    # default, even with no dashboard running): once another Ray's dashboard answered there
+    # ("no such actor"), the cleaner removed the live run's placement group, its workers were
+    # killed and, with max_failures 0, the run failed.
+    started, go = tmp_path / "started", tmp_path / "go"
+    spec = dataclasses.replace(_spec(epochs=3), on_epoch=Hold(started, go))
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                distributed.fit(spec, distributed.Scaling(num_workers=2), str(tmp_path), "x")
+            )
+        except Exception as exc:  # the thread's failure, for the assertion below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not started.exists() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), outcome
+        foreign_ray()
+        time.sleep(4)  # four of the cleaner's checks while training waits after epoch 0
+    finally:
+        go.touch()
+        thread.join(timeout=600)
+    (result,) = outcome
+    assert not isinstance(result, Exception), result
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
