@@ -31,11 +31,17 @@ SECRETS = frozenset({"ingest.salt"})
 # Secrets inside a URI (a tracking server's or database's address, an object store's): the
 # password of its user info (postgresql://user:PASSWORD@host/db, http://user:PASSWORD@host)
 # and the value of a query parameter named like a credential (?access_key=..., ?token=...).
-_URI_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/?#@:\s]*):[^/?#\s]*@")
+# A web address's user info ends at its last @ before the first / ? # (RFC 3986, as requests
+# reads it); a database URL's password at its first @, whatever it holds (SQLAlchemy's URL
+# grammar: postgresql://alice:pa/ss@db/mlflow has the password pa/ss).
+_WEB = r"(?:https?|wss?|ftps?)://"
+_URI_PASSWORD = re.compile(rf"(?i)\b({_WEB}[^/?#@:\s]*):[^/?#\s]*@")
+_DB_PASSWORD = re.compile(rf"(?i)\b((?!{_WEB})[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@")
 _URI_SECRET_QUERY = re.compile(
-    r"(?i)([?&;][^=&;#\s]*(?:pass|secret|token|key|sig|credential|auth)[^=&;#\s]*=)"
+    r"(?i)([?&;](?!(?:sslkey|ssl_key|sslcert|ssl_cert|passfile|authsource|authmechanism)=)"
+    r"[^=&;#\s]*(?:pass|secret|token|key|sig|credential|auth)[^=&;#\s]*=)"
     r"""[^&;#\s)'"<>]*"""  # the value, up to the next parameter or a closing bracket
-)
+)  # not the names of a key file or an auth method (libpq's sslkey, passfile; MongoDB's)
 
 
 def redact_uri(text: str) -> str:
@@ -44,7 +50,24 @@ def redact_uri(text: str) -> str:
     the user name, host, path and other parameters stay, so the address can still be told apart.
     Text without such secrets is returned unchanged."""
     text = _URI_PASSWORD.sub(rf"\1:{REDACTED}@", text)
+    text = _DB_PASSWORD.sub(rf"\1:{REDACTED}@", text)
+    if " " in text and _database_password(text):  # one database URL, a space in its password
+        text = re.sub(r"^([^:/@]+://[^:/@]*):[^@]*@", rf"\1:{REDACTED}@", text, count=1)
     return _URI_SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+
+
+def _database_password(uri: str) -> bool:
+    """Whether SQLAlchemy, which opens MLflow's database stores, reads a password in ``uri``
+    (it takes any text up to the @, spaces too, which a scan of log text cannot)."""
+    if re.match(rf"(?i){_WEB}", uri) or not re.match(r"(?i)[a-z][a-z0-9+.-]*://", uri):
+        return False
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return bool(make_url(uri).password)
+    except (ArgumentError, ValueError):
+        return False
 
 
 class ParamsError(UserError):
@@ -276,7 +299,9 @@ def _one_line(path: Path, group: str, exc: ValidationError) -> str:
         close = difflib.get_close_matches(str(err["loc"][-1]), missing, n=1)
         detail = "unknown key" + (f" (did you mean {group}.{close[0]}?)" if close else "")
     else:
-        got = REDACTED if key in SECRETS else redact_uri(repr(err.get("input")))
+        value = err.get("input")
+        shown = repr(redact_uri(value)) if isinstance(value, str) else redact_uri(repr(value))
+        got = REDACTED if key in SECRETS else shown
         got = got if len(got) <= 60 else got[:57] + "..."
         detail = f"{err['msg'].removeprefix('Value error, ')} (got {got})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

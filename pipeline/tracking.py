@@ -104,47 +104,47 @@ def without_user(uri: str) -> str:
 def probe(uri: str, timeout: float = 5.0) -> str | None:
     """None when the tracking store at ``uri`` answers, else why not (one line).
 
-    A tracking server's ``/health`` is asked once, within ``timeout`` seconds (MLflow's own
-    client retries for minutes before it gives up); other stores (a sqlite file, a folder) are
+    A tracking server's ``/health`` is asked once, within ``timeout`` seconds, by MLflow's own
+    HTTP client (``http_request`` with the host credentials MLflow would use: the URI's user
+    info, ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` or ``~/.mlflow/credentials``,
+    ``MLFLOW_TRACKING_TOKEN``, its TLS settings), so the probe logs in exactly as the run
+    will, but without MLflow's retries for minutes. Other stores (a sqlite file, a folder) are
     opened when used and not probed. Runs in the driver and, as a Ray task, on every node.
     """
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return None
-    request = urllib.request.Request(without_user(uri).rstrip("/") + "/health")
-    if (header := _auth_header(uri)) is not None:
-        request.add_header("Authorization", header)
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return None if answer.status == 200 else f"/health answered HTTP {answer.status}"
-    except urllib.error.HTTPError as exc:
-        return f"/health answered HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return str(getattr(reason, "strerror", None) or reason)
+        answer = http_request(
+            get_default_host_creds(uri), "/health", "GET",
+            max_retries=0, backoff_factor=0, timeout=timeout, raise_on_status=False,
+        )  # fmt: skip
+    except Exception as exc:  # MLflow wraps what requests raised, its message naming the URL
+        return _root_reason(exc)
+    return None if answer.status_code == 200 else f"/health answered HTTP {answer.status_code}"
 
 
-def _auth_header(uri: str) -> str | None:
-    """The Authorization header MLflow's client sends to ``uri``: the URI's user info
-    (``http://user:password@host``) as basic auth, which requests puts over any other header
-    (urllib would take it for part of the host name); else, as mlflow.utils.rest_utils sets
-    it, MLFLOW_TRACKING_USERNAME and _PASSWORD (both set) as basic auth, else
-    MLFLOW_TRACKING_TOKEN as a bearer token."""
-    import base64
-    from urllib.parse import unquote
-
-    env, parts = os.environ, urlsplit(uri)
-    if parts.username is not None:
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    elif env.get("MLFLOW_TRACKING_USERNAME") and env.get("MLFLOW_TRACKING_PASSWORD"):
-        pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}"
-    elif env.get("MLFLOW_TRACKING_TOKEN"):
-        return "Bearer " + env["MLFLOW_TRACKING_TOKEN"]
-    else:
-        return None
-    return "Basic " + base64.b64encode(pair.encode()).decode()
+def _root_reason(exc: BaseException) -> str:
+    """The innermost system reason under ``exc`` (``Connection refused``, ``Name or service not
+    known``, a TLS verification failure), else ``timed out`` or the innermost exception's type:
+    never the message of a wrapper, which quotes the URL with its user info."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        inner = getattr(exc, "reason", None)  # urllib3 keeps its cause there
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__ or exc.__context__
+        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]  # requests wraps urllib3's error as its first argument
+        exc = inner
+    for e in reversed(chain):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    if any("Timeout" in type(e).__name__ for e in chain):
+        return "timed out"
+    return type(chain[-1]).__name__
 
 
 def check_store(uri: str) -> None:

@@ -38,7 +38,8 @@ def write_processed(
     channels: int = 1,
     seed: int = 0,
 ) -> Path:
-    """Preprocess outputs in the data-contract format under ``root/processed``."""
+    """Preprocess outputs in the data-contract format under ``root/processed`` (tables as
+    :data:`pipeline.processed.TABLE_COLUMNS`: no source path)."""
     sizes = sizes or {"train": 64, "val": 16, "test": 8}
     out = root / "processed"
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,6 @@ def write_processed(
                 "eye": ["OD" if i % 2 else "OS" for i in range(n)],
                 "modality": ["oct"] * n,
                 "split": [split] * n,
-                "source": [f"{split}/{i}.png" for i in range(n)],
                 "frame": [0] * n,
             }
         ).to_parquet(out / f"{split}.parquet", index=False)

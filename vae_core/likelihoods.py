@@ -127,7 +127,8 @@ class OptimalGaussianLikelihood(nn.Module):
             dist.all_reduce(sums)
         variance = sums[0] / sums[1]
         self.updates += 1
-        self.variance.lerp_(variance, max(1.0 / self.updates.item(), self.MOMENTUM))
+        weight = (1.0 / self.updates).clamp(min=self.MOMENTUM)  # () max(1/t, momentum), no sync
+        self.variance.lerp_(variance.to(self.variance.dtype), weight.to(self.variance.dtype))
         return variance
 
     def mean(self, params: Tensor) -> Tensor:

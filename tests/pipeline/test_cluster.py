@@ -47,6 +47,29 @@ def test_worker_env_has_the_uri_credentials_params_and_forwarded_values(params_f
     }
 
 
+def test_a_login_in_mlflows_credentials_file_reaches_the_workers(
+    params_file, monkeypatch, tmp_path
+):
+    # other nodes have no ~/.mlflow/credentials: the login MLflow reads from it here is sent
+    # as its variables (a variable wins over the file, as in MLflow's read_mlflow_creds)
+    for name in cluster.MLFLOW_CREDENTIALS + (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = bob\nmlflow_tracking_password = pw2\n"
+    )
+    params = load_params(params_file())
+    env = cluster.worker_env(params, "http://mlflow:5000")
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "pw2")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    env = cluster.worker_env(params, "http://mlflow:5000")
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("carol", "pw2")
+
+
 def test_forwarding_an_unset_variable_is_one_line(params_file, monkeypatch):
     monkeypatch.delenv("NOT_SET_HERE", raising=False)
     params = load_params(params_file(cluster={"forward_env": ["NOT_SET_HERE"]}))

@@ -48,7 +48,8 @@ def _write_processed(root: Path, labelled: bool) -> None:
     for seed, (split, n) in enumerate(SPLIT_SIZES.items()):
         x, labels, severity = _images(n, seed)
         ids = [f"{split}-{i:03d}" for i in range(n)]
-        manifest.append(pd.DataFrame({"image_id": ids, "severity": severity}))
+        sources = [f"{split}/{i}.png" for i in range(n)]
+        manifest.append(pd.DataFrame({"image_id": ids, "severity": severity, "source": sources}))
         np.save(processed / f"{split}_images.npy", x)
         pd.DataFrame(
             {
@@ -58,11 +59,11 @@ def _write_processed(root: Path, labelled: bool) -> None:
                 "eye": "OD",
                 "modality": "oct",
                 "split": split,
-                "source": [f"{split}/{i}.png" for i in range(n)],
                 "frame": 0,
             }
         ).to_parquet(processed / f"{split}.parquet", index=False)
-    # the ingest manifest's severity (the labels CSV's column), joined on image_id by evaluate
+    # the ingest manifest's severity (the labels CSV's column) and source path (the processed
+    # tables carry none), joined on image_id by evaluate
     pd.concat(manifest).to_parquet(root / "manifest.parquet", index=False)
 
 

@@ -106,6 +106,16 @@ def test_flat_redacts_the_pseudonymisation_salt(tmp_path):
          "s3://b/ckpt?access_key=<redacted>&secret_key=<redacted>&region=eu"),
         ("no http://u:s3cret@h/x and http://h2:80/", "no http://u:<redacted>@h/x and http://h2:80/"),
         ("http://bob@mlflow.lab:5000/a@b", "http://bob@mlflow.lab:5000/a@b"),  # no password
+        ("http://mlflow.lab:5000/a@b", "http://mlflow.lab:5000/a@b"),  # no user info
+        # SQLAlchemy reads a database URL's password up to the first @, / # ? included
+        ("postgresql://alice:pa/ss@db.lab/mlflow", "postgresql://alice:<redacted>@db.lab/mlflow"),
+        ("mysql://alice:p#w?x@db/mlflow", "mysql://alice:<redacted>@db/mlflow"),
+        # the names of a key file or an auth method are no secrets
+        ("postgresql://db/m?sslkey=/etc/k.pem&passfile=/h/.pgpass&password=s3cret",
+         "postgresql://db/m?sslkey=/etc/k.pem&passfile=/h/.pgpass&password=<redacted>"),
+        ("mongodb://db/m?authSource=admin", "mongodb://db/m?authSource=admin"),
+        ("sqlite:////srv/x:y@z/mlflow.db", "sqlite:////srv/x:y@z/mlflow.db"),
+        ("postgresql://alice:s3cret word@db/m", "postgresql://alice:<redacted>@db/m"),
         ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
         ("ray://10.0.0.1:10001", "ray://10.0.0.1:10001"),
         ("data/processed", "data/processed"),
@@ -117,7 +127,11 @@ def test_redact_uri_hides_passwords_and_tokens_only(uri, expected):
 
 @pytest.mark.parametrize(
     "uri",
-    ["postgresql://alice:s3cret@db.lab:5432/mlflow", "https://mlflow.lab/?token=s3cret"],
+    [
+        "postgresql://alice:s3cret@db.lab:5432/mlflow",
+        "https://mlflow.lab/?token=s3cret",
+        "postgresql://alice:s3cret word@db.lab/mlflow",  # SQLAlchemy takes the space too
+    ],
 )
 def test_a_tracking_uri_holding_a_secret_is_refused_without_showing_it(tmp_path, uri):
     """DVC copies params into dvc.lock and every experiment, where no redaction reaches: the

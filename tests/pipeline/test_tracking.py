@@ -54,26 +54,47 @@ USER, PASSWORD, TOKEN = (f"MLFLOW_TRACKING_{k}" for k in ("USERNAME", "PASSWORD"
 REFUSED = "/health answered HTTP 401"
 
 
+CREDENTIALS_FILE = "[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = pw\n"
+
+
 @pytest.mark.parametrize(
-    "user_info, env, answer",
+    "user_info, env, file, answer",
     [
-        ("alice:pw@", {}, None),
-        ("alice:pw@", {"MLFLOW_TRACKING_TOKEN": "wrong"}, None),
-        ("alice:wrong@", {USER: "alice", PASSWORD: "pw"}, REFUSED),
-        ("", {USER: "alice", PASSWORD: "pw"}, None),
-        ("", {PASSWORD: "pw", TOKEN: "t0k"}, None),
-        ("", {USER: "alice", TOKEN: "wrong"}, REFUSED),
-        ("", {}, REFUSED),
+        ("alice:pw@", {}, "", None),
+        ("alice:pw@", {TOKEN: "wrong"}, "", None),
+        ("alice:wrong@", {USER: "alice", PASSWORD: "pw"}, "", REFUSED),
+        ("alice@", {USER: "alice", PASSWORD: "pw"}, "", None),  # no password: not used
+        ("", {USER: "alice", PASSWORD: "pw"}, "", None),
+        ("", {PASSWORD: "pw", TOKEN: "t0k"}, "", None),
+        ("", {USER: "alice", TOKEN: "wrong"}, "", REFUSED),
+        ("", {}, CREDENTIALS_FILE, None),  # ~/.mlflow/credentials
+        ("", {PASSWORD: "wrong"}, CREDENTIALS_FILE, REFUSED),  # a variable wins over the file
+        ("", {}, "", REFUSED),
     ],
 )  # fmt: skip
-def test_probe_logs_in_as_mlflows_client_would(login_server, monkeypatch, user_info, env, answer):
-    """MLflow's client's order: the URI's user info (requests puts it over any header), else
-    its user and password variables (both), else its token variable (mlflow.utils.rest_utils)."""
+def test_probe_logs_in_as_the_run_will(
+    login_server, monkeypatch, tmp_path, user_info, env, file, answer
+):
+    """Whatever way a login is given (the URI's user info, MLflow's variables, its credentials
+    file), the probe is let in exactly when it is right, as MLflow's client is."""
     for name in (USER, PASSWORD, TOKEN):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if file:
+        (tmp_path / ".mlflow").mkdir()
+        (tmp_path / ".mlflow" / "credentials").write_text(file)
     assert tracking.probe(f"http://{user_info}{login_server}") == answer
+
+
+def test_probe_says_why_a_server_cannot_be_reached_without_its_url():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert tracking.probe(f"http://alice:s3cret@127.0.0.1:{port}") == "Connection refused"
+    why = tracking.probe("http://alice:s3cret@no-such-host.invalid:5000")
+    assert why is not None and "s3cret" not in why and "invalid" not in why
 
 
 def test_relative_sqlite_is_at_the_repository_root(monkeypatch, tmp_path):
