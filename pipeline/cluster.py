@@ -13,50 +13,25 @@ from pathlib import Path
 
 import psutil
 
+from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.params import Params
 from pipeline.ray_address import SEE
 from vae_core import distributed
 
-# MLflow's own login and TLS variables (mlflow.utils.credentials.get_default_host_creds): its
-# client on rank 0 reads them as the driver's does; user and password come from
-# mlflow_login(), which also reads ~/.mlflow/credentials, a file other nodes may not have
-MLFLOW_CREDENTIALS = (
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_AUTH",
-    "MLFLOW_TRACKING_AWS_SIGV4",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    "MLFLOW_TRACKING_SERVER_CERT_PATH",
-)
-
 
 def worker_env(params: Params, uri: str) -> dict[str, str]:
-    """The variables every Ray worker gets: the MLflow tracking URI, the driver's
-    :data:`MLFLOW_CREDENTIALS` and :func:`mlflow_login`, ``cluster.worker_env`` (plain values)
+    """The variables every Ray worker gets: the MLflow tracking URI and the driver's login to
+    it (:func:`pipeline.tracking.worker_login`), ``cluster.worker_env`` (plain values)
     and the driver's own values of the names in ``cluster.forward_env`` (credentials: never
     written to params or MLflow). Raises UserError for an unset name."""
     env = {"MLFLOW_TRACKING_URI": uri, **params.cluster.worker_env}
-    env.update({k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ})
-    env.update(mlflow_login())
+    env.update(tracking.worker_login())
     for name in params.cluster.forward_env:
         if name not in os.environ:
             raise UserError(f"cluster.forward_env: {name} is not set in this environment")
         env[name] = os.environ[name]
     return env
-
-
-def mlflow_login() -> dict[str, str]:
-    """The tracking user and password MLflow's client uses here, as its variables: each from
-    ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, else from ``~/.mlflow/credentials``."""
-    from mlflow.utils.credentials import read_mlflow_creds
-
-    creds = read_mlflow_creds()
-    pairs = (
-        ("MLFLOW_TRACKING_USERNAME", creds.username),
-        ("MLFLOW_TRACKING_PASSWORD", creds.password),
-    )
-    return {name: value for name, value in pairs if value}
 
 
 def check_collective(params: Params, env: dict[str, str]) -> None:

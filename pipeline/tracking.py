@@ -101,6 +101,31 @@ def without_user(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+# MLflow's own token, auth and TLS variables (mlflow.utils.credentials.get_default_host_creds),
+# which its client on rank 0 reads as the driver's does; user and password: worker_login()
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_AUTH",
+    "MLFLOW_TRACKING_AWS_SIGV4",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
+
+
+def worker_login() -> dict[str, str]:
+    """The driver's MLflow login as variables for Ray workers, which may be on nodes without
+    its ``~/.mlflow/credentials``: :data:`MLFLOW_CREDENTIALS` as set here, and the user and
+    password MLflow's client uses here (each from ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``,
+    else from the credentials file)."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    env = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if k in os.environ}
+    creds = read_mlflow_creds()
+    login = {"MLFLOW_TRACKING_USERNAME": creds.username, "MLFLOW_TRACKING_PASSWORD": creds.password}
+    return env | {name: value for name, value in login.items() if value}
+
+
 def probe(uri: str, timeout: float = 5.0) -> str | None:
     """None when the tracking store at ``uri`` answers, else why not (one line).
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline import cluster, ray_address
+from pipeline import cluster, ray_address, tracking
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from vae_core import distributed
@@ -52,7 +52,7 @@ def test_a_login_in_mlflows_credentials_file_reaches_the_workers(
 ):
     # other nodes have no ~/.mlflow/credentials: the login MLflow reads from it here is sent
     # as its variables (a variable wins over the file, as in MLflow's read_mlflow_creds)
-    for name in cluster.MLFLOW_CREDENTIALS + (
+    for name in tracking.MLFLOW_CREDENTIALS + (
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
     ):
