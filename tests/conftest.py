@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def write_processed(
             }
         ).to_parquet(out / f"{split}.parquet", index=False)
     return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``host`` now (for a server to start on, or to find
+    nobody there)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def write_params(root: Path, **groups: dict) -> Path:

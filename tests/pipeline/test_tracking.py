@@ -6,7 +6,6 @@ import base64
 import hashlib
 import http.server
 import json
-import socket
 import subprocess
 import threading
 
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.params import TrackingParams
 from pipeline.processed import split_sizes
-from tests.conftest import REPO, make_images, write_processed
+from tests.conftest import REPO, free_port, make_images, write_processed
 from vae_core.model import ConvVAE, VAEConfig
 
 SQLITE_REL = TrackingParams(uri="sqlite:///mlflow.db", experiment="e", register_model=None)
@@ -89,9 +88,7 @@ def test_probe_logs_in_as_the_run_will(
 
 
 def test_probe_says_why_a_server_cannot_be_reached_without_its_url():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     assert tracking.probe(f"http://alice:s3cret@127.0.0.1:{port}") == "Connection refused"
     why = tracking.probe("http://alice:s3cret@no-such-host.invalid:5000")
     assert why is not None and "s3cret" not in why and "invalid" not in why
@@ -167,9 +164,7 @@ def test_epoch_logger_logs_metrics_per_step_and_grids(store, tmp_path):
 
 @pytest.mark.slow
 def test_outbox_keeps_what_a_down_server_missed_and_never_logs_a_step_twice(store, tmp_path):
-    with socket.socket() as s:  # a port nothing listens on: a tracking server that is down
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: a tracking server that is down
     run_id, _ = tracking.start_run(store, "exp", params={}, tags={})
     grid = np.zeros((10, 20, 3), np.uint8)
     outage = tracking.Outbox(down, run_id, tmp_path / "out")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 import pipeline.train as train
 from pipeline.params import load_params
 from pipeline.tracking import resolve_tracking_uri, using_uri
-from tests.conftest import write_params
+from tests.conftest import free_port, write_params
 from vae_core.checkpoint import load_checkpoint, read_checkpoint
 
 # The kill helpers below run inside Ray workers: ship them by value, not by module name.
@@ -333,10 +332,7 @@ def test_missing_preprocess_outputs_is_one_line(tmp_path, capsys):
 
 
 def test_unreachable_cluster_is_one_line(processed, params_file, capsys):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = params_file(cluster={"address": f"127.0.0.1:{port}"})
+    path = params_file(cluster={"address": f"127.0.0.1:{free_port()}"})  # nobody there
     assert train.main(["--params", str(path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("retina-vae train: error: cluster.address:") and "unreachable" in line

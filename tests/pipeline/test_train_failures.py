@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,8 @@ from mlflow.tracking import MlflowClient
 
 import pipeline.train as train
 from pipeline.params import load_params
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.pipeline.test_train import _registered, _runs, _steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
@@ -202,7 +195,7 @@ def test_workers_that_cannot_start_end_in_one_line_and_a_failed_run(
 def mlflow_server(tmp_path: Path) -> Iterator[Callable[[], str]]:
     """``start()`` -> the URI of a real ``mlflow server`` on a free loopback port (the same port
     and store each time), ``start.stop()`` kills it by PID; stopped at the end."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     store = tmp_path / "server"
     store.mkdir()
@@ -334,7 +327,7 @@ def test_tracking_uri_the_workers_cannot_reach_is_one_line_before_training(
     path = params_file(tracking={"uri": uri})
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", REACH_CHECK, str(path), str(_free_port())],
+        [sys.executable, "-c", REACH_CHECK, str(path), str(free_port())],
         cwd=REPO,
         capture_output=True,
         text=True,

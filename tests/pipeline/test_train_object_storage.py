@@ -14,8 +14,9 @@ from pyarrow import fs
 
 from pipeline import run_store
 from pipeline.params import load_params
+from tests.conftest import free_port
 from tests.pipeline.test_train import _runs, _steps
-from tests.s3 import BUCKET, free_port, moto_s3
+from tests.s3 import BUCKET, moto_s3
 
 EPOCHS = 30
 

@@ -16,13 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from tests.conftest import write_params
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port, write_params
 
 
 @pytest.mark.slow
@@ -32,7 +26,7 @@ def test_ui_serves_the_store_and_prints_the_newest_runs_page(tmp_path):
     exp_id = tracking.experiment_id(uri, "test")
     MlflowClient(uri).create_run(exp_id, start_time=1000, run_name="older")
     newest, _ = tracking.start_run(uri, "test", params={}, tags={}, run_name="model.latent_dim=8")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [sys.executable, "-m", "pipeline.cli", "ui", "--params", str(path), "--port", str(port)]
     ui = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tests.conftest import make_images
+from tests.conftest import free_port, make_images
 from vae_core import distributed
 from vae_core.model import VAEConfig
 from vae_core.training import TrainConfig, fit_local
@@ -169,9 +168,7 @@ def foreign_ray() -> Iterator[Callable[[], str]]:
     procs: list[subprocess.Popen] = []
 
     def start() -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            gcs = s.getsockname()[1]
+        gcs = free_port()
         procs.append(
             subprocess.Popen(
                 [Path(sys.executable).with_name("ray"), "start", "--head", "--block"]
