@@ -691,6 +691,23 @@ def _manifest(found: Found, modality: str) -> pa.Table:
     return found.manifest(modality)
 
 
+def _warn_patient_label_folders(manifest: pa.Table) -> None:
+    """A warning where label folders (``ingest.folder_labels``) hold a single patient's images
+    each: a folder named for a patient would put an identifier into the labels, and from there
+    into metrics, maps and MLflow. Counts only, no folder names (a log line is an output)."""
+    table = manifest.select(["label", "subject_id"]).to_pandas().dropna(subset=["label"])
+    subjects = table.groupby("label")["subject_id"].nunique()
+    single = int((subjects == 1).sum())
+    if single:
+        log.warning(
+            "ingest.folder_labels: %d of %d label folders hold a single patient's images; a "
+            "folder named for a patient puts an identifier into the labels, metrics and "
+            "MLflow: check the class folder names, or write a label sheet (ingest.labels)",
+            single,
+            len(subjects),
+        )
+
+
 def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
     """How often each value occurs (None: missing)."""
     return {v["values"]: v["counts"] for v in column.value_counts().to_pylist()}
@@ -744,6 +761,8 @@ def ingest(params: Params) -> dict:
     write_table(p.duplicates, pd.DataFrame(dups, columns=DUPLICATE_COLUMNS))
     manifest = _manifest(scan.found, params.ingest.modality)
     write_table(p.manifest, manifest)
+    if _source_kind(params, root) == "folder" and params.ingest.folder_labels:
+        _warn_patient_label_folders(manifest)
     if cache is not None:
         cache.close(p.manifest)  # bound to this manifest: preprocess checks its hash
     report = _report(params, root, scan, manifest, dups)

@@ -354,10 +354,12 @@ def metadata_attributes(meta: pd.DataFrame) -> pd.DataFrame:
     """The metadata attributes of each image that a latent space should not need to encode.
 
     From a processed table (or the manifest): ``eye``; ``source_folder``, the first folder of
-    the ``source`` path (a site, a device export, a format folder; paths without a folder and
-    .npz rows give none; left out when the folders look like one per patient - each holding a
-    single ``subject_id``, or more than SOURCE_FOLDERS_MAX of them - since a patient folder's
-    name may be an identifier); any of ``DEVICE_COLUMNS`` present (e.g. a DICOM manufacturer);
+    the ``source`` path (a site, a device export, a format folder) as a code, ``folder 1`` ...
+    ``folder k`` in the sorted order of the names (:func:`folder_codes`: a folder's name may be
+    a patient identifier, and no heuristic tells which; paths without a folder and .npz rows
+    give none; left out when the folders look like one per patient - each holding a single
+    ``subject_id``, or more than SOURCE_FOLDERS_MAX of them - since a per-patient attribute
+    says nothing about acquisition); any of ``DEVICE_COLUMNS`` present (e.g. a DICOM manufacturer);
     ``size_class``, the original ``width`` x ``height`` (binned by the longer side when there
     are more than SIZE_CLASSES_MAX sizes). Missing values are ``UNKNOWN_VALUE``; attributes the
     table cannot give are left out. Same row order and index as ``meta``.
@@ -369,7 +371,7 @@ def metadata_attributes(meta: pd.DataFrame) -> pd.DataFrame:
         parts = meta["source"].astype(str).str.replace("\\", "/", regex=False).str.split("/")
         folder = parts.map(lambda p: p[0] if len(p) > 1 and p[0] not in ("", ".") else None)
         if folder.notna().any() and not _per_patient(folder, meta):
-            out["source_folder"] = folder
+            out["source_folder"] = folder_codes(folder)
     for col in DEVICE_COLUMNS:
         if col in meta:
             out[col] = meta[col]
@@ -389,11 +391,20 @@ def metadata_attributes(meta: pd.DataFrame) -> pd.DataFrame:
     return out.astype(object).where(out.notna(), UNKNOWN_VALUE).astype(str)
 
 
+def folder_codes(folder: pd.Series) -> pd.Series:
+    """Top-level folder names -> ``folder 1`` ... ``folder k``, numbered in the sorted order of
+    the distinct names (None stays None). Outputs, logs and MLflow show the codes only: the
+    ingest manifest, which stays with the source data, maps them back to the paths."""
+    number = {name: k for k, name in enumerate(sorted(folder.dropna().unique()), start=1)}
+    return folder.map(number).map(lambda k: f"folder {int(k)}", na_action="ignore")
+
+
 def _per_patient(folder: pd.Series, meta: pd.DataFrame) -> bool:
-    """Whether top-level folders look like one per patient (their names must not be shown)."""
+    """Whether top-level folders look like one per patient: more than SOURCE_FOLDERS_MAX, or
+    each holding a single ``subject_id``."""
     if folder.nunique() > SOURCE_FOLDERS_MAX:
         return True
-    if "subject_id" not in meta or folder.nunique() < 3:
+    if "subject_id" not in meta:
         return False
     subjects = meta["subject_id"][folder.notna()].groupby(folder.dropna()).nunique()
     return bool((subjects == 1).all())

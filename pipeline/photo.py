@@ -193,6 +193,23 @@ def _pillow_open(fp: BinaryIO, path: Path) -> Image.Image | None:
     return im
 
 
+@contextlib.contextmanager
+def _pillow_guard(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) while a file is
+    read: off where ``max_pixels`` (ingest.max_pixels) is given, which is then the one limit,
+    checked on every page's size from the header before anything is decoded (read_photo), so
+    that Pillow's fixed default (89,478,485) refuses no image the user's limit allows; Pillow's
+    own where it is None. Pillow checks at open and again as it decodes (a TIFF's tiles)."""
+    if max_pixels is None:
+        yield
+        return
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _text_kind(path: Path) -> str | None:
     """What a file that is text is (an HTML or XML page, JSON, a Git LFS pointer, other
     text), from its first bytes: UTF-8 without control characters other than tab, line and
@@ -425,8 +442,8 @@ class _FullDepth:
     Values come as stored, before orientation: (H, W) or (H, W, 3), of the file's own dtype,
     or float64 where transparency was composited onto black."""
 
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.path, self.format = path, fmt
+    def __init__(self, path: Path, fmt: str, max_pixels: int | None) -> None:
+        self.path, self.format, self.max_pixels = path, fmt, max_pixels
         self._tif: tifffile.TiffFile | None = None
 
     def tiff(self) -> tifffile.TiffFile:
@@ -448,7 +465,8 @@ class _FullDepth:
 
     def page(self, index: int) -> _Page | None:
         """TIFF page ``index`` as tifffile reads it (headers only); None for a reduced-
-        resolution copy or a mask. BadImage beyond Pillow's pixel limit, as Pillow refuses."""
+        resolution copy or a mask. BadImage beyond Pillow's pixel limit, as Pillow refuses,
+        where no ``max_pixels`` is given (read_photo checks that one over all pages)."""
         page = self.tiff().pages[index]
         tags = page.tags
         if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
@@ -456,7 +474,8 @@ class _FullDepth:
         turn = int(tags.valueof(ORIENTATION, 1))
         turn = turn if turn in _UPRIGHT else 1
         w, h = page.imagewidth, page.imagelength
-        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        pillow = self.max_pixels is None and Image.MAX_IMAGE_PIXELS
+        if pillow and w * h > Image.MAX_IMAGE_PIXELS:
             raise BadImage("decompression bomb: exceeds Pillow's pixel limit", "decompression bomb")
         return _Page.stored(w, h, turn, DEEP, index)
 
@@ -602,7 +621,11 @@ def read_photo(
     """A photo file -> its frames (:func:`pipeline.readers.read_image`'s arguments): every page
     checked for size and pixel count from its header first, the kept ones decoded upright and
     high-depth ones scaled to uint8 over the whole file."""
-    with _open_photo(path) as im, _FullDepth(path, "TIFF" if im is None else im.format) as deep:
+    with (
+        _pillow_guard(max_pixels),
+        _open_photo(path) as im,
+        _FullDepth(path, "TIFF" if im is None else im.format, max_pixels) as deep,
+    ):
         pages = _pages(im, path, deep, max_pixels) if im is not None else deep.pages()
         if not pages:
             kind = "no full-resolution image"

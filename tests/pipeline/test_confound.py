@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from sklearn.decomposition import PCA
 
@@ -32,6 +33,7 @@ from vae_core.model import ConvVAE, VAEConfig
 REPO = Path(__file__).resolve().parents[2]
 
 CLASSES = ("NORMAL", "CNV", "DME")
+PATIENT_FOLDERS = {"^siteA/": "MRN100001_DOE/", "^siteB/": "MRN100002_ROE/"}
 SIZE = 16
 
 
@@ -125,7 +127,8 @@ def test_metadata_attributes_from_table_columns():
     )
     attrs = metadata_attributes(meta)
     assert attrs["eye"].tolist() == ["OD", UNKNOWN_VALUE, "OS"]
-    assert attrs["source_folder"].tolist() == ["siteA", UNKNOWN_VALUE, "siteB"]
+    # codes in the sorted order of the names, never the names (one may be a patient's)
+    assert attrs["source_folder"].tolist() == ["folder 1", UNKNOWN_VALUE, "folder 2"]
     assert attrs["manufacturer"].tolist() == ["Topcon", "Zeiss", UNKNOWN_VALUE]
     assert attrs["size_class"].tolist() == ["512x512", "512x496", "2000x1500"]
     npz = metadata_attributes(pd.DataFrame({"source": ["train_images[0]", "val_images[3]"]}))
@@ -145,6 +148,14 @@ def test_patient_folders_never_become_an_attribute():
     assert "source_folder" not in metadata_attributes(many)
     sites = meta.assign(source=[f"site{i % 3}/scan{i}.dcm" for i in range(8)])
     assert metadata_attributes(sites)["source_folder"].nunique() == 3
+    # two patients, two folders: still one per patient (no minimum number of folders)
+    two = pd.DataFrame(
+        {
+            "source": ["MRN100001_DOE/a.jpg", "MRN100001_DOE/b.jpg", "MRN100002_ROE/c.jpg"],
+            "subject_id": ["s-1", "s-1", "s-2"],
+        }
+    )
+    assert "source_folder" not in metadata_attributes(two)
 
 
 def test_many_image_sizes_are_binned_by_the_longer_side():
@@ -176,7 +187,10 @@ def _stage_setup(root: Path) -> Path:
         # photos are larger) live in the manifest only
         meta.drop(columns="source").to_parquet(processed / f"{split}.parquet", index=False)
         big = meta["source"].str.startswith("siteB")
-        manifest.append(meta.assign(width=np.where(big, 3000, 2000), height=2000))
+        # folders named like patients, with many images and no patient ID in them: they look
+        # like sites, and their names must not reach an output (PATIENT_FOLDERS)
+        source = meta["source"].replace(PATIENT_FOLDERS, regex=True)
+        manifest.append(meta.assign(source=source, width=np.where(big, 3000, 2000), height=2000))
     pd.concat(manifest).to_parquet(root / "manifest.parquet", index=False)
     torch.manual_seed(0)
     model = ConvVAE(VAEConfig(in_channels=3, height=SIZE, width=SIZE, widths=(8, 16), latent_dim=6))
@@ -227,3 +241,17 @@ def test_evaluate_reports_the_camera_confound(tmp_path, monkeypatch, caplog):
     assert categories == ["label", "split", "eye", "source_folder", "size_class"]
     assert data["columns"]["size_class"]["names"] == ["2000x2000", "3000x2000"]
     assert "SUBJ-" not in html
+    assert data["columns"]["source_folder"]["names"] == ["folder 1", "folder 2"]
+
+    # the folders are named like patients: no name reaches a file evaluate wrote or logged
+    logged = download_artifacts(
+        run_id=run.info.run_id,
+        dst_path=str(tmp_path / "logged"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    outputs = [tmp_path / "eval.json", *(tmp_path / "evaluation").rglob("*")]
+    outputs += list(Path(logged).rglob("*"))
+    assert sum(p.suffix == ".html" for p in outputs) >= 2  # the map, here and as logged
+    for path in filter(Path.is_file, outputs):
+        assert b"MRN10000" not in path.read_bytes(), path
+    assert "MRN10000" not in json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])

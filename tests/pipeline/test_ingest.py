@@ -48,6 +48,34 @@ def _kermany(root: Path) -> None:
         Image.fromarray(gradient(60, 70, seed=k)).save(path, quality=90)
 
 
+CLASS_FOLDERS = ["CNV/CNV-111-1", "CNV/CNV-222-1", "NORMAL/NORMAL-333-1", "NORMAL/NORMAL-444-1"]
+
+
+@pytest.mark.parametrize(
+    ("names", "warning"),
+    [
+        (CLASS_FOLDERS, None),  # each class holds several patients
+        (
+            [*CLASS_FOLDERS, "MRN100001_DOE/OCT-555-1", "MRN100001_DOE/OCT-555-2"],
+            "ingest.folder_labels: 1 of 3 label folders hold a single patient's images",
+        ),
+    ],
+)
+def test_a_label_folder_of_one_patient_is_warned_about_by_count(tmp_path, caplog, names, warning):
+    """With labels from folders, a folder holding one patient's images (its name may be the
+    patient's) is counted in a warning that names no folder."""
+    caplog.set_level(logging.INFO)
+    for k, name in enumerate(names):
+        path = tmp_path / "src" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(60, 70, seed=k)).save(path)
+    rc, paths = _run(tmp_path, ingest={"source": str(tmp_path / "src")})
+    assert rc == 0 and len(pd.read_parquet(paths.manifest)) == len(names)
+    lines = [r.getMessage() for r in caplog.records if "ingest.folder_labels" in r.getMessage()]
+    assert [line[: len(warning)] for line in lines] == ([warning] if warning else [])
+    assert "MRN100001" not in caplog.text
+
+
 def test_kermany_folder(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     monkeypatch.delenv("RETINA_VAE_SALT", raising=False)

@@ -1919,3 +1919,58 @@ def test_tiff_compressions_give_the_stored_picture(tmp_path, kind):
     ((_, px),) = d.frames
     assert px.shape == want.shape and np.array_equal(px, want)
     assert d.sizes == [(want.shape[1], want.shape[0])]
+
+
+def _save_16bit_rgb_tiff(path, rgb: np.ndarray) -> None:
+    tifffile.imwrite(path, rgb.astype(np.uint16) * 257, photometric="rgb")
+
+
+PIXEL_LIMIT_FORMATS = {  # suffix -> writer of an (H, W, 3) uint8 picture
+    "png": lambda path, rgb: Image.fromarray(rgb).save(path),
+    "jpeg": lambda path, rgb: Image.fromarray(rgb).save(path, quality=95),
+    "tif": lambda path, rgb: Image.fromarray(rgb).save(path),
+    "bmp": lambda path, rgb: Image.fromarray(rgb).save(path),
+    "webp": lambda path, rgb: Image.fromarray(rgb).save(path, lossless=True),
+    "16-bit.tif": _save_16bit_rgb_tiff,  # read by tifffile: the header check is the TIFF's own
+}
+
+
+@pytest.mark.parametrize("suffix", list(PIXEL_LIMIT_FORMATS))
+def test_ingest_max_pixels_not_pillows_default_is_the_pixel_limit(tmp_path, monkeypatch, suffix):
+    """ingest.max_pixels decides which photos are too large, not Pillow's fixed default (a
+    9500 x 9500 PNG was refused with the default 178,956,970 allowed). Pillow's limit is
+    lowered here so that a 60 x 40 picture crosses it; reference: the same file decoded by
+    Pillow (tifffile for 16-bit) with no limit."""
+    path = tmp_path / f"a.{suffix}"
+    picture = gradient(40, 60, rgb=True)
+    picture[0, 0], picture[-1, -1] = 0, 255  # the full range: 16-bit is scaled over the file's
+    PIXEL_LIMIT_FORMATS[suffix](path, picture)
+    if suffix.startswith("16-bit"):
+        reference = (tifffile.imread(path) // 257).astype(np.uint8)
+    else:
+        with Image.open(path) as im:
+            reference = np.asarray(im.convert("RGB"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+
+    (frame,) = read_image(path, max_pixels=60 * 40).frames  # within the user's limit: read
+    np.testing.assert_array_equal(frame[1], reference)
+    with pytest.raises(BadImage) as err:  # one pixel more than the user's limit: refused
+        read_image(path, max_pixels=60 * 40 - 1)
+    assert str(err.value) == "decompression bomb: 60x40x1 pixels exceeds ingest.max_pixels (2399)"
+    with pytest.raises(BadImage, match="decompression bomb: exceeds Pillow's pixel limit"):
+        read_image(path)  # no limit given: Pillow's stands
+    assert Image.MAX_IMAGE_PIXELS == 1000  # and is left as it was
+
+
+def test_a_photo_above_pillows_default_pixel_limit_is_read(tmp_path):
+    """A real 9500 x 9500 PNG (90.25 M pixels > Pillow's 89,478,485) within ingest.max_pixels's
+    default is read whole; its rows are the values written (row index mod 251)."""
+    path = tmp_path / "big.png"
+    rows = (np.arange(9500) % 251).astype(np.uint8)
+    Image.fromarray(np.broadcast_to(rows[:, None], (9500, 9500)).copy()).save(
+        path, compress_level=1
+    )
+    (frame,) = read_image(path, max_pixels=178_956_970).frames
+    assert frame[1].shape == (9500, 9500)
+    np.testing.assert_array_equal(frame[1][:, 7], rows)
+    np.testing.assert_array_equal(frame[1][4321], np.full(9500, rows[4321]))
