@@ -442,8 +442,8 @@ class _FullDepth:
     Values come as stored, before orientation: (H, W) or (H, W, 3), of the file's own dtype,
     or float64 where transparency was composited onto black."""
 
-    def __init__(self, path: Path, fmt: str, max_pixels: int | None) -> None:
-        self.path, self.format, self.max_pixels = path, fmt, max_pixels
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.format = path, fmt
         self._tif: tifffile.TiffFile | None = None
 
     def tiff(self) -> tifffile.TiffFile:
@@ -465,8 +465,8 @@ class _FullDepth:
 
     def page(self, index: int) -> _Page | None:
         """TIFF page ``index`` as tifffile reads it (headers only); None for a reduced-
-        resolution copy or a mask. BadImage beyond Pillow's pixel limit, as Pillow refuses,
-        where no ``max_pixels`` is given (read_photo checks that one over all pages)."""
+        resolution copy or a mask. BadImage beyond Pillow's pixel limit, as Pillow refuses (none
+        while :func:`_pillow_guard` has lifted it for ``max_pixels``, checked over all pages)."""
         page = self.tiff().pages[index]
         tags = page.tags
         if _not_a_picture(tags.valueof(254, 0), tags.valueof(255, 1)):
@@ -474,8 +474,7 @@ class _FullDepth:
         turn = int(tags.valueof(ORIENTATION, 1))
         turn = turn if turn in _UPRIGHT else 1
         w, h = page.imagewidth, page.imagelength
-        pillow = self.max_pixels is None and Image.MAX_IMAGE_PIXELS
-        if pillow and w * h > Image.MAX_IMAGE_PIXELS:
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
             raise BadImage("decompression bomb: exceeds Pillow's pixel limit", "decompression bomb")
         return _Page.stored(w, h, turn, DEEP, index)
 
@@ -624,7 +623,7 @@ def read_photo(
     with (
         _pillow_guard(max_pixels),
         _open_photo(path) as im,
-        _FullDepth(path, "TIFF" if im is None else im.format, max_pixels) as deep,
+        _FullDepth(path, "TIFF" if im is None else im.format) as deep,
     ):
         pages = _pages(im, path, deep, max_pixels) if im is not None else deep.pages()
         if not pages:
