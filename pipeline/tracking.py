@@ -333,6 +333,10 @@ def progress_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
 ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+# metric steps held, (key, step) of whole grids, {(key, step): PNG name} of grids cut short
+_Held = tuple[set[int], set[tuple[str, int]], dict[tuple[str, int], str]]
+
+
 class Outbox:
     """One run's epoch logs on their way to the tracking store, kept in ``folder`` until sent.
 
@@ -347,8 +351,8 @@ class Outbox:
         self.uri, self.run_id, self.folder = uri, run_id, Path(folder)
         self.down = False  # inside an outage (reported once)
         # what the run holds, read at the first send and after each failure: metric steps,
-        # and (key, step) of image grids
-        self._held: tuple[set[int], set[tuple[str, int]]] | None = None
+        # (key, step) of whole image grids, and those cut off before their thumbnail
+        self._held: _Held | None = None
 
     def put(self, epoch: int, metrics: dict[str, float], grids: dict[str, np.ndarray]) -> None:
         """Keep epoch ``epoch``'s ``metrics`` and ``grids`` ({key: (H,W,3) uint8})."""
@@ -396,14 +400,16 @@ class Outbox:
         mlflow_client = client(self.uri)
         if self._held is None:
             self._held = self._read_held(mlflow_client, next(iter(metrics)))
-        steps, images = self._held
+        steps, images, cut = self._held
         grids = sorted(self.folder.glob(f"{epoch:06d}.*.npy"))
         if epoch not in steps:
             for path in grids:  # (the metrics last: they mark the epoch as logged)
                 key = path.name.split(".")[1]
-                if (key, epoch) not in images:
+                if (key, epoch) in cut:  # its PNG is there: one more would be a duplicate
+                    _log_thumbnail(mlflow_client, self.run_id, cut.pop((key, epoch)), path)
+                elif (key, epoch) not in images:
                     mlflow_client.log_image(self.run_id, np.load(path), key=key, step=epoch)
-                    images.add((key, epoch))
+                images.add((key, epoch))
             batch = [Metric(k, v, entry["time_ms"], epoch) for k, v in metrics.items()]
             for i in range(0, len(batch), 1000):  # MLflow's batch limit
                 mlflow_client.log_batch(self.run_id, metrics=batch[i : i + 1000])
@@ -412,21 +418,45 @@ class Outbox:
             path.unlink()
         (self.folder / f"{epoch:06d}.json").unlink()
 
-    def _read_held(self, mlflow_client: Any, key: str) -> tuple[set[int], set[tuple[str, int]]]:
-        """The metric steps of ``key`` (any: an epoch's metrics go in one batch) and the
-        (key, step) of the image grids the run holds in full.
+    def _read_held(self, mlflow_client: Any, key: str) -> _Held:
+        """The metric steps of ``key`` (any: an epoch's metrics go in one batch), the
+        (key, step) of the image grids the run holds in full, and {(key, step): PNG name} of
+        those cut off between their two files.
 
         MLflow's ``log_image`` writes ``images/<key>+step+<s>+timestamp+<t>+<uuid>.png`` and then
-        its ``...+compressed.webp`` (the UI's thumbnail): a grid counts as held only when both
-        files are there, so one cut off between them is sent again. (Grid keys come from file
-        names here, so they never hold the "/" that MLflow would write as "~".)
+        its ``...+compressed.webp`` (the UI's card): a grid whose PNG landed without it is
+        completed with the thumbnail alone (:func:`_log_thumbnail`), never sent again, so no step
+        shows two images. (Grid keys come from file names here, so they never hold the "/" that
+        MLflow would write as "~".)
         """
         steps = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
         names = [Path(a.path).name for a in mlflow_client.list_artifacts(self.run_id, "images")]
         png = {n.removesuffix(".png") for n in names if n.endswith(".png")}
         webp = {n.removesuffix("+compressed.webp") for n in names if n.endswith(".webp")}
-        parts = [stem.split("+") for stem in png & webp]
-        return steps, {(p[0], int(p[2])) for p in parts if len(p) > 2 and p[2].isdigit()}
+
+        def grid(stem: str) -> tuple[str, int] | None:
+            parts = stem.split("+")  # key, "step", s, "timestamp", t, uuid
+            return (parts[0], int(parts[2])) if len(parts) > 2 and parts[2].isdigit() else None
+
+        whole = {grid(stem) for stem in png & webp} - {None}
+        cut = {grid(stem): stem for stem in sorted(png - webp)}
+        return steps, whole, {k: v for k, v in cut.items() if k is not None and k not in whole}
+
+
+def _log_thumbnail(mlflow_client: Any, run_id: str, stem: str, grid: Path) -> None:
+    """Log the UI card of the grid saved in ``grid`` (a (H,W,3) uint8 ``.npy``) whose PNG the
+    run holds as ``images/<stem>.png``: what MLflow's ``log_image`` writes after the PNG, made
+    with its own resizing, and the tag it sets."""
+    import tempfile
+
+    from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{stem}+compressed.webp"
+        compress_image_size(convert_to_pil_image(np.load(grid))).save(path)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path="images")
+    mlflow_client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, True)
 
 
 @contextmanager
