@@ -59,7 +59,11 @@ def expand(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and readers.is_candidate(p))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and readers.is_candidate(p.relative_to(path))
+            )
             if not found:
                 log.warning("%s: no image files in this folder", hidden(path))
             files += found

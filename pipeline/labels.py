@@ -398,7 +398,7 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
 
     Raises UserError (one line) for an unreadable file, a missing path column or a column
     named in params but absent, a column read holding formulas without a saved value (.xlsx),
-    an empty path, a path outside ``root`` or an unknown split.
+    a sheet without rows, an empty path, a path outside ``root`` or an unknown split.
     """
     df = _raw(path, _header(ing.path_column if named else "path"))
     out = pd.DataFrame(index=df.index)
@@ -409,6 +409,8 @@ def read_sheet(path: Path, ing: IngestParams, root: Path, named: bool = True) ->
             taken[role] = _header(name)
         elif role == "path" or _header(name) != role:  # a default name may be absent
             raise UserError(f"{path}: {_no_column(name, key, len(df.columns))}")
+    if df.empty:  # a header and nothing, or only the empty rows a spreadsheet leaves
+        raise UserError(f"{path}: no rows below the header (one row per image is expected)")
     split = (ing.split_column if named else "split") or ""  # null: the sheet's split ignored
     if split and _header(split) in df.columns:
         taken["split"] = _header(split)
@@ -682,7 +684,7 @@ def match(path: Path, table: pd.DataFrame, index: FileIndex, candidates: int) ->
         resolved.append(hits[0] if hits else None)
         if not hits:
             missing.append(value)
-    table = table.assign(path=resolved)[[r is not None for r in resolved]]
+    table = table.assign(path=resolved).loc[[r is not None for r in resolved]]
     table, repeated, conflicts = _merge_repeats(table)
     listed = index.files & (set(table["path"]) | set(conflicts))
     return Listing(

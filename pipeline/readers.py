@@ -120,14 +120,22 @@ def _has_preamble(path: Path) -> bool:
 
 
 def is_candidate(path: str | Path) -> bool:
-    """Whether a file found in a source folder should be tried as an image at all."""
-    name = os.path.basename(path)  # os.path, not pathlib: no interned string per file name
+    """Whether a file found in a source folder should be tried as an image at all; ``path``
+    relative to that folder. Nothing inside a hidden folder is: ``.git/`` (a git-LFS clone of
+    a dataset keeps a copy of every image there), ``.thumbnails/``, ``.ipynb_checkpoints/``."""
+    folder, name = os.path.split(path)  # os.path, not pathlib: no interned string per file
     return not (
         name.startswith(".")
+        or any(part.startswith(".") and part not in (".", "..") for part in _parts(folder))
         or name.upper() == DICOMDIR
         or name.lower() in ("thumbs.db", "desktop.ini")
         or os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES
     )
+
+
+def _parts(folder: str) -> list[str]:
+    """A relative folder's names (``a/b`` -> ``[a, b]``; either separator)."""
+    return folder.replace(os.sep, "/").split("/") if folder else []
 
 
 def normalise_eye(value: object) -> str | None:

@@ -53,6 +53,8 @@ def folder(tmp_path) -> Path:
     _photo(images / "a.png", 0)
     _photo(images / "sub" / "b.jpg", 1)
     (images / "notes.txt").write_text("not an image")  # a sidecar: skipped, not an error
+    (images / ".thumbnails").mkdir()  # a file manager's copies: a hidden folder, skipped
+    _photo(images / ".thumbnails" / "a.png", 5)
     # a two-frame TIFF: one row per frame
     frames = [Image.fromarray(np.full((40, 40), v, np.uint8)) for v in (30, 200)]
     frames[0].save(images / "volume.tif", save_all=True, append_images=frames[1:])
@@ -81,6 +83,18 @@ def test_encode_folder_matches_the_model_on_preprocessed_pixels(tmp_path, folder
     # the two TIFF frames differ, so do their latents
     vol = table[[n == "volume.tif" for n in names]].filter(like="mu_").to_numpy()
     assert not np.allclose(vol[0], vol[1])
+
+
+def test_a_folder_given_inside_a_hidden_one_is_encoded(tmp_path):
+    """Only folders hidden *below* the one named are skipped: ~/.cache/scans is the user's."""
+    _model(tmp_path)
+    images = tmp_path / ".cache" / "scans"
+    images.mkdir(parents=True)
+    _photo(images / "a.png", 0)
+    out = tmp_path / "latents.csv"
+    argv = ["--params", str(_params(tmp_path)), "--model", str(tmp_path / "vae.pt")]
+    assert main([*argv, "--out", str(out), str(images)]) == 0
+    assert [Path(p).name for p in pd.read_csv(out)["path"]] == ["a.png"]
 
 
 def test_bad_files_are_listed_and_the_rest_written(tmp_path, folder, capsys, caplog):

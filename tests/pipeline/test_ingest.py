@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,14 @@ def test_kermany_folder(tmp_path, caplog, monkeypatch):
     src = tmp_path / "OCT2017"
     _kermany(src)
     (src / "train" / "README.md").write_text("not an image")
+    # what a git-LFS clone keeps (each image again, under its hash, in a folder named like a
+    # class) and a file manager's thumbnails: hidden folders, never images of the dataset
+    lfs = src / ".git" / "lfs" / "objects" / "ab" / "cd"
+    lfs.mkdir(parents=True)
+    shutil.copy(src / "train" / "DME" / "DME-222-1.jpeg", lfs / "abcd0123456789")
+    (src / "train" / "CNV" / ".thumbnails").mkdir()
+    thumb = src / "train" / "CNV" / ".thumbnails" / "CNV-111-1.jpeg"
+    Image.fromarray(gradient(60, 70, seed=9)).save(thumb)
     rc, paths = _run(tmp_path, ingest={"source": str(src)})
     assert rc == 0
     m = pd.read_parquet(paths.manifest)
@@ -102,7 +111,7 @@ def test_kermany_folder(tmp_path, caplog, monkeypatch):
     }
     assert (m["width"] == 70).all() and (m["height"] == 60).all() and (m["frame"] == 0).all()
     r = _report(paths)
-    assert (r["found"], r["ingested"], r["skipped_sidecars"], r["subjects"]) == (5, 5, 1, 4)
+    assert (r["found"], r["ingested"], r["skipped_sidecars"], r["subjects"]) == (5, 5, 3, 4)
     assert "found 5 = ingested 5 + quarantined 0 + duplicates 0" in caplog.text
     assert caplog.text.count("keyed with the built-in salt") == 1  # real data, no secret salt
     # rerun: same ids (stable pseudonyms)

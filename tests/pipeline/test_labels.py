@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -453,17 +454,53 @@ LINES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LINES))
-def test_errors_name_the_line_of_the_file(tmp_path, capsys, name):
+def _ingest_sheet(tmp_path: Path, name: str, content: str | dict) -> tuple[int, Path]:
+    """Ingest the three images with a sheet ``name`` holding ``content`` (text, or .xlsx rows
+    as :func:`_xlsx_rows` takes them); (exit code, the sheet's path)."""
     _images(tmp_path / "src")
     sheet = tmp_path / name
     if name.endswith(".xlsx"):
-        _xlsx_rows(sheet, LINES[name])
+        _xlsx_rows(sheet, content)
     else:
-        sheet.write_bytes(LINES[name].encode())
-    rc, _ = _ingest(tmp_path, sheet)
+        sheet.write_bytes(content.encode())
+    return _ingest(tmp_path, sheet)[0], sheet
+
+
+@pytest.mark.parametrize("name", sorted(LINES))
+def test_errors_name_the_line_of_the_file(tmp_path, capsys, name):
+    rc, sheet = _ingest_sheet(tmp_path, name, LINES[name])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 1 and err.endswith(f"{sheet}: line 5: split 'bogus' is not train, val or test")
+
+
+# A header and no image rows, as a spreadsheet saves an emptied sheet -> one line, no traceback.
+NO_ROWS = {
+    "header_only.csv": "path,label\n",
+    "excel_leftovers.csv": "path,label,,\r\n,,,\r\n,,,\r\n",
+    "header_only.xlsx": {1: ["path", "label"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_ROWS))
+def test_a_sheet_without_rows_is_one_line(tmp_path, capsys, name):
+    rc, sheet = _ingest_sheet(tmp_path, name, NO_ROWS[name])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.endswith(f"{sheet}: no rows below the header (one row per image is expected)")
+
+
+def test_a_copy_in_a_hidden_folder_is_not_a_second_match(tmp_path):
+    """A sheet naming images by stem (EyePACS, IDRiD) beside a thumbnail folder a file manager
+    left: the row names the image, not the hidden copy."""
+    _images(tmp_path / "src")
+    (tmp_path / "src" / ".thumbnails").mkdir()
+    shutil.copy(tmp_path / "src" / "a.png", tmp_path / "src" / ".thumbnails" / "a.png")
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("path,label\na,x\nb,x\nc,y\n")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    assert sorted(pd.read_parquet(paths.manifest)["source"]) == ["a.png", "b.png", "c.png"]
 
 
 def test_an_absolute_path_inside_the_source_is_stored_relative_and_listed(tmp_path):

@@ -18,7 +18,7 @@ from tests.conftest import free_port
 from tests.pipeline.test_train import _runs, _steps
 from tests.s3 import BUCKET, moto_s3
 
-EPOCHS = 30
+EPOCHS = 10
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,8 @@ def test_checkpoints_on_s3_and_resume_after_a_failure(
             monkeypatch.setenv(key, value)
         uri = f"s3://{BUCKET}/runs"
         path = params_file(
-            # enough epochs (~0.3 s each) that the kill lands while the run is training
+            # enough epochs (each ~0.3 s plus its S3 checkpoint) that the kill lands while the
+            # run is training: the kill follows the first commit within a second
             train={"epochs": EPOCHS, "num_workers": 2, "image_every": 100, "max_failures": 0},
             paths={"checkpoints": uri},
             cluster={"forward_env": sorted(aws)},
