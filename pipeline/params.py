@@ -140,7 +140,7 @@ class PreprocessParams:
     image_size: tuple[Annotated[int, Field(ge=28)], Annotated[int, Field(ge=28)]]
     oct_aspect: Literal["pad", "crop"]
     illumination: Literal["none", "graham", "clahe"]
-    val_fraction: Fraction
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # training reports on val
     test_fraction: Fraction
     seed: int
     workers: Pos

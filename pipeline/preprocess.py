@@ -44,14 +44,29 @@ def assign_splits(
     """Split per subject, stratified by each subject's majority label; ``split`` overrides.
 
     Returns one split name per row (index of ``df``). A subject given explicit splits takes
-    its most common one for all its rows (a warning says how many rows moved). Array work
-    over subject codes: no Python object per subject, so memory stays flat at 10^5 images.
+    its most common one for all its rows (a warning says how many rows moved). Explicit
+    splits that name no val subject (an official train/test release) give val the
+    ``val_fraction`` of their train subjects, drawn the same way. Array work over subject
+    codes: no Python object per subject, so memory stays flat at 10^5 images.
     """
     subject, ids = pd.factorize(df["subject_id"])  # (N,) row -> subject, (S,) subject ids
     chosen = _explicit_splits(df, subject, len(ids))  # (S,) index into SPLITS, -1 = free
     majority = _majority_labels(df["label"], subject, len(ids))  # (S,) label code
     ids = np.asarray(ids, dtype=object)
     rng = np.random.default_rng(seed)
+    train, val, test = (SPLITS.index(name) for name in ("train", "val", "test"))
+    if (chosen == train).any() and (chosen == test).any() and not (chosen == val).any():
+        given = chosen == train
+        for label in np.unique(majority[given]):
+            group = np.flatnonzero(given & (majority == label))
+            group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled
+            chosen[group[: round(len(group) * val_fraction)]] = val
+        log.info(
+            "the given splits (ingest.split_column) name no val images: val is %d of their "
+            "%d train subjects (preprocess.val_fraction)",
+            int((chosen == val).sum()),
+            int(given.sum()),
+        )
     for label in np.unique(majority[chosen < 0]):  # labels in sorted order, unlabelled first
         group = np.flatnonzero((chosen < 0) & (majority == label))
         group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled

@@ -145,6 +145,12 @@ def check_processed(processed: Path) -> tuple[int, int, int]:
         shapes[split] = images.shape
     if shapes["train"][0] == 0:
         raise UserError(f"{images_path(processed, 'train')}: the training split is empty")
+    if shapes["val"][0] == 0:  # its bound and active units would read 0, the best run's
+        raise UserError(
+            f"{images_path(processed, 'val')}: the val split is empty (the train stage reports "
+            "its bound and active units on it); raise preprocess.val_fraction, the share of "
+            "subjects in val, and re-run preprocess"
+        )
     if shapes["train"][1:] != shapes["val"][1:]:
         raise UserError(f"{processed}: train and val images differ in shape")
     return tuple(int(v) for v in shapes["train"][1:])  # type: ignore[return-value]

@@ -65,6 +65,7 @@ def test_flat_has_one_entry_per_key():
         ({"train": {"free_bits": -0.5}}, None, "train.free_bits: Input should be greater than"),
         ({"train": {"augment_jitter": 1.5}}, None, "train.augment_jitter: Input should be less"),
         ({"preprocess": {"illumination": "retinex"}}, None, "preprocess.illumination: Input"),
+        ({"preprocess": {"val_fraction": 0}}, None, "preprocess.val_fraction: Input should be gr"),
         ({"preprocess": {"image_size": [16, 64]}}, None, "preprocess.image_size.0: Input should"),
         ({"ingest": {"patient_pattern": "("}}, None, "ingest.patient_pattern: not a regular"),
         ({"ingest": {"patient_pattern": "abc"}}, None, "ingest.patient_pattern: needs one capture"),

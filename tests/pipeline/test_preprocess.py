@@ -41,6 +41,29 @@ def test_split_by_subject_stratified_and_overridden():
     assert not split.equals(preprocess.assign_splits(df, 0.2, 0.2, seed=4))
 
 
+def test_given_train_and_test_without_val_draw_val_from_train():
+    """An official train/test release: val is val_fraction of each label's train subjects;
+    the test subjects stay test, and so does every subject's split in any other case."""
+    rows = [
+        {"subject_id": f"s{s:02d}", "label": "AB"[s % 2], "split": "test" if s < 20 else "train"}
+        for s in range(60)
+        for _ in range(1 + s % 3)  # 1-3 images per subject
+    ]
+    df = pd.DataFrame(rows)
+    split = preprocess.assign_splits(df, 0.25, 0.1, seed=0)
+    assert (df.assign(split=split).groupby("subject_id")["split"].nunique() == 1).all()
+    assert (split[df["split"] == "test"] == "test").all()
+    per = df.assign(split=split).drop_duplicates("subject_id").groupby(["split", "label"]).size()
+    assert (per["val"]["A"], per["val"]["B"], per["train"]["A"], per["train"]["B"]) == (
+        5,
+        5,
+        15,
+        15,
+    )
+    given = df.assign(split=np.where(df["subject_id"] == "s59", "val", df["split"]))
+    assert preprocess.assign_splits(given, 0.25, 0.1, seed=0).equals(given["split"])
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [

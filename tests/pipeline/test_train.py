@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 import pipeline.train as train
 from pipeline.params import load_params
 from pipeline.tracking import resolve_tracking_uri, using_uri
-from tests.conftest import free_port, write_params
+from tests.conftest import free_port, write_params, write_processed
 from vae_core.checkpoint import load_checkpoint, read_checkpoint
 
 # The kill helpers below run inside Ray workers: ship them by value, not by module name.
@@ -329,6 +329,18 @@ def test_missing_preprocess_outputs_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "train_images.npy: not found; run `retina-vae preprocess` first" in err[0]
+
+
+def test_an_empty_val_split_is_one_line_before_anything_starts(tmp_path, capsys):
+    """Its bound and active units would read 0: the best-looking run in a comparison."""
+    write_processed(tmp_path, {"train": 16, "val": 0, "test": 4})
+    path = write_params(tmp_path)
+    assert train.main(["--params", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("retina-vae train: error: ")
+    assert "val_images.npy: the val split is empty" in err[0]
+    assert "raise preprocess.val_fraction" in err[0]
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened
 
 
 def test_unreachable_cluster_is_one_line(processed, params_file, capsys):
