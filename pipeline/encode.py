@@ -4,8 +4,11 @@
 
 PATHs are image files or folders (searched recursively, skipping the sidecars ingest skips) in
 any format ingest accepts: JPEG, PNG, TIFF, BMP, DICOM (multi-frame too) and MedMNIST-style
-``.npz`` files. Each image is preprocessed exactly as for training (``ingest.modality``,
-``preprocess.oct_aspect``, ``ingest.oct_frames``; the size comes from the checkpoint). Writes
+``.npz`` files. Each image is preprocessed exactly as for training: ``ingest.modality``,
+``preprocess.oct_aspect`` and ``preprocess.illumination`` are the ones the checkpoint records
+(train writes them; where the params say otherwise, one line says so and the model's are used;
+a checkpoint from before that record takes the params' own, with a note), and the size is the
+model's. The params choose which frames of a volume to encode (``ingest.oct_frames``). Writes
 one row per image or frame: ``path, frame, mu_0..mu_{J-1}, sigma_0..sigma_{J-1}`` (CSV, or
 parquet by suffix).
 
@@ -29,6 +32,7 @@ import argparse
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,7 @@ from pipeline.html_map import UNKNOWN
 from pipeline.io import write_table
 from pipeline.latent import LAYOUT_FILE, MAP_POINTS, PROBE_FILE, probe_predict
 from pipeline.manifest import NOT_UTF8, hidden, is_utf8
-from pipeline.model_io import encode_images, load_model
+from pipeline.model_io import PREPROCESSING, encode_images, load_model, preprocessing
 from pipeline.params import Params
 from pipeline.pixels import prepare_file, prepare_npz_row
 from pipeline.processed import CHANNELS
@@ -132,7 +136,8 @@ def encode(
     if out.suffix not in OUT_SUFFIXES:
         raise UserError(f"{out}: output must end in {', '.join(OUT_SUFFIXES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(model_path, device)
+    model, extra = load_model(model_path, device)
+    params = as_trained(params, extra, model_path)
     cfg = model.config
     modality = params.ingest.modality
     if CHANNELS[modality] != cfg.in_channels:
@@ -155,6 +160,34 @@ def encode(
             add_to_map(evaluation, html, table, pixels, neighbours)
     write_table(out, table)
     return len(table), failures
+
+
+def as_trained(params: Params, extra: dict, model_path: str) -> Params:
+    """``params`` with the preprocessing the model's checkpoint records (``extra``, written by
+    train), and one log line for each key the params set otherwise. A checkpoint without the
+    record (trained before it was kept) leaves ``params`` as they are, with a note."""
+    recorded = {key: extra[key] for key in PREPROCESSING if key in extra}
+    if not recorded:
+        log.warning(
+            "%s does not record its preprocessing (trained before checkpoints kept it): "
+            "preparing images with the params' %s",
+            model_path,
+            ", ".join(PREPROCESSING),
+        )
+        return params
+    for key, value in preprocessing(params).items():
+        if key in recorded and recorded[key] != value:
+            log.warning(
+                "%s: the model was trained with %s; params say %s: using the model's",
+                key,
+                recorded[key],
+                value,
+            )
+    groups: dict[str, dict[str, str]] = {}
+    for key, value in recorded.items():  # "preprocess.illumination" -> preprocess, illumination
+        group, name = key.split(".")
+        groups.setdefault(group, {})[name] = value
+    return replace(params, **{g: replace(getattr(params, g), **kv) for g, kv in groups.items()})
 
 
 def read_inputs(

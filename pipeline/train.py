@@ -2,7 +2,8 @@
 
 Reads the preprocess arrays (``paths.processed``), trains with ``vae_core.distributed.fit``
 (TorchTrainer, DDP, a checkpoint per epoch under ``paths.checkpoints``) and writes
-``paths.model`` (vae_core checkpoint; ``extra`` = mlflow_run_id, params_hash, data_hash),
+``paths.model`` (vae_core checkpoint; ``extra`` = mlflow_run_id, params_hash, data_hash and the
+preprocessing of its input, :func:`checkpoint_extra`),
 ``paths.train_metrics`` and ``paths.train_history``.
 
 Resume: the Ray run is named after the hash of the params that shape training and of the
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 from pipeline import cluster, ray_address, run_store, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
+from pipeline.model_io import preprocessing
 from pipeline.params import Params
 from pipeline.processed import (
     ShardedArray,
@@ -178,6 +180,17 @@ def params_hash(params: Params) -> str:
         if k.split(".")[0] in ("model", "train") and k not in OPERATIONAL
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def checkpoint_extra(params: Params, processed: Path) -> dict[str, str]:
+    """The checkpoint's ``extra`` before the MLflow run id is known: the params and data hashes,
+    and the preprocessing that made the images it learns from (``ingest.modality``, ...:
+    :data:`pipeline.model_io.PREPROCESSING`), which ``retina-vae encode`` applies to new ones."""
+    return {
+        "params_hash": params_hash(params),
+        "data_hash": data_hash(processed),
+        **preprocessing(params),
+    }
 
 
 def model_config(params: Params, shape: tuple[int, int, int]) -> VAEConfig:
@@ -387,7 +400,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> None:
     """The stage body (see module docstring)."""
     processed = Path(params.paths.processed).resolve()
     shape = check_processed(processed)
-    extra = {"params_hash": params_hash(params), "data_hash": data_hash(processed)}
+    extra = checkpoint_extra(params, processed)
     uri = tracking.resolve_tracking_uri(params.tracking)
     storage = run_store.location(params.paths.checkpoints)  # a folder or an object-store URI
     name = f"train-{extra['params_hash'][:10]}-{extra['data_hash'][:10]}"
@@ -500,7 +513,7 @@ class _Job:
     Ray Train storage (``storage / name``)."""
 
     shape: tuple[int, int, int]  # (C, H, W) of the training images
-    extra: dict[str, str]  # params_hash, data_hash, mlflow_run_id
+    extra: dict[str, str]  # checkpoint_extra and mlflow_run_id
     uri: str
     storage: str  # paths.checkpoints: an absolute folder or an object-store URI
     name: str

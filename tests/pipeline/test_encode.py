@@ -15,6 +15,8 @@ from sklearn.decomposition import PCA
 from pipeline import latent
 from pipeline.encode import main
 from pipeline.html_map import latent_map, read_payload
+from pipeline.model_io import preprocessing
+from pipeline.params import load_params
 from pipeline.pixels import prepare_file, prepare_pixels
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
@@ -23,12 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 SIZE, J = 32, 3
 
 
-def _model(root: Path, channels: int = 1) -> ConvVAE:
+def _model(root: Path, channels: int = 1, extra: dict | None = None) -> ConvVAE:
+    """A small untrained model saved at ``root/vae.pt``; ``extra`` None: a checkpoint from
+    before train recorded the preprocessing."""
     torch.manual_seed(0)
     model = ConvVAE(
         VAEConfig(in_channels=channels, height=SIZE, width=SIZE, widths=(4, 8), latent_dim=J)
     )
-    save_checkpoint(root / "vae.pt", model)
+    save_checkpoint(root / "vae.pt", model, extra=extra)
     return model.eval()
 
 
@@ -137,17 +141,28 @@ def test_modality_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, fold
     assert not (tmp_path / "l.csv").exists()
 
 
+def _params_with(root: Path, modality: str, preprocess: dict) -> Path:
+    """``root/params.yaml``: the repository's, with this modality and these preprocess params."""
+    params = yaml.safe_load(_params(root, modality).read_text())
+    params["preprocess"].update(preprocess)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root / "params.yaml"
+
+
+def _encode_files(root: Path, paths: list[Path], modality: str, preprocess: dict) -> np.ndarray:
+    """``retina-vae encode`` of ``paths`` with these preprocess params -> (N, J) mu."""
+    out = root / "latents.csv"
+    params = _params_with(root, modality, preprocess)
+    argv = ["--params", str(params), "--model", str(root / "vae.pt"), "--out", str(out)]
+    assert main([*argv, *map(str, paths)]) == 0
+    return pd.read_csv(out).filter(regex=r"^mu_\d+$").to_numpy()
+
+
 def _encode_npz(tmp_path: Path, rows: np.ndarray, modality: str, preprocess: dict) -> np.ndarray:
     """``retina-vae encode`` on an .npz of ``rows`` with these preprocess params -> (N, J) mu."""
     npz = tmp_path / "rows.npz"
     np.savez(npz, test_images=rows)
-    params = yaml.safe_load(_params(tmp_path, modality).read_text())
-    params["preprocess"].update(preprocess)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "latents.csv"
-    argv = ["--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "vae.pt")]
-    assert main([*argv, "--out", str(out), str(npz)]) == 0
-    return pd.read_csv(out).filter(regex=r"^mu_\d+$").to_numpy()
+    return _encode_files(tmp_path, [npz], modality, preprocess)
 
 
 def test_npz_rows_are_encoded_from_the_pixels_preprocess_trains_on(tmp_path):
@@ -178,6 +193,82 @@ def test_npz_oct_rows_follow_the_params_aspect_rule(tmp_path):
     with torch.no_grad():
         mu, _ = model.encode(torch.from_numpy(crop).float() / 255)
     np.testing.assert_allclose(got, mu.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _fundus_photo(path: Path) -> Path:
+    """An RGB photo whose pixels Graham's illumination step changes: a lit disc, uneven."""
+    yy, xx = np.mgrid[0:60, 0:64]
+    disc = (yy - 30) ** 2 + (xx - 32) ** 2 < 26**2
+    rgb = np.stack([150 + xx, 60 + yy, 30 + (xx + yy) // 4], axis=2) * disc[..., None]
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    return path
+
+
+def _mu(model: ConvVAE, pixels: np.ndarray) -> np.ndarray:
+    """The model's latent means of (N,C,H,W) uint8 pixels."""
+    with torch.no_grad():
+        return model.encode(torch.from_numpy(pixels).float() / 255)[0].numpy()
+
+
+def test_images_are_prepared_with_the_preprocessing_the_model_records(tmp_path, caplog):
+    """A model trained with illumination none, encoded under params saying graham: the model's
+    none is used (the same latents as under params saying none, those of the photo prepared
+    with none), and one line names the key and both values."""
+    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})))
+    assert recorded["preprocess.illumination"] == "none"
+    model = _model(tmp_path, channels=3, extra={"params_hash": "p", **recorded})
+    photo = _fundus_photo(tmp_path / "fundus.png")
+    graham = _encode_files(tmp_path, [photo], "fundus", {"illumination": "graham"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "retina_vae.encode"]
+    caplog.clear()
+    none = _encode_files(tmp_path, [photo], "fundus", {"illumination": "none"})
+    prepared = {
+        light: np.stack(prepare_file(photo, "fundus", (SIZE, SIZE), "pad", "all",
+                                     illumination=light))
+        for light in ("none", "graham")
+    }  # fmt: skip
+    assert not np.allclose(_mu(model, prepared["none"]), _mu(model, prepared["graham"]), atol=1e-3)
+    np.testing.assert_allclose(graham, _mu(model, prepared["none"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(graham, none, rtol=1e-5, atol=1e-6)
+    assert lines == [
+        "preprocess.illumination: the model was trained with none; params say graham: "
+        "using the model's"
+    ]
+    assert not [r for r in caplog.records if r.name == "retina_vae.encode" and r.levelno > 20]
+
+
+def test_the_recorded_modality_is_used_over_the_params(tmp_path, caplog):
+    """A fundus model encodes a photo as fundus under params saying oct (without the record,
+    a channel error), with one line naming ingest.modality."""
+    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})))
+    model = _model(tmp_path, channels=3, extra=recorded)
+    photo = _fundus_photo(tmp_path / "fundus.png")
+    got = _encode_files(tmp_path, [photo], "oct", {})
+    pixels = np.stack(prepare_file(photo, "fundus", (SIZE, SIZE), "pad", "all"))
+    np.testing.assert_allclose(got, _mu(model, pixels), rtol=1e-4, atol=1e-5)
+    assert any(
+        r.getMessage() == "ingest.modality: the model was trained with fundus; params say oct: "
+        "using the model's"
+        for r in caplog.records
+    )
+
+
+def test_a_checkpoint_without_the_record_uses_the_params_with_a_note(tmp_path, caplog):
+    """A model saved before train recorded its preprocessing: the params' graham is applied,
+    as before, and one line says the model does not record its preprocessing."""
+    model = _model(tmp_path, channels=3)  # extra {}: no record
+    photo = _fundus_photo(tmp_path / "fundus.png")
+    got = _encode_files(tmp_path, [photo], "fundus", {"illumination": "graham"})
+    pixels = np.stack(
+        prepare_file(photo, "fundus", (SIZE, SIZE), "pad", "all", illumination="graham")
+    )
+    np.testing.assert_allclose(got, _mu(model, pixels), rtol=1e-4, atol=1e-5)
+    notes = [r.getMessage() for r in caplog.records if "record" in r.getMessage()]
+    assert notes == [
+        f"{tmp_path / 'vae.pt'} does not record its preprocessing (trained before checkpoints "
+        "kept it): preparing images with the params' ingest.modality, preprocess.oct_aspect, "
+        "preprocess.illumination"
+    ]
 
 
 def _evaluation(root: Path, model: ConvVAE, files: list[Path]) -> tuple[Path, PCA, object]:

@@ -155,9 +155,10 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
 
     model = load_checkpoint(params.paths.model)
     extra = read_checkpoint(params.paths.model)["extra"]
-    assert set(extra) == {"mlflow_run_id", "params_hash", "data_hash"}
-    assert extra["params_hash"] == train.params_hash(params)
-    assert extra["data_hash"] == train.data_hash(Path(params.paths.processed))
+    assert extra == {
+        **train.checkpoint_extra(params, Path(params.paths.processed)),
+        "mlflow_run_id": extra["mlflow_run_id"],
+    }
     assert model.config.height == 32 and model.config.latent_dim == 4
 
     history = pd.read_csv(params.paths.train_history)
@@ -219,6 +220,22 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
     with using_uri(resolve_tracking_uri(params.tracking)):
         registered = mlflow.pyfunc.load_model("models:/retina-encoder/1")
     np.testing.assert_allclose(registered.predict(x), served.predict(x), rtol=1e-6)
+
+
+def test_the_checkpoint_extra_records_the_preprocessing_of_the_model_input(processed, params_file):
+    """What encode needs to prepare a new image as the training images were prepared, beside
+    the hashes of the params and data."""
+    path = params_file(
+        ingest={"modality": "fundus"}, preprocess={"oct_aspect": "crop", "illumination": "graham"}
+    )
+    params = load_params(path)
+    assert train.checkpoint_extra(params, processed) == {
+        "params_hash": train.params_hash(params),
+        "data_hash": train.data_hash(processed),
+        "ingest.modality": "fundus",
+        "preprocess.oct_aspect": "crop",
+        "preprocess.illumination": "graham",
+    }
 
 
 @pytest.mark.slow
