@@ -12,6 +12,8 @@ Sources (``ingest.source``):
 - a MedMNIST-style ``.npz`` file: ``{split}_images`` (N, H, W[, C]) uint8 and
   ``{split}_labels`` (N,) or (N, 1), one label per image (a multi-label (N, k) array is
   refused); each row an image, the official split kept.
+A relative ``ingest.source`` or ``ingest.labels`` is at the repository root, also when DVC runs
+the stage in an experiment's temporary copy (:func:`pipeline.params.external_path`).
 
 Patient, in every layout: the sheet's patient column > DICOM PatientID >
 ``ingest.patient_pattern`` on the file name > none (the image is its own subject). It is
@@ -61,10 +63,12 @@ from pipeline.manifest import (
     escaped,
     is_npz,
     is_utf8,
+    labels_path,
     npz_key,
     npz_source,
     source_files,
     source_root,
+    source_shown,
 )
 from pipeline.parallel import parallel_imap
 from pipeline.params import Params
@@ -390,7 +394,7 @@ def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Ref
     :func:`~pipeline.manifest.escaped`, no log line shows it), a file the sheet's rows
     disagree on."""
     ing = params.ingest
-    sheet = Path(ing.labels) if ing.labels else None
+    sheet = labels_path(params)
     if sheet is None and ing.source == "demo":
         sheet = root / "labels.csv"
     counts = {"skipped_sidecars": 0}
@@ -506,7 +510,7 @@ def _scan_folder(params: Params, root: Path, salt: bytes, cache=None) -> Scan:
     """
     if not root.is_dir():
         what = "not a folder or an .npz file" if root.exists() else "source folder not found"
-        raise UserError(f"{root}: {what} (ingest.source)")
+        raise UserError(f"{source_shown(params)}: {what} (ingest.source)")
     entries, counts, refused = _folder_entries(params, root)
     ing = params.ingest
     central = ing.modality == "oct" and ing.oct_frames == "central"
@@ -782,15 +786,15 @@ def ingest(params: Params) -> dict:
             report["listed_missing"],
             report["unlisted"],
         )
-    _refuse_if_bad(root, params, report)
+    _refuse_if_bad(params, report)
     return report
 
 
-def _refuse_if_bad(root: Path, params: Params, report: dict) -> None:
+def _refuse_if_bad(params: Params, report: dict) -> None:
     """The stage's verdict, after every output is written: the quarantine list and report the
     error points at are this run's, never beside a manifest of an earlier run."""
     found, refused = report["found"], report["quarantined"]
-    limit = params.ingest.max_quarantine_fraction
+    limit, root = params.ingest.max_quarantine_fraction, source_shown(params)
     if not found and not report["listed_missing"]:
         raise UserError(
             f"{root}: no image files found (hidden files, DICOMDIR and text sidecars are "

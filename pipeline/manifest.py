@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.params import Params
+from pipeline.params import Params, external_path, shown_path
 
 MANIFEST_COLUMNS = [
     "image_id",
@@ -31,8 +31,23 @@ MANIFEST_COLUMNS = [
 
 
 def source_root(params: Params) -> Path:
-    """The folder (or .npz file) that manifest ``source`` paths are relative to."""
-    return Path(params.paths.demo if params.ingest.source == "demo" else params.ingest.source)
+    """The folder (or .npz file) that manifest ``source`` paths are relative to: ``paths.demo``,
+    or ``ingest.source`` (a relative one at the repository root: :func:`external_path`)."""
+    if params.ingest.source == "demo":
+        return Path(params.paths.demo)
+    return external_path(params.ingest.source)
+
+
+def source_shown(params: Params) -> str:
+    """:func:`source_root` for a message: as the user wrote it (and what it resolved to)."""
+    if params.ingest.source == "demo":
+        return params.paths.demo
+    return shown_path(params.ingest.source)
+
+
+def labels_path(params: Params) -> Path | None:
+    """The label sheet ``ingest.labels`` (a relative one at the repository root), or None."""
+    return external_path(params.ingest.labels) if params.ingest.labels else None
 
 
 def source_files(root: Path) -> Iterator[str]:

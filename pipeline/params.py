@@ -8,6 +8,7 @@ Validation is pydantic's (strict types, ``extra="forbid"``); any problem becomes
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -68,6 +69,35 @@ def _database_password(uri: str) -> bool:
         return bool(make_url(uri).password)
     except (ArgumentError, ValueError):
         return False
+
+
+def repo_root(cwd: str | Path | None = None) -> Path:
+    """The repository root: the current directory, or the real repository when the current
+    directory is a DVC experiment's temporary copy (``<repo>/.dvc/tmp/exps/...``)."""
+    path = Path(cwd or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def external_path(written: str, cwd: str | Path | None = None) -> Path:
+    """A path the user points at their own data (``ingest.source``, ``ingest.labels``): an
+    absolute one as written, a relative one at :func:`repo_root`, so that a DVC experiment's
+    temporary copy (``dvc exp run --temp``, a queued run) reads the files ``dvc repro`` reads.
+    In the workspace that is the path as written. (``paths.*`` are the repository's own
+    outputs: they stay relative to where DVC runs the stage.)"""
+    path, here = Path(written), Path(cwd or os.getcwd()).resolve()
+    root = repo_root(here)
+    return path if path.is_absolute() or root == here else root / path
+
+
+def shown_path(written: str, cwd: str | Path | None = None) -> str:
+    """``written`` for a message, with what :func:`external_path` resolved it to where that
+    differs (in a DVC experiment's temporary copy)."""
+    path = external_path(written, cwd)
+    return written if path == Path(written) else f"{written} (resolved to {path})"
 
 
 class ParamsError(UserError):

@@ -22,17 +22,17 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.io import write_json
-from pipeline.manifest import source_files, source_root
-from pipeline.params import Params
+from pipeline.manifest import labels_path, source_files, source_root, source_shown
+from pipeline.params import Params, shown_path
 from pipeline.stage import run_stage
 
 CHUNK = 1 << 20  # bytes read at a time from the label sheet
 
 
-def _sheet(path: Path) -> str:
-    """SHA-256 of the label sheet's bytes."""
+def _sheet(path: Path, shown: str) -> str:
+    """SHA-256 of the label sheet's bytes (``shown``: its path for a message)."""
     if not path.is_file():
-        raise UserError(f"{path}: labels file not found (ingest.labels)")
+        raise UserError(f"{shown}: labels file not found (ingest.labels)")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -46,9 +46,9 @@ def _stat(h: hashlib._Hash, rel: str, path: str) -> None:
     h.update(os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
-def _tree(root: Path) -> str:
+def _tree(root: Path, shown: str) -> str:
     """SHA-256 of every file's relative path, size and modification time (a file's own, for
-    a single file such as an .npz)."""
+    a single file such as an .npz); ``shown``: ``root`` for a message."""
     h = hashlib.sha256()
     if root.is_file():
         _stat(h, root.name, str(root))
@@ -56,18 +56,17 @@ def _tree(root: Path) -> str:
         for rel in source_files(root):
             _stat(h, rel, os.path.join(root, rel))
     else:
-        raise UserError(f"{root}: source folder not found (ingest.source)")
+        raise UserError(f"{shown}: source folder not found (ingest.source)")
     return h.hexdigest()
 
 
 def fingerprint(params: Params) -> dict[str, str | None]:
     """``{"source": hash | None, "labels": hash | None}``; None for the demo source (a DVC
     output already) and for no label sheet."""
-    ing = params.ingest
-    return {
-        "source": None if ing.source == "demo" else _tree(source_root(params)),
-        "labels": _sheet(Path(ing.labels)) if ing.labels else None,
-    }
+    ing, sheet = params.ingest, labels_path(params)
+    tree = None if ing.source == "demo" else _tree(source_root(params), source_shown(params))
+    labels = None if sheet is None else _sheet(sheet, shown_path(ing.labels))
+    return {"source": tree, "labels": labels}
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:

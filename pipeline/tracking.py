@@ -28,7 +28,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.figures import image_grid
 from pipeline.io import write_json
-from pipeline.params import ParamsError, TrackingParams, load_params
+from pipeline.params import ParamsError, TrackingParams, load_params, repo_root
 from vae_core.model import LatentMeans
 
 log = logging.getLogger("retina_vae.tracking")
@@ -41,17 +41,6 @@ SQLITE = "sqlite:///"
 # model-training view (runs, metrics, models) instead of the GenAI one (traces, evaluations)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
-
-
-def repo_root(cwd: str | Path | None = None) -> Path:
-    """The repository root: the current directory, or the real repository when the current
-    directory is a DVC experiment's temporary copy (``<repo>/.dvc/tmp/exps/...``)."""
-    path = Path(cwd or os.getcwd()).resolve()
-    parts = path.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return path
 
 
 def resolve_tracking_uri(tracking: TrackingParams, cwd: str | Path | None = None) -> str:

@@ -197,7 +197,8 @@ def test_experiment_is_its_own_mlflow_run(repo):
 
 def test_editing_an_external_label_sheet_or_source_reruns_ingest(tmp_path):
     """An external ingest.source and ingest.labels are no DVC deps of their own: the sources
-    stage's fingerprint makes a changed label, or a new file, re-run ingest (and only then)."""
+    stage's fingerprint makes a changed label, or a new file, re-run ingest (and only then);
+    given relative to the repository, they are found from an experiment's temporary copy too."""
     src = tmp_path / "images"
     src.mkdir()
     for k in range(4):
@@ -221,6 +222,13 @@ def test_editing_an_external_label_sheet_or_source_reruns_ingest(tmp_path):
     report = json.loads((root / "metrics/ingest.json").read_text())
     assert report["unlisted"] == 1
     assert _ran(_run(["dvc", "repro", "ingest"], root)) == set()
+    # relative to the repository: an experiment's temporary copy (`dvc exp run --temp`, a
+    # queued run: <repo>/.dvc/tmp/exps/tmpXXXX) reads the same files as `dvc repro`
+    relative = ["-S", "ingest.source=../images", "-S", "ingest.labels=../trainLabels.csv"]
+    _run(["dvc", "exp", "run", "--temp", "-n", "relative", *relative, "ingest"], root)
+    rows = csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], root)))
+    (exp,) = [row for row in rows if row["Experiment"] == "relative"]
+    assert (exp["ingested"], exp["unlisted"]) == ("4", "1")
 
 
 def test_queued_experiment_runs_its_own_code_and_records_its_commit(repo):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tempfile
 from pathlib import Path
 
 import imagecodecs
@@ -244,3 +245,12 @@ def write_params(tmp_path: Path, **groups: dict) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def dvc_temp_copy(repo: Path) -> Path:
+    """An empty ``<repo>/.dvc/tmp/exps/tmpXXXXXXXX``, made as DVC 3 makes the temporary copy
+    in which ``dvc exp run --temp`` and a queued experiment run their stages
+    (``mkdtemp(dir=<repo>/.dvc/tmp/exps)``, dvc/repo/experiments/executor/local.py)."""
+    parent = repo / ".dvc" / "tmp" / "exps"
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent))

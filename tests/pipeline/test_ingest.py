@@ -22,7 +22,14 @@ from pipeline import ingest, preprocess
 from pipeline.io import ArrowRows
 from pipeline.manifest import MANIFEST_COLUMNS
 from pipeline.params import load_params
-from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, PHI, gradient, make_dicom, write_params
+from tests.pipeline.dicom_factory import (
+    OCT_TOMOGRAPHY,
+    PHI,
+    dvc_temp_copy,
+    gradient,
+    make_dicom,
+    write_params,
+)
 
 
 def _run(tmp_path: Path, **groups) -> tuple[int, object]:
@@ -761,3 +768,23 @@ def test_full_size_confirmation_takes_byte_copies_without_decoding(tmp_path, cas
         want = np.array_equal(pixels_a, pixels_b)
         assert len(data_a) == len(data_b) or fa != fb  # the size alone decides nothing here
     assert ingest.FullSize(tmp_path, None)("a", fa, "b", fb) is bool(want)
+
+
+def test_a_relative_source_and_sheet_are_read_at_the_repository_root_in_a_dvc_temp_copy(
+    tmp_path, monkeypatch
+):
+    """In the temporary copy of `dvc exp run --temp` or a queued run, a relative
+    ingest.source and ingest.labels are the workspace's ../data, not the copy's."""
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(gradient(60, 70, seed=k)).save(images / f"im{k}.png")
+    (tmp_path / "data" / "grades.csv").write_text("id,grade\nim0,2\nim1,0\nim2,1\n")
+    copy = dvc_temp_copy(tmp_path / "repo")
+    monkeypatch.chdir(copy)
+    ingest_ = {"source": "../data/images", "labels": "../data/grades.csv"}
+    rc, paths = _run(copy, ingest=ingest_ | {"path_column": "id", "label_column": "grade"})
+    assert rc == 0
+    manifest = pd.read_parquet(paths.manifest)
+    labels = dict(zip(manifest["source"], manifest["label"], strict=True))
+    assert labels == {"im0.png": "2", "im1.png": "0", "im2.png": "1"}

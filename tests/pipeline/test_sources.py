@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import sources
 from pipeline.params import load_params
-from tests.pipeline.dicom_factory import write_params
+from tests.pipeline.dicom_factory import dvc_temp_copy, write_params
 
 
 def _fingerprint(tmp_path: Path, **ingest) -> dict:
@@ -62,3 +62,43 @@ def test_a_file_name_that_is_not_utf8_is_fingerprinted_by_its_bytes(tmp_path):
     assert _fingerprint(tmp_path, source=str(src), labels=None)["source"] == want
     text = Path(load_params(tmp_path / "params.yaml").paths.sources).read_bytes()
     assert b"dinger" not in text
+
+
+def test_a_relative_source_and_sheet_are_at_the_repository_root_in_a_dvc_temp_copy(
+    tmp_path, monkeypatch, capsys
+):
+    """`dvc exp run --temp` and a queued run run the stage in <repo>/.dvc/tmp/exps/tmpXXXX:
+    a relative ingest.source / ingest.labels names there the files it names in the workspace
+    (where it stays as written), and a missing one is named as written and as resolved."""
+    repo, data = tmp_path / "repo", tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.png").write_bytes(b"one")
+    (data / "labels.csv").write_text("path,label\na.png,0\n")
+    ingest = {"source": "../data/images", "labels": "../data/labels.csv"}
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    in_workspace = _fingerprint(repo, **ingest)
+    absolute = _fingerprint(repo, source=str(data / "images"), labels=str(data / "labels.csv"))
+    assert in_workspace == absolute
+    copy = dvc_temp_copy(repo)
+    monkeypatch.chdir(copy)
+    assert _fingerprint(copy, **ingest) == in_workspace
+
+    capsys.readouterr()
+    missing = {"source": "../data/gone", "labels": None}
+    assert sources.main(["--params", str(write_params(copy, ingest=missing))]) == 1
+    where = f"../data/gone (resolved to {repo.resolve() / '../data/gone'})"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"retina-vae sources: error: {where}: source folder not found (ingest.source)")
+    )
+    monkeypatch.chdir(repo)  # the workspace: the path as written, as before
+    assert sources.main(["--params", str(write_params(repo, ingest=missing))]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "retina-vae sources: error: ../data/gone: source folder not found (ingest.source)"
+        )
+    )
