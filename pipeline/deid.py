@@ -2,8 +2,9 @@
 
 ``subject_id`` groups a patient's images for splitting without revealing who they are:
 HMAC-SHA256 of the source patient ID, keyed with a salt, truncated. The key comes from the
-environment variable ``RETINA_VAE_SALT``, else ``ingest.salt``, else a built-in constant (then
-the mapping is stable but guessable by anyone with this code: set a secret salt for real data).
+environment variable ``RETINA_VAE_SALT``, else a built-in constant (then the mapping is stable
+but guessable by anyone with this code: set a secret salt for real data). Never from params:
+DVC copies those into dvc.lock and every experiment.
 ``image_id`` is the same keyed hash of the relative source path and frame, because file names
 (e.g. Kermany's ``CNV-<patient>-<n>.jpeg``) may embed patient numbers.
 """
@@ -18,9 +19,15 @@ SALT_ENV = "RETINA_VAE_SALT"
 _BUILTIN_SALT = "retina-vae/builtin-salt/v1"
 
 
-def resolve_salt(params_salt: str | None) -> bytes:
-    """The pseudonymisation key: env ``RETINA_VAE_SALT`` > ``ingest.salt`` > built-in."""
-    return (os.environ.get(SALT_ENV) or params_salt or _BUILTIN_SALT).encode()
+def resolve_salt() -> bytes:
+    """The pseudonymisation key: env ``RETINA_VAE_SALT``, else the built-in one."""
+    return (os.environ.get(SALT_ENV) or _BUILTIN_SALT).encode()
+
+
+def salt_fingerprint(salt: bytes) -> str:
+    """16 hex of a keyed hash of a fixed text: changes with the key, reveals no more of it
+    than any ``subject_id`` does (the sources stage records it, so a new key re-runs ingest)."""
+    return _keyed(salt, "salt", "", 16)
 
 
 def is_builtin(salt: bytes) -> bool:

@@ -745,12 +745,11 @@ def ingest(params: Params) -> dict:
     """Run the stage: write manifest, quarantine, duplicates and report (all of them, also when
     the stage then refuses the result); return the report."""
     root, p = source_root(params), params.paths
-    salt = deid.resolve_salt(params.ingest.salt)
+    salt = deid.resolve_salt()
     if deid.is_builtin(salt) and params.ingest.source != "demo":
         log.warning(
             "subject_id is keyed with the built-in salt, which anyone with this code can use to "
-            "re-identify patients by trying IDs: for real data set %s (or ingest.salt) to a "
-            "secret",
+            "re-identify patients by trying IDs: for real data set %s to a secret",
             deid.SALT_ENV,
         )
     scan, cache = _scan(params, root, salt)

@@ -164,6 +164,19 @@ class IngestParams:
             raise ValueError(f"not a regular expression ({exc})") from None
         return value
 
+    @field_validator("salt")
+    @classmethod
+    def _salt_not_here(cls, value: str | None) -> str | None:
+        # as for a URI's password: DVC copies every param into dvc.lock, its run cache and
+        # each experiment's commit, and `dvc exp show` / `retina-vae exps` print it
+        if value is not None:
+            raise ValueError(
+                "a key written here is copied by DVC into dvc.lock and every experiment: set it "
+                "in the environment variable RETINA_VAE_SALT (deid.SALT_ENV) instead and leave "
+                "ingest.salt null"
+            )
+        return value
+
 
 @dataclass(frozen=True, config=_STRICT)
 class PreprocessParams:

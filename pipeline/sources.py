@@ -20,6 +20,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from pipeline import deid
 from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.manifest import labels_path, source_files, source_root, source_shown
@@ -61,12 +62,14 @@ def _tree(root: Path, shown: str) -> str:
 
 
 def fingerprint(params: Params) -> dict[str, str | None]:
-    """``{"source": hash | None, "labels": hash | None}``; None for the demo source (a DVC
-    output already) and for no label sheet."""
+    """``{"source": hash | None, "labels": hash | None, "salt": ...}``; None for the demo
+    source (a DVC output already) and for no label sheet. ``salt``:
+    :func:`~pipeline.deid.salt_fingerprint` of the pseudonymisation key (``RETINA_VAE_SALT``,
+    which DVC cannot see: a new key re-runs ingest)."""
     ing, sheet = params.ingest, labels_path(params)
     tree = None if ing.source == "demo" else _tree(source_root(params), source_shown(params))
     labels = None if sheet is None else _sheet(sheet, shown_path(ing.labels))
-    return {"source": tree, "labels": labels}
+    return {"source": tree, "labels": labels, "salt": deid.salt_fingerprint(deid.resolve_salt())}
 
 
 def _body(params: Params, args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline import sources
+from pipeline import deid, sources
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import dvc_temp_copy, write_params
 
@@ -45,7 +45,22 @@ def test_fingerprint_changes_with_the_sheet_or_the_tree_and_names_nothing(tmp_pa
 
 
 def test_demo_source_and_no_sheet_have_no_fingerprint(tmp_path):
-    assert _fingerprint(tmp_path, source="demo", labels=None) == {"source": None, "labels": None}
+    found = _fingerprint(tmp_path, source="demo", labels=None)
+    assert (found["source"], found["labels"]) == (None, None)
+
+
+def test_a_new_pseudonymisation_key_changes_the_fingerprint_and_shows_nothing(
+    tmp_path, monkeypatch
+):
+    """RETINA_VAE_SALT is no param DVC sees: the fingerprint carries a keyed hash of it, so a
+    new key re-runs ingest (new subject ids); the key itself is in no byte of the file."""
+    monkeypatch.setenv(deid.SALT_ENV, "clinic-secret-1")
+    first = _fingerprint(tmp_path, source="demo", labels=None)
+    assert _fingerprint(tmp_path, source="demo", labels=None) == first
+    monkeypatch.setenv(deid.SALT_ENV, "clinic-secret-2")
+    second = _fingerprint(tmp_path, source="demo", labels=None)
+    assert second["salt"] != first["salt"]
+    assert "clinic-secret" not in json.dumps(first) + json.dumps(second)  # the file as written
 
 
 def test_a_file_name_that_is_not_utf8_is_fingerprinted_by_its_bytes(tmp_path):
