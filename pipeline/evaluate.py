@@ -584,6 +584,7 @@ def log_to_mlflow(
         params.tracking.experiment,
         flat,
         tracking.run_labels(flat, params_path, REPO / "params.yaml"),
+        tracking.lineage_tags(REPO, "evaluate", tracking.pipeline_files(params, params_path)),
     )
     tables = [f"tables/{CONFOUND_TABLE}", "tables/cluster_composition.csv"]
     tracking.log_evaluation(uri, run_id, out, metrics, ARTIFACT_DIR, tables)

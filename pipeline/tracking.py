@@ -10,12 +10,13 @@ one process logs each event, so a training has exactly one run whatever its work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.figures import image_grid
 from pipeline.io import write_json
-from pipeline.params import ParamsError, TrackingParams, load_params, repo_root
+from pipeline.params import Params, ParamsError, TrackingParams, load_params, repo_root
 from vae_core.model import LatentMeans
 
 log = logging.getLogger("retina_vae.tracking")
@@ -596,10 +597,12 @@ def evaluation_run(
     experiment: str,
     params: dict[str, Any] | None = None,
     labels: tuple[str | None, dict[str, str]] = (None, {}),
+    lineage: dict[str, str] | None = None,
 ) -> str:
     """The training run ``run_id`` if the store has it and it holds this evaluation's
     ``evaluate.*`` params (``params``, flat); otherwise a new run in ``experiment``, tagged with
-    the model it evaluates, a warning or a note saying so.
+    the model it evaluates and ``lineage`` (:func:`lineage_tags` of the evaluating code), with
+    the training run's datasets, a warning or a note saying so.
 
     A DVC experiment that changes only ``evaluate.*`` re-uses the trained model (DVC skips or
     restores ``train``): its evaluation gets a run of its own, named and tagged by ``labels``
@@ -638,11 +641,14 @@ def evaluation_run(
         RUN_TAG: "evaluate",
         "retina_vae.checkpoint": model_path,
         "retina_vae.trained_run_id": run_id or "unknown",
+        **(lineage or {}),
     }
     if source is not None:
         tags.update({k: source.data.tags[k] for k in MODEL_TAGS if k in source.data.tags})
     new_id = mlflow_client.create_run(exp_id, tags=tags, run_name=name or "evaluate").info.run_id
     _log_params(mlflow_client, new_id, params or {})
+    if source is not None and source.inputs.dataset_inputs:  # the Datasets panel: what it learnt
+        mlflow_client.log_inputs(new_id, datasets=source.inputs.dataset_inputs)
     if source is not None:  # the training curves, so the run compares with training runs
         from mlflow.entities import Metric
 
@@ -754,26 +760,38 @@ DATASET_NAME = "processed"
 DATASET_CONTEXT = "training"
 
 
-def lineage_tags(repo: Path, lock: Path) -> dict[str, str]:
-    """Run tags that say which code and which pipeline state a run came from.
-
-    ``mlflow.source.git.commit`` (shown as the run's Source in MLflow; when the tree has
-    uncommitted changes ``retina_vae.git_dirty`` says so), ``mlflow.source.name`` /
-    ``mlflow.source.type``, and ``retina_vae.dvc_lock_sha256``, the sha256 of ``lock`` (the
-    dvc.lock whose entries name every upstream output by hash). A missing git or dvc.lock leaves
-    its tag out.
-    """
-    import hashlib
-
-    tags = {"mlflow.source.name": "retina-vae train", "mlflow.source.type": "LOCAL"}
+def lineage_tags(repo: Path, stage: str, pipeline_files: Iterable[str] = ()) -> dict[str, str]:
+    """Run tags that say which code a run came from: ``mlflow.source.git.commit`` (the run's
+    Source in MLflow), ``mlflow.source.name`` (``retina-vae <stage>``), ``mlflow.source.type``
+    and ``retina_vae.git_dirty``: whether tracked files other than ``dvc.lock`` and
+    ``pipeline_files`` (the params file and the stage outputs, which ``dvc repro`` and
+    ``dvc exp run -S`` rewrite before a stage runs; the params are the run's params) differ
+    from the commit. Outside git, the git tags are left out."""
+    tags = {"mlflow.source.name": f"retina-vae {stage}", "mlflow.source.type": "LOCAL"}
     commit = _git(repo, "rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
-        tags["retina_vae.git_dirty"] = "true" if dirty else "false"
-    if lock.is_file():
-        tags["retina_vae.dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+        inside = [_inside(repo, p) for p in (str(repo / "dvc.lock"), *pipeline_files)]
+        spec = [f":(exclude){p}" for p in inside if p]
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", *spec)
+        if dirty is not None:
+            tags["retina_vae.git_dirty"] = "true" if dirty else "false"
     return tags
+
+
+def pipeline_files(params: Params, params_path: Path) -> list[str]:
+    """The params file and every local ``paths.*`` output: what a DVC run rewrites before a
+    stage runs (for :func:`lineage_tags`)."""
+    outputs = (v for v in dataclasses.asdict(params.paths).values() if "://" not in v)
+    return [str(params_path), *outputs]
+
+
+def _inside(repo: Path, path: str) -> str | None:
+    """``path`` (relative to the working directory) relative to ``repo``, or None outside."""
+    try:
+        return Path(path).resolve().relative_to(repo.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def _git(repo: Path, *args: str) -> str | None:

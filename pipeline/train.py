@@ -485,7 +485,7 @@ def _open_run(
         tags={
             "data_hash": extra["data_hash"],
             "params_hash": extra["params_hash"],
-            **tracking.lineage_tags(REPO, Path("dvc.lock")),
+            **tracking.lineage_tags(REPO, "train", tracking.pipeline_files(params, params_path)),
             **dvc_tags,
         },
         run_id=None if fresh else state.get("mlflow_run_id"),

@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -289,6 +290,7 @@ def test_an_experiment_that_changes_only_evaluate_params_gets_its_own_run(tmp_pa
     flat = load_params(params).flat()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trained, _ = tracking.start_run(uri, "retina-vae", params=flat, tags={"data_hash": "d1"})
+    tracking.log_training_data(uri, trained, "data/processed", "d1" * 18, {"train_images": 7})
     client = MlflowClient(uri)
     for epoch, value in enumerate([180.0, 170.0]):
         client.log_metric(trained, "val/neg_elbo", value, step=epoch)
@@ -312,6 +314,12 @@ def test_an_experiment_that_changes_only_evaluate_params_gets_its_own_run(tmp_pa
     tags, run_params = other.data.tags, other.data.params
     assert tags["retina_vae.trained_run_id"] == trained and tags["data_hash"] == "d1"
     assert tags["dvc.exp_name"] == "quick-k10" and other.info.run_name.startswith("quick-k10: ")
+    # its lineage: the code that evaluated (MLflow's Source) and the data the model learnt from
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert tags["mlflow.source.name"] == "retina-vae evaluate"
+    (data,) = other.inputs.dataset_inputs
+    assert (data.dataset.name, data.dataset.digest) == ("processed", "d1" * 18)
     assert run_params["evaluate.iwae_k"] == "10" and set(run_params) == set(flat)
     assert other.data.metrics["test/iwae"] == pytest.approx(second["test_iwae"])
     assert set(client.get_run(trained).data.metrics) <= set(other.data.metrics)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.server
 import json
 import subprocess
@@ -261,19 +260,30 @@ def _git(repo, *args: str) -> str:
 @pytest.mark.slow
 def test_training_run_records_its_data_code_and_pipeline_state(store, tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
+    (repo / "metrics").mkdir(parents=True)
     _git(repo, "init", "-q")
-    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    _git(repo, "add", "dvc.lock")
-    _git(repo, "commit", "-q", "-m", "lock")
-    tags = tracking.lineage_tags(repo, repo / "dvc.lock")
-    assert tags["mlflow.source.git.commit"] == _git(repo, "rev-parse", "HEAD")
-    assert tags["retina_vae.git_dirty"] == "false"
-    expected = hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
-    assert tags["retina_vae.dvc_lock_sha256"] == expected
-    (repo / "dvc.lock").write_text("changed\n")
-    assert tracking.lineage_tags(repo, repo / "dvc.lock")["retina_vae.git_dirty"] == "true"
-    assert "mlflow.source.git.commit" not in tracking.lineage_tags(tmp_path, tmp_path / "none")
+    tracked = ["dvc.lock", "params.yaml", "metrics/train.json", "code.py"]
+    for name in tracked:
+        (repo / name).write_text("committed\n")
+    _git(repo, "add", *tracked)
+    _git(repo, "commit", "-q", "-m", "pipeline")
+    outputs = [str(repo / "params.yaml"), str(repo / "metrics" / "train.json"), "s3://b/runs"]
+
+    def dirty() -> str:
+        tags = tracking.lineage_tags(repo, "train", outputs)
+        assert tags["mlflow.source.git.commit"] == _git(repo, "rev-parse", "HEAD")
+        assert tags["mlflow.source.name"] == "retina-vae train"
+        return tags["retina_vae.git_dirty"]
+
+    assert dirty() == "false"
+    # what `dvc exp run -S` and the stages before train rewrite: the code is still the commit's
+    for name in tracked[:3]:
+        (repo / name).write_text("rewritten by DVC\n")
+    assert dirty() == "false"
+    (repo / "code.py").write_text("edited\n")  # uncommitted code
+    assert dirty() == "true"
+    assert "mlflow.source.git.commit" not in tracking.lineage_tags(tmp_path, "train")
+    tags = tracking.lineage_tags(repo, "train", outputs)
 
     processed = write_processed(tmp_path)  # 64 train, 16 val, 8 test images
     sizes = split_sizes(processed)
