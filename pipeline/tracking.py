@@ -859,20 +859,31 @@ def dvc_experiment_tags(env: dict[str, str] | None = None) -> dict[str, str]:
 RUN_NAME_LIMIT = 120  # characters; MLflow's run list shows about this much
 
 
+# What a researcher varies between runs comes first in a run name; the set-up (which data,
+# where things go) last: an uncommitted dataset block must not hide the one param a run changed.
+NAME_ORDER = ("model", "train", "evaluate", "preprocess", "data", "ingest", "demo", "cluster")
+
+
 def run_name(changed: dict[str, Any], experiment: str | None = None) -> str:
     """A run name that says what the run is: the DVC experiment's name (when there is one),
-    then the params that differ from the committed params.yaml (``key=value``, sorted), or
-    ``defaults`` when none do; cut at RUN_NAME_LIMIT with the count of params left out."""
-    parts = [f"{k}={_param_value(v)}" for k, v in sorted(changed.items())]
+    then the params that differ from the committed params.yaml (``key=value``; by group in
+    :data:`NAME_ORDER`, then by key), or ``defaults`` when none do. Within RUN_NAME_LIMIT, as
+    many as fit, in that order (a long one is passed over for shorter ones after it), then the
+    count of those left out."""
+
+    def order(key: str) -> tuple[int, str]:
+        group = key.split(".")[0]
+        return (NAME_ORDER.index(group) if group in NAME_ORDER else len(NAME_ORDER), key)
+
+    parts = [f"{k}={_param_value(changed[k])}" for k in sorted(changed, key=order)]
     name = " ".join(parts) or "defaults"
     if len(name) > RUN_NAME_LIMIT:
-        kept = []
-        for i, part in enumerate(parts):
-            more = f" (+{len(parts) - i} more)"
-            if len(" ".join([*kept, part])) + len(more) > RUN_NAME_LIMIT:
-                name = " ".join(kept) + more
-                break
-            kept.append(part)
+        budget = RUN_NAME_LIMIT - len(f" (+{len(parts)} more)")  # room for the count
+        kept: list[str] = []
+        for part in parts:
+            if len(" ".join([*kept, part])) <= budget:
+                kept.append(part)
+        name = " ".join([*kept, f"(+{len(parts) - len(kept)} more)"])
     return f"{experiment}: {name}" if experiment else name
 
 

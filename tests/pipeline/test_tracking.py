@@ -368,6 +368,15 @@ def test_metric_names_are_placed_in_mlflow_sections(flat, key):
         ({"model.widths": (32, 64)}, "exp-1", "exp-1: model.widths=[32, 64]"),
         ({f"demo.k{i:02d}": 1000 + i for i in range(20)}, None,
          " ".join(f"demo.k{i:02d}={1000 + i}" for i in range(7)) + " (+13 more)"),
+        # a dataset set up in the uncommitted params.yaml: what the run varied comes first, and
+        # a long path is passed over for the shorter keys after it
+        ({"ingest.source": "/data/IDRiD/B. Disease Grading/1. Original Images/a. Training Set",
+          "ingest.labels": "/data/IDRiD/B. Disease Grading/2. Groundtruths/a. IDRiD_Disease "
+                           "Grading_Training Labels.csv",
+          "ingest.label_column": "Retinopathy grade", "ingest.modality": "fundus",
+          "train.beta": 0.5}, "sober-goat",
+         "sober-goat: train.beta=0.5 ingest.label_column=Retinopathy grade "
+         "ingest.modality=fundus (+2 more)"),
     ],
 )  # fmt: skip
 def test_run_name_says_what_differs_from_the_committed_params(changed, experiment, name):
