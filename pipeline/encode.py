@@ -40,16 +40,16 @@ import pandas as pd
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline import html_map, readers
+from pipeline import html_map
 from pipeline.errors import UserError
 from pipeline.html_map import UNKNOWN
 from pipeline.io import write_table
 from pipeline.latent import LAYOUT_FILE, MAP_POINTS, PROBE_FILE, probe_predict
-from pipeline.manifest import NOT_UTF8, hidden, is_utf8
-from pipeline.model_io import PREPROCESSING, encode_images, load_model, preprocessing
+from pipeline.manifest import NOT_UTF8, hidden, is_candidate, is_utf8
+from pipeline.model_io import encode_images, load_model
 from pipeline.params import Params
 from pipeline.pixels import prepare_file, prepare_npz_row
-from pipeline.processed import CHANNELS
+from pipeline.processed import CHANNELS, PREPROCESSING, preprocessing
 from pipeline.stage import run_stage
 
 log = logging.getLogger("retina_vae.encode")
@@ -64,9 +64,7 @@ def expand(paths: list[str]) -> list[Path]:
         path = Path(name)
         if path.is_dir():
             found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and readers.is_candidate(p.relative_to(path))
+                p for p in path.rglob("*") if p.is_file() and is_candidate(p.relative_to(path))
             )
             if not found:
                 log.warning("%s: no image files in this folder", hidden(path))
@@ -175,7 +173,7 @@ def as_trained(params: Params, extra: dict, model_path: str) -> Params:
             ", ".join(PREPROCESSING),
         )
         return params
-    for key, value in preprocessing(params).items():
+    for key, value in preprocessing(params.flat()).items():
         if key in recorded and recorded[key] != value:
             log.warning(
                 "%s: the model was trained with %s; params say %s: using the model's",

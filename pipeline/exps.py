@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.params import Params
+from pipeline.params import REDACTED, SECRETS, Params, redact_uri
 from pipeline.stage import run_stage
 
 WIDTH = 120  # characters per line
@@ -77,10 +77,16 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def changes(params: dict[str, Any], base: dict[str, Any]) -> list[str]:
-    """``key=value`` for each param that differs from ``base``, sorted by key."""
+    """``key=value`` for each param that differs from ``base``, sorted by key; secrets shown
+    as ``<redacted>`` (:data:`pipeline.params.SECRETS`, a URI's password: an experiment made
+    before they were refused in params still holds them)."""
     return [
-        f"{k}={_value(v)}" for k, v in sorted(params.items()) if _value(base.get(k)) != _value(v)
+        f"{k}={_shown(k, v)}" for k, v in sorted(params.items()) if _value(base.get(k)) != _value(v)
     ]
+
+
+def _shown(key: str, value: Any) -> str:
+    return REDACTED if key in SECRETS and value is not None else redact_uri(_value(value))
 
 
 def _value(value: Any) -> str:

@@ -61,6 +61,7 @@ from pipeline.manifest import (
     NOT_UTF8,
     broken_link,
     escaped,
+    is_candidate,
     is_npz,
     is_utf8,
     labels_path,
@@ -397,23 +398,27 @@ def _folder_entries(params: Params, root: Path) -> tuple[Entries, dict, list[Ref
     sheet = labels_path(params)
     if sheet is None and ing.source == "demo":
         sheet = root / "labels.csv"
-    counts = {"skipped_sidecars": 0}
-    candidates, odd = [], []
+    skipped, candidates, odd = set(), [], []
     for rel in source_files(root):
-        if not readers.is_candidate(rel):
-            counts["skipped_sidecars"] += 1
+        if not is_candidate(rel):
+            skipped.add(rel)
         elif is_utf8(rel):
             candidates.append(rel)
         else:
             odd.append(Refused(escaped(rel), NOT_UTF8, NOT_UTF8))
     pattern = re.compile(ing.patient_pattern)
     if sheet is None:
-        return _listed_entries(params, candidates, pattern), counts, odd
+        return _listed_entries(params, candidates, pattern), {"skipped_sidecars": len(skipped)}, odd
     table = labels.read_sheet(sheet, ing, root, named=ing.source != "demo")
     listing = labels.match(sheet, table, labels.FileIndex(root, candidates), len(candidates))
     del candidates
     _log_listing(sheet, root, listing)
-    counts |= {"unlisted": listing.unlisted, "listed_missing": len(listing.missing)}
+    named = set(listing.table["path"]) | set(listing.conflicts)  # a row may name a hidden file
+    counts = {
+        "skipped_sidecars": len(skipped - named),
+        "unlisted": listing.unlisted,
+        "listed_missing": len(listing.missing),
+    }
     table = listing.table
     refused = odd + [Refused(f, why, SHEET_CONFLICT) for f, why in listing.conflicts.items()]
     return Entries(len(table), lambda: _sheet_entries(table, pattern)), counts, refused

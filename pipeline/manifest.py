@@ -50,6 +50,30 @@ def labels_path(params: Params) -> Path | None:
     return external_path(params.ingest.labels) if params.ingest.labels else None
 
 
+# Files that are never images and are skipped (not quarantined) when walking a source folder.
+SIDECAR_SUFFIXES = {".csv", ".tsv", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".ini"}
+DICOMDIR = "DICOMDIR"
+
+
+def is_candidate(path: str | Path) -> bool:
+    """Whether a file found in a source folder should be tried as an image at all; ``path``
+    relative to that folder. Nothing inside a hidden folder is: ``.git/`` (a git-LFS clone of
+    a dataset keeps a copy of every image there), ``.thumbnails/``, ``.ipynb_checkpoints/``."""
+    folder, name = os.path.split(path)  # os.path, not pathlib: no interned string per file
+    return not (
+        name.startswith(".")
+        or any(part.startswith(".") and part not in (".", "..") for part in _parts(folder))
+        or name.upper() == DICOMDIR
+        or name.lower() in ("thumbs.db", "desktop.ini")
+        or os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES
+    )
+
+
+def _parts(folder: str) -> list[str]:
+    """A relative folder's names (``a/b`` -> ``[a, b]``; either separator)."""
+    return folder.replace(os.sep, "/").split("/") if folder else []
+
+
 def source_files(root: Path) -> Iterator[str]:
     """Every file under ``root`` as a posix path relative to it, in sorted path order (symlinks
     to files included, and links whose target is missing, so that ingest names them;

@@ -1,9 +1,7 @@
 """A trained model in use: load the checkpoint, feed it uint8 images, read out q(z|x).
 
 The one home of model loading and encoding for ``retina-vae evaluate`` and
-``retina-vae encode`` (the served MLflow model is :class:`vae_core.model.LatentMeans`), and of
-the preprocessing a model's input takes (:data:`PREPROCESSING`), which train records in the
-checkpoint and encode applies.
+``retina-vae encode`` (the served MLflow model is :class:`vae_core.model.LatentMeans`).
 """
 
 from __future__ import annotations
@@ -17,20 +15,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.params import Params
 from vae_core.checkpoint import read_checkpoint, rebuild
 from vae_core.model import ConvVAE
-
-# The params that make an image file the encoder's input (its size is the model config's): train
-# records their values in the checkpoint's ``extra``, encode prepares new images with them.
-# (``ingest.oct_frames`` only chooses which frames of a volume become images, not their pixels.)
-PREPROCESSING = ("ingest.modality", "preprocess.oct_aspect", "preprocess.illumination")
-
-
-def preprocessing(params: Params) -> dict[str, str]:
-    """``{"ingest.modality": ..., ...}``: the :data:`PREPROCESSING` values of ``params``."""
-    flat = params.flat()
-    return {key: flat[key] for key in PREPROCESSING}
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[ConvVAE, dict]:

@@ -83,14 +83,18 @@ def repo_root(cwd: str | Path | None = None) -> Path:
 
 
 def external_path(written: str, cwd: str | Path | None = None) -> Path:
-    """A path the user points at their own data (``ingest.source``, ``ingest.labels``): an
-    absolute one as written, a relative one at :func:`repo_root`, so that a DVC experiment's
-    temporary copy (``dvc exp run --temp``, a queued run) reads the files ``dvc repro`` reads.
-    In the workspace that is the path as written. (``paths.*`` are the repository's own
-    outputs: they stay relative to where DVC runs the stage.)"""
-    path, here = Path(written), Path(cwd or os.getcwd()).resolve()
+    """A path the user points at their own data (``ingest.source``, ``ingest.labels``): ``~``
+    expanded; an absolute one as written; a relative one as written in the workspace, and in a
+    DVC experiment's temporary copy (``dvc exp run --temp``, a queued run) inside the copy when
+    it is there (a file git tracks: the experiment's own snapshot of it), else at
+    :func:`repo_root` (data git does not hold), so the experiment reads what ``dvc repro``
+    would at its commit. (``paths.*`` are the repository's own outputs: they stay relative to
+    where DVC runs the stage.)"""
+    path, here = Path(written).expanduser(), Path(cwd or os.getcwd()).resolve()
     root = repo_root(here)
-    return path if path.is_absolute() or root == here else root / path
+    if path.is_absolute() or root == here or os.path.lexists(here / path):
+        return path
+    return root / path
 
 
 def shown_path(written: str, cwd: str | Path | None = None) -> str:
@@ -164,9 +168,9 @@ class IngestParams:
             raise ValueError(f"not a regular expression ({exc})") from None
         return value
 
-    @field_validator("salt")
+    @field_validator("salt", mode="before")  # before the type check: a number is no key either
     @classmethod
-    def _salt_not_here(cls, value: str | None) -> str | None:
+    def _salt_not_here(cls, value: Any) -> None:
         # as for a URI's password: DVC copies every param into dvc.lock, its run cache and
         # each experiment's commit, and `dvc exp show` / `retina-vae exps` print it
         if value is not None:

@@ -45,7 +45,8 @@ def assign_splits(
 
     Returns one split name per row (index of ``df``). A subject given explicit splits takes
     its most common one for all its rows (a warning says how many rows moved). Explicit
-    splits that name no val subject (an official train/test release) give val the
+    splits that name no val subject (an official train/test release, a sheet of train only) give
+    val the
     ``val_fraction`` of their train subjects, drawn the same way. Array work over subject
     codes: no Python object per subject, so memory stays flat at 10^5 images.
     """
@@ -54,16 +55,16 @@ def assign_splits(
     majority = _majority_labels(df["label"], subject, len(ids))  # (S,) label code
     ids = np.asarray(ids, dtype=object)
     rng = np.random.default_rng(seed)
-    train, val, test = (SPLITS.index(name) for name in ("train", "val", "test"))
-    if (chosen == train).any() and (chosen == test).any() and not (chosen == val).any():
+    train, val = SPLITS.index("train"), SPLITS.index("val")
+    if (chosen == train).any() and not (chosen == val).any():
         given = chosen == train
         for label in np.unique(majority[given]):
             group = np.flatnonzero(given & (majority == label))
             group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled
             chosen[group[: round(len(group) * val_fraction)]] = val
         log.info(
-            "the given splits (ingest.split_column) name no val images: val is %d of their "
-            "%d train subjects (preprocess.val_fraction)",
+            "the given splits (a label sheet's split column, an .npz's arrays) name no val "
+            "images: val is %d of their %d train subjects (preprocess.val_fraction)",
             int((chosen == val).sum()),
             int(given.sum()),
         )
@@ -300,9 +301,10 @@ def preprocess(params: Params) -> dict:
     channels = CHANNELS[modality]
     sheet = params.ingest.labels is not None and not is_npz(source_root(params))
     explicit = sheet and "split" in df.columns and df["split"].notna().all()
+    given = df["split"].copy() if "split" in df.columns else None  # the sheet's own
     df["split"] = assign_splits(df, pp.val_fraction, pp.test_fraction, pp.seed)
     if explicit and pp.test_fraction > 0:
-        check_sheet_test_split(df["split"], params.ingest.labels)
+        check_sheet_test_split(df["split"], given, params.ingest.labels)
     report = {
         "image_size": list(pp.image_size),
         "channels": channels,
@@ -313,6 +315,7 @@ def preprocess(params: Params) -> dict:
     with atomic_path(p.processed) as tmp:
         tmp.mkdir()
         write_images(df, params, tmp, channels)
+        write_json(tmp / processed.RECORD, processed.preprocessing(params.flat()))
         for split in SPLITS:
             part = df.iloc[np.flatnonzero(df["split"].to_numpy() == split)]
             write_table(processed.table_path(tmp, split), part[TABLE_COLUMNS])
@@ -352,12 +355,13 @@ def small_split_warnings(splits: dict, val_fraction: float, test_fraction: float
     return out
 
 
-def check_sheet_test_split(splits: pd.Series, labels: str | None) -> None:
-    """UserError when the label sheet's own split column (``ingest.split_column``) leaves the
-    test split empty, as sheets that say ``train`` on every row do."""
+def check_sheet_test_split(splits: pd.Series, given: pd.Series, labels: str | None) -> None:
+    """UserError when the label sheet's own split column (``ingest.split_column``, ``given``)
+    leaves the test split (``splits``, as assigned) empty, as sheets that say ``train`` on
+    every row do."""
     if (splits == "test").any():
         return
-    counts = splits.value_counts()
+    counts = given.value_counts()
     raise UserError(
         f"{labels}: the test split is empty: the sheet's split column (ingest.split_column) "
         f"gives every image (train {counts.get('train', 0)}, val {counts.get('val', 0)}, "

@@ -3,6 +3,8 @@
 ``paths.processed`` holds, per split of :data:`SPLITS`:
 
 - ``{split}.parquet``: one row per image (columns :data:`TABLE_COLUMNS`), in array row order;
+- (once for the folder) ``preprocessing.json``: the values of :data:`PREPROCESSING` the images
+  were made with, which train records in the checkpoint and encode applies to new images;
 - its images, uint8 (N, C, H, W) with C = :data:`CHANNELS` of the modality (1 grey for OCT, 3
   RGB for fundus), either
   - local engine: ``{split}_images.npy``, one array, or
@@ -18,7 +20,9 @@ which.
 from __future__ import annotations
 
 import bisect
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +31,23 @@ CHANNELS = {"oct": 1, "fundus": 3}  # channels of each modality's images: grey, 
 # no source path: a file or folder name may carry a patient identifier (an MRN, a scan date), and
 # these tables travel with the de-identified arrays; ingest's manifest keeps the link to the files
 TABLE_COLUMNS = ["image_id", "label", "subject_id", "eye", "modality", "split", "frame"]
+# The params that make an image file the encoder's input (its size is the model config's).
+# (``ingest.oct_frames`` only chooses which frames of a volume become images, not their pixels.)
+PREPROCESSING = ("ingest.modality", "preprocess.oct_aspect", "preprocess.illumination")
+RECORD = "preprocessing.json"
+
+
+def preprocessing(flat: dict[str, Any]) -> dict[str, str]:
+    """``{"ingest.modality": ..., ...}``: the :data:`PREPROCESSING` values of flat params
+    (:meth:`pipeline.params.Params.flat`)."""
+    return {key: flat[key] for key in PREPROCESSING}
+
+
+def read_record(processed: str | Path) -> dict[str, str] | None:
+    """The :data:`PREPROCESSING` values the folder's images were made with; None for a folder
+    from before preprocess recorded them."""
+    path = Path(processed) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def images_file(processed: str | Path, split: str) -> Path:

@@ -10,8 +10,8 @@ tifffile and imagecodecs: pages, orientation, palettes, transparency, full depth
 This module holds the entry points and what both share (:class:`BadImage`, :class:`Decoded`,
 the size, pixel-count and non-finite checks, the scaling to uint8); the two import those from
 here, so :func:`read_image` and :func:`jpeg_draft_size` import them when called, not at import
-(no cycle), and modules that only sort files or eyes (:func:`is_candidate`,
-:func:`normalise_eye`) load no decoder library.
+(no cycle), and modules that only sort eyes (:func:`normalise_eye`) load no decoder library.
+Which files of a source are tried at all is :func:`pipeline.manifest.is_candidate`.
 
 Frames come back as (H, W) grayscale or (H, W, 3) RGB uint8 arrays, the right way up, as they
 are meant to be seen (README, "Your own data", lists each decision):
@@ -45,7 +45,6 @@ are meant to be seen (README, "Your own data", lists each decision):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +54,6 @@ import numpy as np
 from pipeline import libwarn
 from pipeline.errors import UserError
 
-# Files that are never images and are skipped (not quarantined) when walking a source folder.
-SIDECAR_SUFFIXES = {".csv", ".tsv", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".ini"}
-DICOMDIR = "DICOMDIR"
 libwarn.route_library_logs()  # the decoders' log records quote file content: counted instead
 
 
@@ -117,25 +113,6 @@ def _has_preamble(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM"
-
-
-def is_candidate(path: str | Path) -> bool:
-    """Whether a file found in a source folder should be tried as an image at all; ``path``
-    relative to that folder. Nothing inside a hidden folder is: ``.git/`` (a git-LFS clone of
-    a dataset keeps a copy of every image there), ``.thumbnails/``, ``.ipynb_checkpoints/``."""
-    folder, name = os.path.split(path)  # os.path, not pathlib: no interned string per file
-    return not (
-        name.startswith(".")
-        or any(part.startswith(".") and part not in (".", "..") for part in _parts(folder))
-        or name.upper() == DICOMDIR
-        or name.lower() in ("thumbs.db", "desktop.ini")
-        or os.path.splitext(name)[1].lower() in SIDECAR_SUFFIXES
-    )
-
-
-def _parts(folder: str) -> list[str]:
-    """A relative folder's names (``a/b`` -> ``[a, b]``; either separator)."""
-    return folder.replace(os.sep, "/").split("/") if folder else []
 
 
 def normalise_eye(value: object) -> str | None:

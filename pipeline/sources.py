@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline import deid
 from pipeline.errors import UserError
 from pipeline.io import write_json
-from pipeline.manifest import labels_path, source_files, source_root, source_shown
+from pipeline.manifest import is_candidate, labels_path, source_files, source_root, source_shown
 from pipeline.params import Params, shown_path
 from pipeline.stage import run_stage
 
@@ -54,8 +54,9 @@ def _tree(root: Path, shown: str) -> str:
     if root.is_file():
         _stat(h, root.name, str(root))
     elif root.is_dir():
-        for rel in source_files(root):
-            _stat(h, rel, os.path.join(root, rel))
+        for rel in source_files(root):  # what ingest reads: a sidecar or .git/ change is none
+            if is_candidate(rel):
+                _stat(h, rel, os.path.join(root, rel))
     else:
         raise UserError(f"{shown}: source folder not found (ingest.source)")
     return h.hexdigest()

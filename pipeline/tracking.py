@@ -875,16 +875,20 @@ def run_name(changed: dict[str, Any], experiment: str | None = None) -> str:
         group = key.split(".")[0]
         return (NAME_ORDER.index(group) if group in NAME_ORDER else len(NAME_ORDER), key)
 
+    prefix = f"{experiment[: RUN_NAME_LIMIT // 2]}: " if experiment else ""
+    limit = RUN_NAME_LIMIT - len(prefix)
     parts = [f"{k}={_param_value(changed[k])}" for k in sorted(changed, key=order)]
     name = " ".join(parts) or "defaults"
-    if len(name) > RUN_NAME_LIMIT:
-        budget = RUN_NAME_LIMIT - len(f" (+{len(parts)} more)")  # room for the count
+    if len(name) > limit:
+        budget = limit - len(f" (+{len(parts)} more)")  # room for the count
         kept: list[str] = []
         for part in parts:
             if len(" ".join([*kept, part])) <= budget:
                 kept.append(part)
-        name = " ".join([*kept, f"(+{len(parts) - len(kept)} more)"])
-    return f"{experiment}: {name}" if experiment else name
+        kept = kept or [parts[0][: budget - 1] + "…"]  # one long value: its start, not nothing
+        left = len(parts) - len(kept)
+        name = " ".join([*kept, f"(+{left} more)"] if left else kept)
+    return prefix + name
 
 
 def changed_params(flat: dict[str, Any], committed: dict[str, Any] | None) -> dict[str, Any]:

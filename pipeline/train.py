@@ -33,15 +33,17 @@ from torch.utils.data import Dataset
 from pipeline import cluster, ray_address, run_store, tracking
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, write_json, write_table
-from pipeline.model_io import preprocessing
 from pipeline.params import Params
 from pipeline.processed import (
+    PREPROCESSING,
     ShardedArray,
     exists,
     image_files,
     images_path,
     open_images,
     open_path,
+    preprocessing,
+    read_record,
     split_sizes,
     table_path,
 )
@@ -185,12 +187,27 @@ def params_hash(params: Params) -> str:
 def checkpoint_extra(params: Params, processed: Path) -> dict[str, str]:
     """The checkpoint's ``extra`` before the MLflow run id is known: the params and data hashes,
     and the preprocessing that made the images it learns from (``ingest.modality``, ...:
-    :data:`pipeline.model_io.PREPROCESSING`), which ``retina-vae encode`` applies to new ones."""
-    return {
-        "params_hash": params_hash(params),
-        "data_hash": data_hash(processed),
-        **preprocessing(params),
-    }
+    :data:`pipeline.processed.PREPROCESSING`, as preprocess recorded it beside them), which
+    ``retina-vae encode`` applies to new ones. Params that say otherwise get a warning line
+    each; a folder without the record, one warning, and the params' values are recorded."""
+    stated = preprocessing(params.flat())
+    made = read_record(processed)
+    if made is None:
+        log.warning(
+            "%s does not record how its images were made (preprocessed before it was kept): "
+            "the model records the params' %s; re-run preprocess to record them",
+            processed,
+            ", ".join(PREPROCESSING),
+        )
+        made = stated
+    for key in PREPROCESSING:
+        if made[key] != stated[key]:
+            log.warning(
+                "%s: the processed images were made with %s; params say %s: the model records "
+                "%s (re-run preprocess to train on images made with %s)",
+                key, made[key], stated[key], made[key], stated[key],
+            )  # fmt: skip
+    return {"params_hash": params_hash(params), "data_hash": data_hash(processed), **made}
 
 
 def model_config(params: Params, shape: tuple[int, int, int]) -> VAEConfig:

@@ -15,9 +15,9 @@ from sklearn.decomposition import PCA
 from pipeline import latent
 from pipeline.encode import main
 from pipeline.html_map import latent_map, read_payload
-from pipeline.model_io import preprocessing
 from pipeline.params import load_params
 from pipeline.pixels import prepare_file, prepare_pixels
+from pipeline.processed import preprocessing
 from vae_core.checkpoint import save_checkpoint
 from vae_core.model import ConvVAE, VAEConfig
 
@@ -214,7 +214,7 @@ def test_images_are_prepared_with_the_preprocessing_the_model_records(tmp_path, 
     """A model trained with illumination none, encoded under params saying graham: the model's
     none is used (the same latents as under params saying none, those of the photo prepared
     with none), and one line names the key and both values."""
-    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})))
+    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})).flat())
     assert recorded["preprocess.illumination"] == "none"
     model = _model(tmp_path, channels=3, extra={"params_hash": "p", **recorded})
     photo = _fundus_photo(tmp_path / "fundus.png")
@@ -240,7 +240,7 @@ def test_images_are_prepared_with_the_preprocessing_the_model_records(tmp_path, 
 def test_the_recorded_modality_is_used_over_the_params(tmp_path, caplog):
     """A fundus model encodes a photo as fundus under params saying oct (without the record,
     a channel error), with one line naming ingest.modality."""
-    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})))
+    recorded = preprocessing(load_params(_params_with(tmp_path, "fundus", {})).flat())
     model = _model(tmp_path, channels=3, extra=recorded)
     photo = _fundus_photo(tmp_path / "fundus.png")
     got = _encode_files(tmp_path, [photo], "oct", {})

@@ -73,6 +73,20 @@ def test_the_param_that_tells_variants_apart_survives_the_cut():
     assert all(len(line) <= exps.WIDTH for line in lines)
 
 
+def test_secrets_an_old_experiment_holds_are_never_shown():
+    """Experiments made before a salt or a URI password was refused in params keep them in
+    their commits: the table says that they changed, never what to."""
+    held = {**BASE, "ingest": {"salt": "TOPSECRET-KEY-42"},
+            "tracking": {"uri": "http://alice:s3cret@mlflow.clinic:5000"}}  # fmt: skip
+    show = [_row("a" * 40, BASE, None, None, name="main", experiments=[
+        _exp("old", held, None, None)])]  # fmt: skip
+    text = exps.table(show)
+    assert "TOPSECRET" not in text and "s3cret" not in text
+    assert exps.changes(exps.flatten(held), exps.flatten(BASE)) == [
+        "ingest.salt=<redacted>", "tracking.uri=http://alice:<redacted>@mlflow.clinic:5000"
+    ]  # fmt: skip
+
+
 def test_flatten_names_nested_keys_as_dvc_does():
     assert exps.flatten({"val": {"neg_elbo": 1.0}, "epochs": 3}) == {
         "val.neg_elbo": 1.0,

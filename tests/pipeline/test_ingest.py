@@ -306,7 +306,7 @@ def test_patient_ids_in_file_names_stay_out_of_the_processed_arrays_and_tables(t
     assert manifest["subject_id"].nunique() == 12  # the pattern found each patient
     assert all(any(pid in s for s in manifest["source"]) for pid in ids)  # the link to the files
     files = [p for p in Path(paths.processed).rglob("*") if p.is_file()]
-    assert len(files) == 6  # 3 arrays, 3 tables
+    assert len(files) == 7  # 3 arrays, 3 tables, the preprocessing record (read below too)
     texts = [Path(paths.preprocess_report).read_text()]
     for path in files:
         if path.suffix == ".parquet":  # every name and cell, as text (the file is compressed)

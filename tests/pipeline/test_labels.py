@@ -490,17 +490,40 @@ def test_a_sheet_without_rows_is_one_line(tmp_path, capsys, name):
     assert last.endswith(f"{sheet}: no rows below the header (one row per image is expected)")
 
 
-def test_a_copy_in_a_hidden_folder_is_not_a_second_match(tmp_path):
-    """A sheet naming images by stem (EyePACS, IDRiD) beside a thumbnail folder a file manager
-    left: the row names the image, not the hidden copy."""
-    _images(tmp_path / "src")
-    (tmp_path / "src" / ".thumbnails").mkdir()
-    shutil.copy(tmp_path / "src" / "a.png", tmp_path / "src" / ".thumbnails" / "a.png")
+# A hidden folder beside the images: (what is there, the sheet's rows, sources, skipped files).
+HIDDEN = {
+    # a sheet naming images by stem (EyePACS, IDRiD) beside a file manager's thumbnails: the
+    # row names the image, not the hidden copy, which is skipped
+    "thumbnail_copy": (
+        (shutil.copy, "a.png", ".thumbnails/a.png"),
+        "a,x\nb,x\nc,y\n",
+        ["a.png", "b.png", "c.png"],
+        1,
+    ),
+    # a row naming a file in a hidden folder: the sheet says so, it is taken, once
+    "named_by_a_row": (
+        (shutil.move, "c.png", ".data/c.png"),
+        "a,x\nb,x\n.data/c.png,y\n",
+        [".data/c.png", "a.png", "b.png"],
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HIDDEN))
+def test_a_hidden_folder_is_no_second_match_and_a_row_naming_it_wins(tmp_path, case):
+    (put, source, target), rows, expected, skipped = HIDDEN[case]
+    src = tmp_path / "src"
+    _images(src)
+    (src / target).parent.mkdir()
+    put(src / source, src / target)
     sheet = tmp_path / "labels.csv"
-    sheet.write_text("path,label\na,x\nb,x\nc,y\n")
+    sheet.write_text("path,label\n" + rows)
     rc, paths = _ingest(tmp_path, sheet)
     assert rc == 0
-    assert sorted(pd.read_parquet(paths.manifest)["source"]) == ["a.png", "b.png", "c.png"]
+    assert sorted(pd.read_parquet(paths.manifest)["source"]) == expected
+    r = json.loads(Path(paths.ingest_report).read_text())
+    assert (r["ingested"], r["skipped_sidecars"]) == (3, skipped)
 
 
 def test_an_absolute_path_inside_the_source_is_stored_relative_and_listed(tmp_path):

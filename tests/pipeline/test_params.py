@@ -91,15 +91,6 @@ def test_missing_file_and_invalid_yaml(tmp_path):
         load_params(bad)
 
 
-def test_a_salt_in_params_is_refused_without_showing_it(tmp_path):
-    """DVC would copy it into dvc.lock and every experiment (and `exps` print it)."""
-    with pytest.raises(ParamsError) as info:
-        load_params(_write(tmp_path, {"ingest": {"salt": "s3cret-key"}}))
-    message = str(info.value)
-    assert message.startswith(f"{tmp_path / 'params.yaml'}: ingest.salt: ") and "\n" not in message
-    assert deid.SALT_ENV in message and "s3cret" not in message
-
-
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [
@@ -160,12 +151,14 @@ def test_flat_redacts_the_password_of_an_object_store_uri(tmp_path):
     )
 
 
-@pytest.mark.parametrize("salt", [982451653, 3.14159, ["s3cret", "key"], True])
-def test_a_refused_secret_is_never_printed(tmp_path, salt):
-    """A salt of the wrong type is refused naming the key, never showing the value (the old
-    message quoted it: 'ingest.salt: Input should be a valid string (got 982451653)')."""
+@pytest.mark.parametrize("salt", ["s3cret-key", 982451653, 3.14159, ["s3cret", "key"], True])
+def test_a_salt_in_params_is_refused_naming_the_variable_never_the_value(tmp_path, salt):
+    """DVC would copy it into dvc.lock and every experiment (and `exps` print it); a number or
+    a list is no more a key than a text (the old message quoted it: 'ingest.salt: Input should
+    be a valid string (got 982451653)')."""
     with pytest.raises(ParamsError) as info:
         load_params(_write(tmp_path, {"ingest": {"salt": salt}}))
     message = str(info.value)
-    assert "ingest.salt: Input should be a valid string (got <redacted>)" in message
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: ingest.salt: a key written here is ")
+    assert deid.SALT_ENV in message and "\n" not in message
     assert str(salt) not in message and "s3cret" not in message and "314159" not in message

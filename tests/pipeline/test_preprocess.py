@@ -62,6 +62,11 @@ def test_given_train_and_test_without_val_draw_val_from_train():
     )
     given = df.assign(split=np.where(df["subject_id"] == "s59", "val", df["split"]))
     assert preprocess.assign_splits(given, 0.25, 0.1, seed=0).equals(given["split"])
+    # a sheet of train only (test_fraction 0, or an .npz of train arrays): val all the same
+    only_train = df[df["split"] == "train"]
+    split = preprocess.assign_splits(only_train, 0.25, 0.0, seed=0)
+    subjects = only_train.assign(split=split).drop_duplicates("subject_id")["split"]
+    assert subjects.value_counts().to_dict() == {"train": 30, "val": 10}
 
 
 @pytest.mark.parametrize(
@@ -216,12 +221,19 @@ def test_a_sheet_that_puts_every_image_in_train(tmp_path, capsys, split_column):
         tmp_path,
         ingest={"source": str(src), "labels": str(tmp_path / "labels.csv"),
                 "modality": "fundus", "split_column": split_column},
-        preprocess={"image_size": [32, 32], "val_fraction": 0.2, "test_fraction": 0.2},
+        preprocess={"image_size": [32, 32], "val_fraction": 0.2, "test_fraction": 0.2,
+                    "illumination": "graham", "oct_aspect": "crop"},
     )  # fmt: skip
     assert ingest.main(["--params", str(params)]) == 0
     code = preprocess.main(["--params", str(params)])
     if split_column is None:
         assert code == 0
+        # how the images were made, beside them: what the model will record and encode apply
+        made = json.loads(
+            (Path(load_params(params).paths.processed) / "preprocessing.json").read_text()
+        )
+        assert made == {"ingest.modality": "fundus", "preprocess.oct_aspect": "crop",
+                        "preprocess.illumination": "graham"}  # fmt: skip
         sizes = json.loads(Path(load_params(params).paths.preprocess_report).read_text())
         assert {s: sizes["splits"][s]["images"] for s in ("train", "val", "test")} == {
             "train": 12, "val": 4, "test": 4

@@ -14,7 +14,8 @@ import tifffile
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from pipeline.readers import BadImage, is_candidate, is_dicom, read_image
+from pipeline.manifest import is_candidate
+from pipeline.readers import BadImage, is_dicom, read_image
 from tests.pipeline.dicom_factory import (
     OCT_TOMOGRAPHY,
     OPHTHALMIC_PHOTO_16,

@@ -34,6 +34,15 @@ def test_fingerprint_changes_with_the_sheet_or_the_tree_and_names_nothing(tmp_pa
     second = _fingerprint(tmp_path, **ingest)
     assert second["labels"] != first["labels"] and second["source"] == first["source"]
 
+    # what ingest never reads: a git fetch in a git-LFS dataset, a file manager's thumbnails,
+    # a sidecar note; none re-runs ingest
+    (src / ".git").mkdir()
+    (src / ".git" / "FETCH_HEAD").write_text("x")
+    (src / ".thumbnails").mkdir()
+    (src / ".thumbnails" / "PHI-7781234_left.png").write_bytes(b"small")
+    (src / "notes.txt").write_text("seen by a grader")
+    assert _fingerprint(tmp_path, **ingest)["source"] == second["source"]
+
     (src / "new.png").write_bytes(b"two")  # a file added
     third = _fingerprint(tmp_path, **ingest)
     assert third["source"] != second["source"]
@@ -79,6 +88,14 @@ def test_a_file_name_that_is_not_utf8_is_fingerprinted_by_its_bytes(tmp_path):
     assert b"dinger" not in text
 
 
+def test_a_home_relative_source_is_the_users(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "scans").mkdir(parents=True)
+    (tmp_path / "home" / "scans" / "a.png").write_bytes(b"one")
+    expanded = _fingerprint(tmp_path, source=str(tmp_path / "home" / "scans"), labels=None)
+    assert _fingerprint(tmp_path, source="~/scans", labels=None) == expanded
+
+
 def test_a_relative_source_and_sheet_are_at_the_repository_root_in_a_dvc_temp_copy(
     tmp_path, monkeypatch, capsys
 ):
@@ -98,6 +115,14 @@ def test_a_relative_source_and_sheet_are_at_the_repository_root_in_a_dvc_temp_co
     copy = dvc_temp_copy(repo)
     monkeypatch.chdir(copy)
     assert _fingerprint(copy, **ingest) == in_workspace
+    # a sheet git tracks is in the copy as the experiment's commit holds it: that one is read,
+    # not the workspace's, edited since the experiment was queued
+    (repo / "sheet.csv").write_text("path,label\na.png,0\n")
+    (copy / "sheet.csv").write_text("path,label\na.png,1\n")
+    images = "../data/images"
+    tracked = _fingerprint(copy, source=images, labels="sheet.csv")["labels"]
+    assert tracked == _fingerprint(copy, source=images, labels=str(copy / "sheet.csv"))["labels"]
+    assert tracked != _fingerprint(copy, source=images, labels=str(repo / "sheet.csv"))["labels"]
 
     capsys.readouterr()
     missing = {"source": "../data/gone", "labels": None}

@@ -384,6 +384,14 @@ def test_run_name_says_what_differs_from_the_committed_params(changed, experimen
     assert len(tracking.run_name(changed)) <= tracking.RUN_NAME_LIMIT
 
 
+def test_a_run_name_stays_within_the_limit_and_never_says_nothing():
+    long_name = tracking.run_name({"train.beta": 0.5, "demo.k": 1}, "exp-" + "y" * 100)
+    assert len(long_name) <= tracking.RUN_NAME_LIMIT and "train.beta=0.5" in long_name
+    lone = tracking.run_name({"ingest.source": "/d/" + "x" * 300})
+    assert len(lone) <= tracking.RUN_NAME_LIMIT and lone.startswith("ingest.source=/d/xxx")
+    assert lone.endswith("…")
+
+
 def test_dvc_experiment_tags_name_the_experiment_and_its_ref():
     rev = "ab" + "c" * 38
     env = {"DVC_EXP_NAME": "sober-goat", "DVC_EXP_BASELINE_REV": rev}

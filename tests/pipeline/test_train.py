@@ -222,9 +222,18 @@ def test_two_workers_train_and_log_one_mlflow_run(ray_session, processed, params
     np.testing.assert_allclose(registered.predict(x), served.predict(x), rtol=1e-6)
 
 
-def test_the_checkpoint_extra_records_the_preprocessing_of_the_model_input(processed, params_file):
+@pytest.mark.parametrize("made_with", ["graham", "none", None])
+def test_the_checkpoint_extra_records_how_its_images_were_made(
+    processed, params_file, caplog, made_with
+):
     """What encode needs to prepare a new image as the training images were prepared, beside
-    the hashes of the params and data."""
+    the hashes of the params and data: as preprocess recorded it beside the images (params
+    edited since, with train run by hand, do not change what the images are), else the
+    params' values with a warning."""
+    if made_with:
+        record = {"ingest.modality": "fundus", "preprocess.oct_aspect": "crop",
+                  "preprocess.illumination": made_with}  # fmt: skip
+        (processed / "preprocessing.json").write_text(json.dumps(record))
     path = params_file(
         ingest={"modality": "fundus"}, preprocess={"oct_aspect": "crop", "illumination": "graham"}
     )
@@ -234,8 +243,20 @@ def test_the_checkpoint_extra_records_the_preprocessing_of_the_model_input(proce
         "data_hash": train.data_hash(processed),
         "ingest.modality": "fundus",
         "preprocess.oct_aspect": "crop",
-        "preprocess.illumination": "graham",
+        "preprocess.illumination": made_with or "graham",
     }
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = {
+        "graham": [],
+        "none": ["preprocess.illumination: the processed images were made with none; params "
+                 "say graham: the model records none (re-run preprocess to train on images "
+                 "made with graham)"],
+        None: [f"{processed} does not record how its images were made (preprocessed before it "
+               "was kept): the model records the params' ingest.modality, "
+               "preprocess.oct_aspect, preprocess.illumination; re-run preprocess to record "
+               "them"],
+    }[made_with]  # fmt: skip
+    assert warned == expected
 
 
 @pytest.mark.slow
