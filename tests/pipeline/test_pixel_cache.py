@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from pipeline import ingest, pixel_cache, pixels, preprocess, processed, readers
+from pipeline.io import write_json
 from pipeline.params import load_params
 from tests.pipeline.dicom_factory import OCT_TOMOGRAPHY, gradient, make_dicom, write_params
 
@@ -84,6 +85,9 @@ def _reference(params_file: Path, out: Path) -> None:
         rows = np.flatnonzero((df["split"] == split).to_numpy())
         np.save(out / f"{split}_images.npy", images[rows])
         df.iloc[rows][processed.TABLE_COLUMNS].to_parquet(out / f"{split}.parquet", index=False)
+    record = {"ingest.modality": "fundus", "preprocess.oct_aspect": pp.oct_aspect,
+              "preprocess.illumination": pp.illumination}  # fmt: skip
+    write_json(out / processed.RECORD, record)  # how the images were made, beside them
 
 
 def _same_files(a: Path, b: Path) -> None:
