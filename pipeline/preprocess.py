@@ -45,22 +45,19 @@ def assign_splits(
 
     Returns one split name per row (index of ``df``). A subject given explicit splits takes
     its most common one for all its rows (a warning says how many rows moved). Explicit
-    splits that name no val subject (an official train/test release, a sheet of train only) give
-    val the
-    ``val_fraction`` of their train subjects, drawn the same way. Array work over subject
-    codes: no Python object per subject, so memory stays flat at 10^5 images.
+    splits that name no val subject (an official train/test release, a sheet of train only)
+    give val the ``val_fraction`` of their train subjects, drawn the same way. Array work over
+    subject codes: no Python object per subject, so memory stays flat at 10^5 images.
     """
     subject, ids = pd.factorize(df["subject_id"])  # (N,) row -> subject, (S,) subject ids
     chosen = _explicit_splits(df, subject, len(ids))  # (S,) index into SPLITS, -1 = free
     majority = _majority_labels(df["label"], subject, len(ids))  # (S,) label code
     ids = np.asarray(ids, dtype=object)
     rng = np.random.default_rng(seed)
-    train, val = SPLITS.index("train"), SPLITS.index("val")
-    if (chosen == train).any() and not (chosen == val).any():
-        given = chosen == train
-        for label in np.unique(majority[given]):
-            group = np.flatnonzero(given & (majority == label))
-            group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled
+    train, val, test = (SPLITS.index(name) for name in SPLITS)
+    given = chosen == train
+    if given.any() and not (chosen == val).any():
+        for group in _strata(given, majority, ids, rng):
             chosen[group[: round(len(group) * val_fraction)]] = val
         log.info(
             "the given splits (a label sheet's split column, an .npz's arrays) name no val "
@@ -68,14 +65,22 @@ def assign_splits(
             int((chosen == val).sum()),
             int(given.sum()),
         )
-    for label in np.unique(majority[chosen < 0]):  # labels in sorted order, unlabelled first
-        group = np.flatnonzero((chosen < 0) & (majority == label))
-        group = rng.permutation(group[np.argsort(ids[group])])  # sorted by id, then shuffled
+    for group in _strata(chosen < 0, majority, ids, rng):
         n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
-        chosen[group] = SPLITS.index("train")
-        chosen[group[:n_test]] = SPLITS.index("test")
-        chosen[group[n_test : n_test + n_val]] = SPLITS.index("val")
+        chosen[group] = train
+        chosen[group[:n_test]] = test
+        chosen[group[n_test : n_test + n_val]] = val
     return pd.Series(np.asarray(SPLITS, dtype=object)[chosen[subject]], index=df.index)
+
+
+def _strata(
+    pool: np.ndarray, majority: np.ndarray, ids: np.ndarray, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """The subjects of ``pool`` ((S,) bool), one majority label at a time (sorted, unlabelled
+    first): their indices sorted by id, then shuffled by ``rng`` (a seed's split is stable)."""
+    for label in np.unique(majority[pool]):
+        group = np.flatnonzero(pool & (majority == label))
+        yield rng.permutation(group[np.argsort(ids[group])])
 
 
 def _explicit_splits(df: pd.DataFrame, subject: np.ndarray, n: int) -> np.ndarray:
