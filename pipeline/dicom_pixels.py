@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, apply_voi_lut
@@ -189,16 +190,41 @@ def _dicom_values(ds: pydicom.Dataset, frames: Iterable[int], n: int) -> list:
         arr = ds.pixel_array  # (F, H, W[, 3]) when F > 1, YBR -> RGB
         arr = arr[None] if n == 1 else arr
     else:
+        _check_frame_count(ds, n)
         arr = np.stack([pydicom.pixels.pixel_array(ds, index=i) for i in frames])
     bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
     arr = _stored_bits(arr, bits)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
         return [(a, (0.0, 255.0)) for a in _palette_rgb(arr, ds)]
-    if ds.get("SamplesPerPixel", 1) != 1:  # colour: 8-bit or fewer shown over Bits Stored
-        stored = (0.0, 2.0 ** min(bits, 8) - 1)
-        return [(a, stored if a.dtype == np.uint8 else None) for a in arr]
+    if ds.get("SamplesPerPixel", 1) != 1:  # colour: 8 bits stored or fewer shown over them
+        stored = (0.0, 2.0 ** min(bits, 8) - 1)  # whatever the container (8 in 16 allocated)
+        return [(a, stored if bits <= 8 or a.dtype == np.uint8 else None) for a in arr]
     return [_grey_frame(a, _frame_header(ds, i)) for a, i in zip(arr, frames, strict=True)]
+
+
+def _check_frame_count(ds: pydicom.Dataset, n: int) -> None:
+    """BadImage when compressed (encapsulated) pixel data holds fewer frames than the header's
+    ``n``: pydicom decodes one frame by its index without noticing that later ones are
+    missing, where decoding the whole file fails. The frames are counted without decoding
+    (pydicom's ``generate_frames``, by the offset tables or the fragments); a layout it
+    cannot split is left to the decoder to judge."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")  # open_dicom sets one
+    if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
+        return  # native data: its length is checked against the header by pydicom
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        found = sum(1 for _ in generate_frames(ds.PixelData, number_of_frames=n,
+                                               extended_offsets=offsets))  # fmt: skip
+    except Exception:  # noqa: BLE001 - an unsplittable layout: the decoder will say
+        return
+    if found < n:
+        raise BadImage(
+            f"DICOM pixel data holds {found} of the {n} frames its header names",
+            "DICOM pixel data holds fewer frames than its header",
+        )
 
 
 def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Range | None]:
@@ -211,9 +237,12 @@ def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Rang
     range would invert frames of one volume differently)."""
     lo, hi = _display_range(view)
     shown = apply_voi_lut(apply_rescale(px, view), view)
-    # a VOI's output, or values still of 8 bits or fewer (stored, or an 8-bit modality LUT's),
-    # span lo..hi; others (rescaled, more bits) are scaled over the file
-    fixed = (lo, hi) if (_has_voi(view) or shown.dtype == np.uint8) and hi > lo else None
+    # a VOI's output, values of 8 bits stored or fewer (in any container, through a linear
+    # rescale: pydicom returns floats even for slope 1, intercept 0) or an 8-bit modality LUT's
+    # span lo..hi; others (more bits) are scaled over the file
+    narrow = int(view.get("BitsStored") or px.dtype.itemsize * 8) <= 8
+    narrow = narrow and not view.get("ModalityLUTSequence") or shown.dtype == np.uint8
+    fixed = (lo, hi) if (_has_voi(view) or narrow) and hi > lo else None
     if fixed is not None and _inverted(view):  # the lowest value is white
         flipped = lo + hi - shown.astype(np.float64)
         exact = shown.dtype == np.uint8 and (lo, hi) == (0, 255)

@@ -31,6 +31,7 @@ import math
 import os
 import posixpath
 import re
+import unicodedata
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -611,24 +612,26 @@ class FileIndex:
         self.root = root
         self.files: set[str] = set()
         self._by_key: dict[str, set[str]] = defaultdict(set)
-        self._by_folded: dict[str, set[str]] = defaultdict(set)  # the keys case-folded
+        self._by_folded: dict[str, set[str]] = defaultdict(set)  # the keys by :func:`_fold`
         for rel in files:
             self.files.add(rel)
             name = posixpath.basename(rel)
             for key in (rel, posixpath.splitext(rel)[0], name, posixpath.splitext(name)[0]):
                 self._by_key[key].add(rel)
-                self._by_folded[key.casefold()].add(rel)
+                self._by_folded[_fold(key)].add(rel)
 
     def find(self, value: str) -> list[str]:
         """The files ``value`` may mean (sorted): itself when it exists (a folder, other
         non-image or link to a missing file then is quarantined with its reason), else every
         image file whose path, name or stem it is; failing that, every one whose path, name
-        or stem it is without regard to case (sheets made on Windows or macOS, whose file
-        systems ignore case: ``IM002385.jpg`` for ``IM002385.JPG``); failing that, for an
-        integral float (``12.0``: an ID column a program read as floats), the integer's."""
+        or stem it is without regard to case or Unicode normal form (sheets made on Windows or
+        macOS, whose file systems ignore case: ``IM002385.jpg`` for ``IM002385.JPG``; a typed
+        ``Müller.jpg`` for a name macOS or a zip made there stored decomposed); failing that,
+        for an integral float (``12.0``: an ID column a program read as floats), the
+        integer's."""
         if value in self.files or os.path.lexists(os.path.join(self.root, value)):
             return [value]
-        hits = self._by_key.get(value) or self._by_folded.get(value.casefold())
+        hits = self._by_key.get(value) or self._by_folded.get(_fold(value))
         if not hits and INTEGRAL_FLOAT.fullmatch(value):
             return self.find(value.split(".")[0])
         return sorted(hits or ())
@@ -637,7 +640,14 @@ class FileIndex:
         """Whether a file of ``value``'s stem exists with another suffix (``a.png`` listed,
         ``a.jpg`` on disk)."""
         stem, suffix = posixpath.splitext(value)
-        return bool(suffix) and bool(self._by_folded.get(stem.casefold()))
+        return bool(suffix) and bool(self._by_folded.get(_fold(stem)))
+
+
+def _fold(name: str) -> str:
+    """``name`` case-folded and in Unicode normal form C, so the same name typed (composed:
+    ``ü``) and stored decomposed (``u`` + combining diaeresis, as macOS and zips made there
+    write it) or in another case are one key."""
+    return unicodedata.normalize("NFC", name.casefold())
 
 
 # a file ID written as a float by a program that read the column as numbers (``12.0``)

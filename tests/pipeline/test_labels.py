@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -871,6 +872,27 @@ def test_sheet_names_match_files_without_regard_to_case_or_float_ids(tmp_path, c
         .splitlines()[-1]
         .endswith("line 2: 'PHOTO_B' matches 2 files; give its suffix or folder")
     )
+
+
+@pytest.mark.parametrize("on_disk, in_sheet", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_sheet_names_match_files_in_either_unicode_normal_form(tmp_path, on_disk, in_sheet):
+    """A zip made on macOS stores ``Müller`` decomposed (u + combining diaeresis); a sheet
+    typed elsewhere has it composed, and the other way round. Before: every such row 'listed
+    but missing', its file 'unlisted'."""
+    names = ["Müller_OD.png", "José/Añil_OS.png", "plain.png"]  # one in a folder
+    src = tmp_path / "src"
+    for k, name in enumerate(names):
+        path = src / unicodedata.normalize(on_disk, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient(40, 48, seed=k)).save(path)
+    sheet = tmp_path / "labels.csv"
+    rows = "".join(f"{unicodedata.normalize(in_sheet, n)},{k}\n" for k, n in enumerate(names))
+    sheet.write_text("path,label\n" + rows, encoding="utf-8")
+    rc, paths = _ingest(tmp_path, sheet)
+    assert rc == 0
+    m = pd.read_parquet(paths.manifest)
+    expected = {unicodedata.normalize(on_disk, n): str(k) for k, n in enumerate(names)}
+    assert dict(zip(m["source"], m["label"], strict=True)) == expected
 
 
 @pytest.mark.parametrize(

@@ -414,6 +414,57 @@ def test_fewer_than_8_bits_stored_span_black_to_white(tmp_path, case):
     assert px.dtype == np.uint8 and np.array_equal(px, expected)
 
 
+# 8 bits stored or fewer keep their stored range as black..white in any container: 8 or 6
+# bits in 16 allocated, or through a rescale that pydicom returns as floats (slope 1,
+# intercept 0 changes nothing). Dim data (20..199), so a stretch to min..max would show.
+NARROW_CONTAINERS = {
+    # case: (dtype, Bits Stored, photometric, rescale)
+    "8-bit, identity rescale": (np.uint8, 8, "MONOCHROME2", (1.0, 0.0)),
+    "8-bit MONOCHROME1, identity rescale": (np.uint8, 8, "MONOCHROME1", (1.0, 0.0)),
+    "8-bit, rescale slope 2 intercept 10": (np.uint8, 8, "MONOCHROME2", (2.0, 10.0)),
+    "8 bits in 16 allocated": (np.uint16, 8, "MONOCHROME2", None),
+    "8 bits in 16 allocated, MONOCHROME1": (np.uint16, 8, "MONOCHROME1", None),
+    "8 bits in 16 allocated, RGB": (np.uint16, 8, "RGB", None),
+    "6 bits in 16 allocated": (np.uint16, 6, "MONOCHROME2", None),
+}
+
+
+@pytest.mark.parametrize("case", NARROW_CONTAINERS)
+def test_narrow_values_keep_their_stored_range_in_any_container(tmp_path, case):
+    """Reference: pydicom's stored values (``pixel_array``) over 0..2**bits-1, 255 minus that
+    for MONOCHROME1; never the image's own min..max."""
+    dtype, bits, photometric, rescale = NARROW_CONTAINERS[case]
+    shape = (40, 48, 3) if photometric == "RGB" else (40, 48)
+    top = 2**bits - 1
+    img = (20 + np.arange(np.prod(shape)).reshape(shape) % 180) * top // 255
+    path = make_dicom(tmp_path / "n.dcm", img.astype(dtype)[None], photometric=photometric,
+                      bits_stored=bits, rescale=rescale)  # fmt: skip
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    expected = np.round(stored * 255.0 / top).astype(np.uint8)
+    expected = 255 - expected if photometric == "MONOCHROME1" else expected
+    ((_, px),) = read_image(path).frames
+    assert px.dtype == np.uint8 and np.array_equal(px, expected)
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossless", "rle", "jpeg"])
+def test_compressed_volume_missing_frames_is_refused_whichever_frames_are_kept(tmp_path, syntax):
+    """A compressed volume whose last frames were lost (a cut export) is refused also when
+    only its central frame is kept (reference: pydicom cannot decode the whole file)."""
+    vol = np.stack([np.full((40, 50), 30 * (i + 1), np.uint8) for i in range(5)])
+    path = make_dicom(tmp_path / "v.dcm", vol, syntax=syntax, sop_class=OCT_TOMOGRAPHY)
+    ds = pydicom.dcmread(path)
+    kept = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=5))[:3]
+    ds.PixelData = pydicom.encaps.encapsulate(kept)
+    ds.save_as(path)
+    with pytest.raises(Exception):  # noqa: B017 - the reference: any decoder failure
+        _ = pydicom.dcmread(path).pixel_array
+    for kwargs in ({}, {"oct_central": True}, {"frames": [1]}):
+        with pytest.raises(BadImage, match="holds 3 of the 5 frames|undecodable"):
+            read_image(path, **kwargs)
+    assert [i for i, _ in read_image(make_dicom(tmp_path / "w.dcm", vol, syntax=syntax,
+            sop_class=OCT_TOMOGRAPHY), oct_central=True).frames] == [2]  # fmt: skip
+
+
 # A DICOM dataset without file meta (no preamble, no Transfer Syntax UID) is read in the
 # encoding pydicom finds it in; a photo named .dcm is read as the photo it is.
 def _bare(arr: np.ndarray, implicit: bool = True, little: bool = True, jpeg: bool = False) -> bytes:
