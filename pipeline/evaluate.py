@@ -596,10 +596,20 @@ def publish(
 ) -> str | None:
     """Log the written evaluation to MLflow; returns the run id, or None after one warning line
     with the ``retry`` command when logging fails (the outputs on disk are kept)."""
+    uri = tracking.resolve_tracking_uri(params.tracking)
     try:
-        return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics, params_path)
+        problem = tracking.uri_problem(uri)  # seconds, not MLflow's retries for minutes
+        why = tracking.probe(uri) if problem is None else None
+        if why is not None:
+            problem = f"no MLflow tracking server answers at {tracking.without_user(uri)}: {why}"
+        if problem is not None:
+            raise ConnectionError(problem)
+        with tracking.one_try():  # and one that dies while logging: one try per request
+            return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics, params_path)
     except Exception as exc:  # any tracking failure: the finished evaluation must survive it
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if type(exc).__name__ in ("MlflowException", "RestException"):  # quotes the URL, user too
+            first = f"{tracking.without_user(uri)}: {tracking.store_reason(exc)}"
         log.warning(
             "MLflow logging failed (%s); the evaluation is in %s and %s: log it with `%s`",
             first,

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,8 @@ def _quiet_links() -> None:
 def without_user(uri: str) -> str:
     """``uri`` without its user info (``http://alice:pw@host:5000`` -> ``http://host:5000``)."""
     parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri  # as written: urlunsplit would also drop sqlite:////abs's empty host
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
@@ -162,8 +165,48 @@ def _root_reason(exc: BaseException) -> str:
     return type(chain[-1]).__name__
 
 
+# the stores MLflow's client opens by URI scheme (a "+driver" suffix aside: postgresql+psycopg2)
+STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                 "databricks-uc", "uc", "file")  # fmt: skip
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot use the tracking URI ``uri`` as written (one line, the URI without
+    its user info), or None: a host:port without ``http://``, a scheme no MLflow store has, a
+    folder (MLflow 3 refuses its file store unless ``MLFLOW_ALLOW_FILE_STORE=true``), a sqlite
+    file that cannot be opened (a folder, or a file where its folder should be; a missing
+    folder is made, as MLflow makes it)."""
+    shown = without_user(uri)
+    if re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]+/?", uri):
+        return f"{shown} has no scheme: a tracking server is http://{uri}"
+    scheme = urlsplit(uri).scheme.split("+")[0] if "://" in uri else ""
+    if scheme and scheme not in STORE_SCHEMES:
+        return f"{shown}: no MLflow store has the scheme {scheme}://"
+    file_store = scheme in ("", "file")
+    if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        return (
+            f"{shown} is a folder, MLflow's file store, which MLflow 3 refuses (set "
+            "MLFLOW_ALLOW_FILE_STORE=true to use it anyway)"
+        )
+    if uri.startswith(SQLITE) and uri != SQLITE + ":memory:":
+        db = Path(uri[len(SQLITE) :])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does
+            sqlite3.connect(db).execute("pragma schema_version").connection.close()
+        except (OSError, sqlite3.Error) as exc:
+            return f"{shown}: cannot open the database file ({getattr(exc, 'strerror', 0) or exc})"
+    return None
+
+
 def check_store(uri: str) -> None:
-    """A UserError (one line, within seconds) when no tracking server answers at ``uri``."""
+    """A UserError (one line, within seconds) when MLflow cannot use ``uri``
+    (:func:`uri_problem`) or no tracking server answers at it."""
+    problem = uri_problem(uri)
+    if problem is not None:
+        raise UserError(
+            f"tracking.uri: {problem}; point tracking.uri / MLFLOW_TRACKING_URI at "
+            "http(s)://HOST:PORT or sqlite:///FILE"
+        )
     why = probe(uri)
     if why is not None:
         raise UserError(
@@ -201,8 +244,20 @@ def run_exists(uri: str, run_id: str | None) -> bool:
 
     try:
         return client(uri).get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
-        return False
+    except MlflowException as exc:  # only "no such run" means absent: an outage is raised
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+
+
+def store_reason(exc: BaseException) -> str:
+    """Why a tracking call failed, in one line without the URL (which may hold a password):
+    the system reason under it (:func:`_root_reason`: ``Connection refused``, ``timed out``),
+    else MLflow's error code."""
+    reason = _root_reason(exc)
+    if reason in ("MlflowException", "RestException"):
+        return str(getattr(exc, "error_code", None) or reason)
+    return reason
 
 
 def start_run(
@@ -690,6 +745,23 @@ def _last_epoch_step(mlflow_client: Any, run: Any) -> int:
     return max((m.step for m in history), default=0)
 
 
+def _ready_model(mlflow_client: Any, run: Any) -> Any:
+    """The run's logged model of the highest step among those that finished uploading (READY),
+    else among all, else None: a model whose upload a store outage cut off (FAILED) stays
+    beside the one a re-run logged, and must not receive the evaluation."""
+    models = list(run.outputs.model_outputs) if run.outputs else []
+    ready = [o for o in models if str(mlflow_client.get_logged_model(o.model_id).status) == "READY"]
+    return max(ready or models, key=lambda o: o.step, default=None)
+
+
+def _new_values(run: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` less those the run already holds with the same latest value: a re-logged
+    evaluation (``--log-only`` after a partial failure) and the image counts the epochs logged
+    already are not written twice."""
+    held = run.data.metrics
+    return {k: v for k, v in metrics.items() if k not in held or held[k] != v}
+
+
 def log_evaluation(
     uri: str,
     run_id: str,
@@ -709,12 +781,11 @@ def log_evaluation(
 
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
-    models = run.outputs.model_outputs if run.outputs else []
-    model = models[-1] if models else None
+    model = _ready_model(mlflow_client, run)
     step = model.step if model else _last_epoch_step(mlflow_client, run)
     with using_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
-            mlflow_metrics(metrics),
+            _new_values(run, mlflow_metrics(metrics)),
             step=step,
             model_id=model.model_id if model else None,
         )

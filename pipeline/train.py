@@ -395,7 +395,8 @@ def active_units_summary(active: float, kl_per_dim: list[float]) -> str:
     if others:
         notes.append(
             f"{others} carry KL >= {PRIOR_COPY_NATS} nats but their means vary less than "
-            f"{ACTIVE_UNIT_THRESHOLD}: narrow posteriors, see val/kl_dim_*"
+            f"{ACTIVE_UNIT_THRESHOLD}: narrow posteriors (per-dim KL: the run's "
+            "training/kl_per_dim.csv)"
         )
     return f"{text} ({'; '.join(notes)})" if notes else text
 
@@ -563,17 +564,25 @@ def _train_and_log(params: Params, job: _Job) -> distributed.FitResult:
             f"{job.uri} is unreachable: {len(outbox.waiting())} epoch(s) of logs wait in "
             f"{outbox.folder}; run the stage again once it answers to send them and log the model"
         )
-    tracking.log_model(
-        job.uri,
-        run_id,
-        result.model,
-        examples[:2],
-        code_paths=[REPO / "vae_core"],
-        step=int(result.history[-1]["epoch"]),  # the final metrics go onto the model
-        register_as=params.tracking.register_model,
-    )
-    tracking.log_kl_profile(job.uri, run_id, result.history)
-    tracking.client(job.uri).log_artifact(run_id, params.paths.model, "checkpoint")
+    try:  # one try per request: a store that dies now costs seconds, not MLflow's retries
+        with tracking.one_try():
+            tracking.log_model(
+                job.uri,
+                run_id,
+                result.model,
+                examples[:2],
+                code_paths=[REPO / "vae_core"],
+                step=int(result.history[-1]["epoch"]),  # the final metrics go onto the model
+                register_as=params.tracking.register_model,
+            )
+            tracking.log_kl_profile(job.uri, run_id, result.history)
+            tracking.client(job.uri).log_artifact(run_id, params.paths.model, "checkpoint")
+    except Exception as exc:  # the store failed after the epochs were sent
+        raise UserError(
+            f"training finished and {params.paths.model} is written, but logging the model to "
+            f"{tracking.without_user(job.uri)} failed ({tracking.store_reason(exc)}); run the "
+            "stage again once it answers to log it"
+        ) from None
     return result
 
 

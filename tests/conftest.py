@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+from pipeline import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +133,50 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from tests import netns
 
     yield from netns.two_host_cluster(tmp_path_factory.mktemp("cluster"), f"{os.getpid() % 10000}")
+
+
+def _wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``condition`` until true; generous limits, as the test machine may be loaded."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {seconds:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """``start()`` -> the URI of a real ``mlflow server`` on a free loopback port (the same port
+    and store each time), ``start.stop()`` kills it by PID; stopped at the end."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    store = tmp_path / "server"
+    store.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start() -> str:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        procs.append(
+            subprocess.Popen(
+                [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+                + ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+                + ["--artifacts-destination", str(store / "artifacts")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: uvicorn's worker goes with it
+            )
+        )
+        _wait(lambda: tracking.probe(uri, timeout=2) is None, 300, "mlflow server")
+        return uri
+
+    def stop() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+        _wait(lambda: tracking.probe(uri, timeout=2) is not None, 60, "server gone")
+
+    start.stop = stop  # type: ignore[attr-defined]
+    start.uri = uri  # type: ignore[attr-defined]
+    yield start
+    stop()

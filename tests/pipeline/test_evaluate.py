@@ -402,3 +402,72 @@ def test_the_missing_history_note_is_logged(tmp_path, monkeypatch, caplog):
     note = f"note: {tmp_path / 'history.csv'}: not found, training curves not drawn"
     assert note in caplog.text
     assert note[6:] in (tmp_path / "evaluation" / "notes.txt").read_text()
+
+
+def test_the_evaluation_goes_onto_the_runs_ready_model_not_one_an_outage_cut_off(tmp_path):
+    """A re-run after an outage leaves a FAILED logged model beside the READY one; MLflow lists
+    a run's models in no set order. Reference: the status MLflow itself records."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("retina-vae")
+    run_id = client.create_run(exp).info.run_id
+    ids = {}
+    for status in (LoggedModelStatus.READY, LoggedModelStatus.FAILED):
+        model = client.create_logged_model(exp, source_run_id=run_id)
+        client.finalize_logged_model(model.model_id, status)
+        ids[str(status)] = model.model_id
+    client.log_outputs(run_id, models=[LoggedModelOutput(i, step=4) for i in ids.values()])
+    (tmp_path / "out").mkdir()
+    tracking.log_evaluation(uri, run_id, tmp_path / "out", {"test_iwae": -3.0}, "evaluation", [])
+    assert client.get_logged_model(ids["READY"]).metrics[0].key == "test/iwae"
+    assert not client.get_logged_model(ids["FAILED"]).metrics
+
+
+def test_relogging_an_evaluation_writes_no_metric_twice(tmp_path):
+    """A --log-only retry after a partial failure, and the image counts the epochs logged
+    already: each metric once per step in the run's history."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("retina-vae")).info.run_id
+    for step in (0, 1):  # two epochs
+        client.log_metric(run_id, "train/kl", 5.0, step=step)
+        client.log_metric(run_id, "data/images_train", 40, step=step)
+    (tmp_path / "out").mkdir()
+    metrics = {"test_iwae": -3.0, "data_images_train": 40.0}
+    for _ in range(2):
+        tracking.log_evaluation(uri, run_id, tmp_path / "out", metrics, "evaluation", [])
+    assert [m.step for m in client.get_metric_history(run_id, "test/iwae")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "data/images_train")] == [0, 1]
+    tracking.log_evaluation(uri, run_id, tmp_path / "out", {"test_iwae": -2.0}, "evaluation", [])
+    assert [m.value for m in client.get_metric_history(run_id, "test/iwae")] == [-3.0, -2.0]
+
+
+def test_tracking_server_down_at_evaluate_is_one_warning_without_retries_and_no_new_run(
+    tmp_path, monkeypatch, caplog, mlflow_server
+):
+    """Before: MLflow's 7 retries per request (minutes, a line each), and an outage read as
+    'training run not in the store', so the evaluation went to a new run."""
+    uri = mlflow_server()
+    client = MlflowClient(uri)
+    exp = client.create_experiment("retina-vae")
+    trained = client.create_run(exp).info.run_id
+    params = _setup(tmp_path, labelled=True, run_id=trained, monkeypatch=monkeypatch)
+    raw = yaml.safe_load(params.read_text())
+    raw["tracking"]["uri"] = uri
+    params.write_text(yaml.safe_dump(raw))
+    assert not tracking.run_exists(uri, "0" * 32)  # absent: False
+    mlflow_server.stop()
+    with tracking.one_try(), pytest.raises(Exception):  # noqa: B017 - down: not "absent"
+        tracking.run_exists(uri, trained)
+    caplog.clear()
+    assert main(["--params", str(params)]) == 0
+    failed = [r.getMessage() for r in caplog.records if "logging failed" in r.getMessage()]
+    (warning,) = failed
+    assert warning.startswith(f"MLflow logging failed (no MLflow tracking server answers at {uri}")
+    assert "Retrying" not in caplog.text  # urllib3's line per retry
+    mlflow_server()  # back: the retry fills the training run, no other
+    assert main(["--params", str(params), "--log-only"]) == 0
+    (run,) = client.search_runs([exp])
+    assert run.info.run_id == trained and run.data.tags["retina_vae.evaluated"] == "true"
