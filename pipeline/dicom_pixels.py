@@ -240,8 +240,8 @@ def _grey_frame(px: np.ndarray, view: pydicom.Dataset) -> tuple[np.ndarray, Rang
     # a VOI's output, values of 8 bits stored or fewer (in any container, through a linear
     # rescale: pydicom returns floats even for slope 1, intercept 0) or an 8-bit modality LUT's
     # span lo..hi; others (more bits) are scaled over the file
-    narrow = int(view.get("BitsStored") or px.dtype.itemsize * 8) <= 8
-    narrow = narrow and not view.get("ModalityLUTSequence") or shown.dtype == np.uint8
+    bits = int(view.get("BitsStored") or px.dtype.itemsize * 8)
+    narrow = shown.dtype == np.uint8 or (bits <= 8 and not view.get("ModalityLUTSequence"))
     fixed = (lo, hi) if (_has_voi(view) or narrow) and hi > lo else None
     if fixed is not None and _inverted(view):  # the lowest value is white
         flipped = lo + hi - shown.astype(np.float64)
