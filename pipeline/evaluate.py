@@ -607,14 +607,9 @@ def publish(
         with tracking.one_try():  # and one that dies while logging: one try per request
             return log_to_mlflow(params, extra, Path(params.paths.evaluation), metrics, params_path)
     except Exception as exc:  # any tracking failure: the finished evaluation must survive it
-        from mlflow.exceptions import MlflowException
-
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        if isinstance(exc, MlflowException):  # its message quotes the URL, user info too
-            first = f"{tracking.without_user(uri)}: {tracking.store_reason(exc)}"
         log.warning(
             "MLflow logging failed (%s); the evaluation is in %s and %s: log it with `%s`",
-            first,
+            tracking.failure_line(uri, exc),
             params.paths.evaluation,
             params.paths.eval_metrics,
             retry,

@@ -260,6 +260,17 @@ def store_reason(exc: BaseException) -> str:
     return reason
 
 
+def failure_line(uri: str, exc: BaseException) -> str:
+    """What a failed tracking call says, in one line: for MLflow's errors, whose message quotes
+    the URL with its user info, ``uri`` without it and :func:`store_reason`; else the first
+    line of the message (at most 200 characters)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return f"{without_user(uri)}: {store_reason(exc)}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def start_run(
     uri: str,
     experiment: str,
